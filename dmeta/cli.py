@@ -1,0 +1,166 @@
+"""The `dmeta` command. The only module that touches MPI.COMM_WORLD.
+
+Errors a user can fix (DmetaError) are agreed on across ranks before any collective starts,
+then printed once, as one line, and every rank exits with status 2. Any other exception on
+any rank prints its traceback and aborts the whole MPI job, so no rank is left waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dmeta.errors import DmetaError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmeta", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one experiment and write its HDF5 file")
+    run.add_argument("config", help="TOML job file (see jobs/)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set graph.rule=metropolis (repeatable)")
+    run.add_argument("--out", help="HDF5 output file (default: runs/<config name>.h5)")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+
+    graph = commands.add_parser("graph", help="describe a config's graph and combination matrix")
+    graph.add_argument("config")
+    graph.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    graph.add_argument("--plot", metavar="FILE.png", help="also save a picture of the graph")
+
+    show = commands.add_parser("config", help="print the resolved config as JSON")
+    show.add_argument("config")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _format_warning(message: Any, category: type, filename: str, lineno: int, line: Any = None) -> str:
+    return f"dmeta: warning: {message}\n"
+
+
+def _graph(args: argparse.Namespace) -> None:
+    from dmeta import topology
+    from dmeta.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    graph = topology.build_graph(config.graph, config.agents)
+    matrix = topology.combination_matrix(graph, config.graph.rule, config.graph.matrix_path)
+    topology.validate_combination_matrix(
+        matrix, require_connected=config.strategy != "noncooperative"
+    )
+    for line in topology.describe(matrix).lines():
+        print(line)
+    if args.plot:
+        topology.draw_graph(graph, matrix, args.plot)
+        print(f"graph picture: {args.plot}")
+
+
+def _world() -> Any:
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dmeta.config import load_config
+    from dmeta.runner import execute, plan_run
+
+    world = _world()
+    rank, size = world.Get_rank(), world.Get_size()
+    node = world.Split_type(_split_shared())
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
+    if rank != 0:
+        warnings.simplefilter("ignore")
+    out_path = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem + ".h5")
+
+    error = None
+    plan = None
+    try:
+        config = load_config(args.config, args.overrides)
+        plan = plan_run(config, size, rank, local_rank, local_size)
+        if rank == 0:
+            _check_writable(out_path)
+    except DmetaError as caught:
+        error = str(caught)
+    # Every rank learns of any rank's error here, before the first collective of the run.
+    errors = world.allgather(error)
+    failed = [(r, message) for r, message in enumerate(errors) if message]
+    if failed:
+        if rank == 0:
+            where, message = failed[0]
+            prefix = "" if len(failed) == size else f"rank {where}: "
+            print(f"dmeta: error: {prefix}{message}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+    comm = None if plan.backend == "local" else world
+    try:
+        execute(plan, comm, out_path, show_progress=not args.quiet)
+    except DmetaError as caught:
+        print(f"dmeta: error: rank {rank}: {caught}", file=sys.stderr, flush=True)
+        _abort(world, EXIT_USER_ERROR)
+        return EXIT_USER_ERROR
+    except BaseException:
+        if size == 1:
+            raise
+        traceback.print_exc()
+        sys.stderr.flush()
+        _abort(world, 1)
+    if rank == 0 and not args.quiet:
+        print(f"run file: {out_path}")
+    return 0
+
+
+def _split_shared() -> int:
+    from mpi4py import MPI
+
+    return MPI.COMM_TYPE_SHARED
+
+
+def _abort(world: Any, code: int) -> None:
+    """End every rank of the job now (other ranks may be blocked in a collective)."""
+    if world.Get_size() > 1:
+        world.Abort(code)
+
+
+def _check_writable(path: Path) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DmetaError(f"cannot create the output folder {directory}: {error}") from None
+    if not os.access(directory, os.W_OK):
+        raise DmetaError(f"the output folder {directory} is not writable")
+    if path.is_dir():
+        raise DmetaError(f"--out {path} is a folder; give a file name ending in .h5")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dmeta` console script."""
+    warnings.formatwarning = _format_warning
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "graph":
+            _graph(args)
+        elif args.command == "config":
+            from dmeta.config import load_config
+
+            print(load_config(args.config, args.overrides).to_json())
+    except DmetaError as error:
+        print(f"dmeta: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

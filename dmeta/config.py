@@ -1,0 +1,279 @@
+"""Typed experiment configuration: dataclasses with defaults, TOML job files, `--set` overrides.
+
+A job file holds only the keys it changes, as TOML tables named after the sections below
+(`[graph]`, `[task]`, ...) plus top-level keys. Every key is checked against the dataclass
+field it names, and every value against the field's type, before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dmeta.errors import DmetaError
+
+Strategy = Literal["atc", "cta", "centralized", "noncooperative"]
+Topology = Literal[
+    "ring", "grid", "erdos_renyi", "geometric", "complete", "star", "exponential", "edge_list"
+]
+Rule = Literal["averaging", "metropolis", "max_degree", "matrix"]
+
+
+@dataclass
+class GraphConfig:
+    """The agent graph and its combination matrix A (a[l, k]: weight agent k gives agent l)."""
+
+    topology: Topology = "erdos_renyi"
+    # Erdos-Renyi: probability of each edge; the graph is resampled until connected.
+    edge_probability: float = 0.1
+    # Random geometric graph: agents uniform in the unit square, linked within this radius.
+    radius: float = 0.3
+    # 2-D grid: number of rows; 0 picks the most nearly square factorisation of the agent count.
+    grid_rows: int = 0
+    # Seed of the random graph models, apart from the run seed so that seeds share one graph.
+    seed: int = 0
+    # Edge-list file (topology = "edge_list"): one "l k" pair of 0-based agent ids per line.
+    edge_list_path: str = ""
+    rule: Rule = "averaging"
+    # Matrix file (rule = "matrix"): K x K text (numpy.loadtxt) or .npy, columns summing to one.
+    matrix_path: str = ""
+
+
+@dataclass
+class SineTaskConfig:
+    """Sine regression y = A sin(x - phase) (paper, Sec. IV-A)."""
+
+    amplitude_min: float = 0.1
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = 3.141592653589793
+    x_min: float = -5.0
+    x_max: float = 5.0
+    # Split the amplitude range evenly into one interval per agent (agent k draws from interval k).
+    split_amplitude: bool = True
+    support_shots: int = 10
+    query_shots: int = 10
+
+
+@dataclass
+class ModelConfig:
+    """A fully connected network; input and output sizes come from the task."""
+
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    activation: Literal["relu", "tanh"] = "relu"
+    # Every agent starts from its own random launch model (Algorithm 1, line 0) unless True.
+    same_init: bool = False
+
+
+@dataclass
+class LearnerConfig:
+    """The meta-gradient of eq. (4)."""
+
+    name: Literal["maml", "fomaml"] = "maml"
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    tasks_per_agent: int = 5
+
+
+@dataclass
+class OptimizerConfig:
+    """The outer (launch-model) update of eq. (6a); its state stays with its agent."""
+
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = 0.001
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class ValidationConfig:
+    """A fixed set of tasks from the whole task range, the same for every agent."""
+
+    tasks: int = 100
+    support_shots: int = 10
+    query_shots: int = 10
+    # Inner steps at validation; 0 means the learner's inner_steps.
+    inner_steps: int = 0
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the run executes; none of this changes the numbers beyond rounding."""
+
+    # auto: mpi when launched with more than one rank, else local.
+    backend: Literal["auto", "local", "mpi"] = "auto"
+    # auto: GPU (local rank % GPU count) when CUDA is available, else the CPU; or cpu, cuda, cuda:N.
+    device: str = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    # Torch threads per rank; 0 shares the cores of a node evenly among its ranks.
+    threads: int = 0
+
+
+@dataclass
+class Config:
+    """One Dif-MAML experiment."""
+
+    agents: int = 40
+    strategy: Strategy = "atc"
+    seed: int = 0
+    iterations: int = 10000
+    # Metrics (training loss, validation, disagreement) are logged every this many iterations.
+    log_every: int = 200
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    task: SineTaskConfig = field(default_factory=SineTaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_json(self) -> str:
+        """The resolved configuration as JSON (written into every HDF5 file)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against `annotation`, converting strings from the command line."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise DmetaError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise DmetaError(f"{key} = {value!r} must be a list")
+        return [_convert(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise DmetaError(f"{key} = {value!r} must be true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise DmetaError(f"{key} = {value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise DmetaError(f"{key} = {value!r} must be an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise DmetaError(f"{key} = {value!r} must be a number")
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise DmetaError(f"{key} = {value!r} must be a string")
+        return str(value)
+    raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
+
+
+def _apply(target: Any, key: str, value: Any, prefix: str = "") -> None:
+    """Set the dotted `key` of the dataclass `target` to `value`, checking name and type."""
+    name, _, rest = key.partition(".")
+    types = _field_types(type(target))
+    full = prefix + name
+    if name not in types:
+        valid = ", ".join(prefix + n for n in types)
+        raise DmetaError(f"unknown config key '{full}'; valid keys here: {valid}")
+    current = getattr(target, name)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _apply(current, rest, value, full + ".")
+            return
+        if not isinstance(value, dict):
+            raise DmetaError(f"'{full}' is a section; set its keys as {full}.KEY=VALUE")
+        for sub_key, sub_value in value.items():
+            _apply(current, sub_key, sub_value, full + ".")
+        return
+    if rest:
+        raise DmetaError(f"unknown config key '{full}.{rest}': '{full}' has no sub-keys")
+    setattr(target, name, _convert(value, types[name], full))
+
+
+def _check(config: Config) -> None:
+    """Range checks that a type alone cannot express."""
+    positive = {
+        "agents": config.agents,
+        "iterations": config.iterations,
+        "log_every": config.log_every,
+        "learner.tasks_per_agent": config.learner.tasks_per_agent,
+        "task.support_shots": config.task.support_shots,
+        "task.query_shots": config.task.query_shots,
+        "validation.tasks": config.validation.tasks,
+        "validation.support_shots": config.validation.support_shots,
+        "validation.query_shots": config.validation.query_shots,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise DmetaError(f"{key} = {value} must be at least 1")
+    non_negative = {
+        "learner.inner_steps": config.learner.inner_steps,
+        "learner.inner_lr": config.learner.inner_lr,
+        "validation.inner_steps": config.validation.inner_steps,
+        "runtime.threads": config.runtime.threads,
+        "graph.grid_rows": config.graph.grid_rows,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise DmetaError(f"{key} = {value} must not be negative")
+    if config.optimizer.lr <= 0:
+        raise DmetaError(f"optimizer.lr = {config.optimizer.lr} must be positive")
+    if not 0 <= config.graph.edge_probability <= 1:
+        raise DmetaError(f"graph.edge_probability = {config.graph.edge_probability} must lie in [0, 1]")
+    if config.task.amplitude_min > config.task.amplitude_max:
+        raise DmetaError("task.amplitude_min must not exceed task.amplitude_max")
+    if any(width < 1 for width in config.model.hidden):
+        raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The defaults, then the job file at `path` (TOML), then `KEY=VALUE` overrides, checked."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DmetaError(f"config file {path} does not exist")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise DmetaError(f"config file {path} is not valid TOML: {error}") from None
+        for key, value in table.items():
+            _apply(config, key, value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DmetaError(f"override {item!r} must have the form KEY=VALUE")
+        _apply(config, key.strip(), value.strip())
+    _check(config)
+    return config
+
+
+def config_from_json(text: str) -> Config:
+    """Rebuild a Config from its `to_json` form (e.g. the `config` attribute of an HDF5 file)."""
+    config = Config()
+    for key, value in json.loads(text).items():
+        _apply(config, key, value)
+    return config

@@ -1,0 +1,274 @@
+"""The runner: wires config, tasks, learner, optimizer, combination backend and output.
+
+A run has two phases. `plan_run` does everything that can fail on bad input (config ranges,
+graph, combination matrix, rank layout, device) without communicating, so the entry point can
+agree on errors across ranks before any collective starts. `execute` then runs Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dmeta
+from dmeta import topology
+from dmeta.combine import disagreement
+from dmeta.comm import (
+    AgentLayout,
+    AllreduceCombiner,
+    Collectives,
+    MatrixCombiner,
+    MPICollectives,
+    NeighborCombiner,
+    SerialCollectives,
+)
+from dmeta.config import Config
+from dmeta.errors import DmetaError
+from dmeta.meta import MAML
+from dmeta.models import build_mlp
+from dmeta.output import RunWriter
+from dmeta.tasks import SineTask
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class RunPlan:
+    """Everything a rank needs to start, checked; built identically on every rank."""
+
+    config: Config
+    backend: str
+    layout: AgentLayout
+    rank: int
+    matrix: np.ndarray
+    report: topology.MatrixReport
+    device: torch.device
+    threads: int
+
+
+def strategy_matrix(config: Config) -> np.ndarray:
+    """The combination matrix a strategy applies: A of the graph, J/K, or the identity."""
+    num_agents = config.agents
+    if config.strategy == "centralized":
+        return np.full((num_agents, num_agents), 1.0 / num_agents)
+    if config.strategy == "noncooperative":
+        return np.eye(num_agents)
+    graph = topology.build_graph(config.graph, num_agents)
+    matrix = topology.combination_matrix(graph, config.graph.rule, config.graph.matrix_path)
+    topology.validate_combination_matrix(matrix, require_connected=True)
+    return matrix
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    """`auto`: GPU local_rank % GPU count when CUDA is available, else the CPU."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DmetaError(f"runtime.device = {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DmetaError(f"runtime.device = {requested!r} but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DmetaError(
+                f"runtime.device = {requested!r} but only {torch.cuda.device_count()} GPUs are visible"
+            )
+    elif device.type != "cpu":
+        raise DmetaError(f"runtime.device = {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def plan_run(config: Config, size: int, rank: int, local_rank: int, local_size: int) -> RunPlan:
+    """Check the run and decide its layout; raises DmetaError on bad input, communicates not."""
+    backend = config.runtime.backend
+    if backend == "auto":
+        backend = "mpi" if size > 1 else "local"
+    if backend == "local" and size > 1:
+        raise DmetaError(
+            f"runtime.backend = 'local' holds every agent in one process, but {size} ranks were "
+            "launched: use runtime.backend=mpi (or auto), or run without mpiexec"
+        )
+    layout = AgentLayout(config.agents, size)
+    matrix = strategy_matrix(config)
+    report = topology.describe(matrix)
+    device = choose_device(config.runtime.device, local_rank)
+    threads = config.runtime.threads or max(1, len(os.sched_getaffinity(0)) // local_size)
+    return RunPlan(config, backend, layout, rank, matrix, report, device, threads)
+
+
+def build_combiner(plan: RunPlan, comm: Any, collectives: Collectives, dtype: torch.dtype):
+    """The combination step of the plan's strategy and backend (None: no combination)."""
+    strategy = plan.config.strategy
+    if strategy == "noncooperative":
+        return None
+    if strategy == "centralized":
+        return AllreduceCombiner(collectives, plan.config.agents)
+    if plan.backend == "local":
+        return MatrixCombiner(plan.matrix, dtype, plan.device)
+    return NeighborCombiner(comm, plan.matrix, plan.layout, dtype, plan.device)
+
+
+def build_optimizer(plan: RunPlan, launch_models: torch.Tensor) -> torch.optim.Optimizer:
+    """The outer update of eq. (6a). Element-wise, so each agent's row keeps its own state."""
+    settings = plan.config.optimizer
+    if settings.name == "sgd":
+        return torch.optim.SGD([launch_models], lr=settings.lr)
+    return torch.optim.Adam(
+        [launch_models], lr=settings.lr, betas=(settings.beta1, settings.beta2), eps=settings.eps
+    )
+
+
+def run_attributes(plan: RunPlan, size: int) -> dict[str, Any]:
+    """Root attributes of the run file."""
+    return {
+        "config": plan.config.to_json(),
+        "dmeta_version": dmeta.__version__,
+        "torch_version": str(torch.__version__),
+        "world_size": size,
+        "seed": plan.config.seed,
+        "strategy": plan.config.strategy,
+        "backend": plan.backend,
+        "device": str(plan.device),
+        "agent_counts_per_rank": plan.layout.counts,
+    }
+
+
+class Progress:
+    """Rank 0's progress: a bar on a terminal, one line per logged row otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="it", dynamic_ncols=True)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def row(self, iteration: int, metrics: dict[str, np.ndarray]) -> None:
+        if not self.enabled:
+            return
+        train = metrics["train_loss"]
+        train_text = "-" if np.isnan(train).all() else f"{train.mean():.4f}"
+        line = (
+            f"iteration {iteration:>7d}  train {train_text:>7}  "
+            f"val {metrics['val_loss'].mean():.4f}  disagreement {metrics['disagreement'].mean():.3e}"
+        )
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True) -> None:
+    """Run Algorithm 1 (Dif-MAML) or a baseline and write the run file on rank 0.
+
+    `comm` is the MPI communicator of the run, or None for the local backend.
+    """
+    config = plan.config
+    torch.set_num_threads(plan.threads)
+    dtype = DTYPES[config.runtime.dtype]
+    device = plan.device
+    if comm is None:
+        collectives: Collectives = SerialCollectives()
+        size = 1
+    else:
+        collectives = MPICollectives(comm, plan.layout)
+        size = comm.Get_size()
+    rank = collectives.rank
+    agents = torch.as_tensor(plan.layout.agents(rank), device=device)
+
+    task = SineTask(config.task, config.agents, config.seed, dtype, device)
+    model = build_mlp(config.model, task.in_features, task.out_features)
+    learner = MAML(
+        model.forward, task.loss, config.learner.inner_lr, config.learner.inner_steps,
+        first_order=config.learner.name == "fomaml",
+    )
+    validation_tasks = task.validation_set(config.validation)
+    validation_steps = config.validation.inner_steps or config.learner.inner_steps
+    combiner = build_combiner(plan, comm, collectives, dtype)
+
+    launch_models = model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
+    launch_models.requires_grad_(True)
+    optimizer = build_optimizer(plan, launch_models)
+
+    writer = None
+    if rank == 0:
+        writer = RunWriter(out_path, config.agents, run_attributes(plan, size))
+        writer.write_array("topology/A", plan.matrix, lambda2=plan.report.lambda2,
+                           doubly_stochastic=plan.report.doubly_stochastic,
+                           description="a[l, k]: weight agent k gives agent l; columns sum to one")
+    try:
+        initial = collectives.gather_rows(launch_models.detach().cpu().numpy())
+        if writer is not None:
+            writer.write_array("params/initial", initial, description="launch models w_{k,0}")
+        progress = Progress(config.iterations, enabled=rank == 0 and show_progress)
+        train_sum = torch.zeros(len(agents), dtype=torch.float64, device=device)
+        steps_since_row = 0
+        start = time.perf_counter()
+
+        def log_row(iteration: int) -> None:
+            nonlocal train_sum, steps_since_row
+            models = launch_models.detach()
+            # All ranks synchronise here: one all-reduce for the centroid, one gather per row.
+            centroid = collectives.allreduce_sum(models.sum(dim=0)) / config.agents
+            with torch.no_grad():
+                validation = learner.adapted_losses(models, validation_tasks, validation_steps)
+            train = train_sum / steps_since_row if steps_since_row else torch.full_like(train_sum, math.nan)
+            local = torch.stack(
+                [train, validation.to(torch.float64), disagreement(models, centroid).to(torch.float64)],
+                dim=1,
+            )
+            rows = collectives.gather_rows(local.cpu().numpy())
+            train_sum = torch.zeros_like(train_sum)
+            steps_since_row = 0
+            if writer is not None:
+                metrics = {"train_loss": rows[:, 0], "val_loss": rows[:, 1], "disagreement": rows[:, 2]}
+                writer.append(iteration, time.perf_counter() - start, metrics)
+                progress.row(iteration, metrics)
+
+        log_row(0)
+        for iteration in range(1, config.iterations + 1):
+            tasks = task.sample(agents, iteration, config.learner.tasks_per_agent)
+            if config.strategy == "cta" and combiner is not None:
+                with torch.no_grad():
+                    launch_models.copy_(combiner(launch_models.detach()))
+            gradients, losses = learner.meta_gradients(launch_models.detach(), tasks)
+            launch_models.grad = gradients
+            optimizer.step()  # launch_models now holds the intermediate states phi_{k,i}
+            if config.strategy != "cta" and combiner is not None:
+                with torch.no_grad():
+                    launch_models.copy_(combiner(launch_models.detach()))
+            train_sum += losses.detach().to(torch.float64)
+            steps_since_row += 1
+            progress.advance()
+            if iteration % config.log_every == 0 or iteration == config.iterations:
+                log_row(iteration)
+        progress.close()
+        final = collectives.gather_rows(launch_models.detach().cpu().numpy())
+        if writer is not None:
+            writer.write_array("params/final", final, description="launch models after the last iteration")
+            writer.finish()
+    except BaseException:
+        if writer is not None:
+            writer.abandon()
+        raise
+
