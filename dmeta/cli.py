@@ -26,8 +26,14 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run one experiment and write its HDF5 file")
     run.add_argument("config", help="TOML job file (see jobs/)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set graph.rule=metropolis (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set graph.rule=metropolis (repeatable)",
+    )
     run.add_argument("--out", help="HDF5 output file (default: runs/<config name>.h5)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -42,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_warning(message: Any, category: type, filename: str, lineno: int, line: Any = None) -> str:
+def _format_warning(
+    message: Any, category: type, filename: str, lineno: int, line: Any = None
+) -> str:
     return f"dmeta: warning: {message}\n"
 
 

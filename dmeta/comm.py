@@ -153,7 +153,11 @@ class NeighborCombiner:
     """
 
     def __init__(
-        self, comm: Any, matrix: np.ndarray, layout: AgentLayout, dtype: torch.dtype,
+        self,
+        comm: Any,
+        matrix: np.ndarray,
+        layout: AgentLayout,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         self.layout = layout
@@ -165,11 +169,11 @@ class NeighborCombiner:
         self.sources = sorted({layout.owner(int(a)) for a in listened} - {rank})
         destinations = sorted({layout.owner(int(a)) for a in heard_by} - {rank})
         # reorder=False keeps rank numbers, so blocks arrive in the order of `self.sources`.
-        self.graph_comm = comm.Create_dist_graph_adjacent(
-            self.sources, destinations, reorder=False
-        )
+        self.graph_comm = comm.Create_dist_graph_adjacent(self.sources, destinations, reorder=False)
         source_agents = np.concatenate([mine] + [layout.agents(r) for r in self.sources])
-        self.weights = torch.as_tensor(matrix[np.ix_(source_agents, mine)], dtype=dtype, device=device)
+        self.weights = torch.as_tensor(
+            matrix[np.ix_(source_agents, mine)], dtype=dtype, device=device
+        )
         self.num_local = len(mine)
         self.num_destinations = len(destinations)
         self._buffer: np.ndarray | None = None
@@ -177,7 +181,11 @@ class NeighborCombiner:
     def _receive_buffer(self, states: np.ndarray) -> np.ndarray:
         rows = self.num_local + sum(int(self.layout.counts[r]) for r in self.sources)
         shape = (rows, states.shape[1])
-        if self._buffer is None or self._buffer.shape != shape or self._buffer.dtype != states.dtype:
+        if (
+            self._buffer is None
+            or self._buffer.shape != shape
+            or self._buffer.dtype != states.dtype
+        ):
             self._buffer = np.empty(shape, dtype=states.dtype)
         return self._buffer
 
@@ -189,8 +197,6 @@ class NeighborCombiner:
         counts = [int(self.layout.counts[r]) * row for r in self.sources]
         offsets = [sum(counts[:i]) for i in range(len(counts))]
         # Ranks synchronise with their graph neighbours here.
-        self.graph_comm.Neighbor_allgatherv(
-            host, [buffer[self.num_local :], (counts, offsets)]
-        )
+        self.graph_comm.Neighbor_allgatherv(host, [buffer[self.num_local :], (counts, offsets)])
         gathered = torch.from_numpy(buffer).to(states.device)
         return combine(self.weights, gathered)

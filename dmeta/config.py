@@ -242,14 +242,18 @@ def _check(config: Config) -> None:
     if config.optimizer.lr <= 0:
         raise DmetaError(f"optimizer.lr = {config.optimizer.lr} must be positive")
     if not 0 <= config.graph.edge_probability <= 1:
-        raise DmetaError(f"graph.edge_probability = {config.graph.edge_probability} must lie in [0, 1]")
+        raise DmetaError(
+            f"graph.edge_probability = {config.graph.edge_probability} must lie in [0, 1]"
+        )
     if config.task.amplitude_min > config.task.amplitude_max:
         raise DmetaError("task.amplitude_min must not exceed task.amplitude_max")
     if any(width < 1 for width in config.model.hidden):
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """The defaults, then the job file at `path` (TOML), then `KEY=VALUE` overrides, checked."""
     config = Config()
     if path is not None:

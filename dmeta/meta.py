@@ -7,7 +7,7 @@ agents of a rank form a batch dimension rather than a Python loop.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import grad, grad_and_value, vmap
@@ -45,8 +45,12 @@ class MAML:
         return w
 
     def task_loss(
-        self, w: torch.Tensor, support_x: torch.Tensor, support_y: torch.Tensor,
-        query_x: torch.Tensor, query_y: torch.Tensor,
+        self,
+        w: torch.Tensor,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        query_y: torch.Tensor,
     ) -> torch.Tensor:
         """Q(w'; X_o) for one task, w' the adapted model; its gradient in w is eq. (4)'s term."""
         adapted = self.adapt(w, support_x, support_y, self.inner_steps)
@@ -70,14 +74,17 @@ class MAML:
         """
         return vmap(grad_and_value(self.agent_meta_loss))(launch_models, tasks)
 
-    def adapted_losses(self, launch_models: torch.Tensor, tasks: TaskBatch, steps: int) -> torch.Tensor:
+    def adapted_losses(
+        self, launch_models: torch.Tensor, tasks: TaskBatch, steps: int
+    ) -> torch.Tensor:
         """Mean query loss after `steps` inner steps on each support set, per agent: [agents].
 
         The same tasks [tasks, shots, ...] for every agent (validation).
         """
 
-        def one_task(w: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
-                     qy: torch.Tensor) -> torch.Tensor:
+        def one_task(
+            w: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor
+        ) -> torch.Tensor:
             return self.loss(self.forward(self.adapt(w, sx, sy, steps), qx), qy)
 
         def one_agent(w: torch.Tensor) -> torch.Tensor:

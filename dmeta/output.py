@@ -54,7 +54,9 @@ class RunWriter:
         self.file.attrs["host"] = platform.node()
         self.file.attrs["complete"] = False
         time = self.file.create_group("time")
-        iteration = time.create_dataset("iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,))
+        iteration = time.create_dataset(
+            "iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,)
+        )
         iteration.attrs["description"] = "iteration index i of each logged row"
         iteration.make_scale("iteration")
         wall = time.create_dataset("wall", (0,), maxshape=(None,), dtype="f8", chunks=(256,))
@@ -64,7 +66,10 @@ class RunWriter:
         chunk_rows = max(1, min(256, 65536 // max(1, num_agents)))
         for name, (unit, meaning) in AGENT_METRICS.items():
             dataset = metrics.create_dataset(
-                name, (0, num_agents), maxshape=(None, num_agents), dtype="f8",
+                name,
+                (0, num_agents),
+                maxshape=(None, num_agents),
+                dtype="f8",
                 chunks=(chunk_rows, num_agents),
             )
             dataset.attrs["units"] = unit

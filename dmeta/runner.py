@@ -76,16 +76,21 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise DmetaError(f"runtime.device = {requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise DmetaError(
+            f"runtime.device = {requested!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DmetaError(f"runtime.device = {requested!r} but CUDA is not available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DmetaError(
-                f"runtime.device = {requested!r} but only {torch.cuda.device_count()} GPUs are visible"
+                f"runtime.device = {requested!r} but only {torch.cuda.device_count()} GPUs "
+                "are visible"
             )
     elif device.type != "cpu":
-        raise DmetaError(f"runtime.device = {requested!r} is not supported; use auto, cpu, cuda or cuda:N")
+        raise DmetaError(
+            f"runtime.device = {requested!r} is not supported; use auto, cpu, cuda or cuda:N"
+        )
     return device
 
 
@@ -166,7 +171,8 @@ class Progress:
         train_text = "-" if np.isnan(train).all() else f"{train.mean():.4f}"
         line = (
             f"iteration {iteration:>7d}  train {train_text:>7}  "
-            f"val {metrics['val_loss'].mean():.4f}  disagreement {metrics['disagreement'].mean():.3e}"
+            f"val {metrics['val_loss'].mean():.4f}  "
+            f"disagreement {metrics['disagreement'].mean():.3e}"
         )
         if self.bar is not None:
             self.bar.write(line)
@@ -199,7 +205,10 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     task = SineTask(config.task, config.agents, config.seed, dtype, device)
     model = build_mlp(config.model, task.in_features, task.out_features)
     learner = MAML(
-        model.forward, task.loss, config.learner.inner_lr, config.learner.inner_steps,
+        model.forward,
+        task.loss,
+        config.learner.inner_lr,
+        config.learner.inner_steps,
         first_order=config.learner.name == "fomaml",
     )
     validation_tasks = task.validation_set(config.validation)
@@ -213,9 +222,13 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     writer = None
     if rank == 0:
         writer = RunWriter(out_path, config.agents, run_attributes(plan, size))
-        writer.write_array("topology/A", plan.matrix, lambda2=plan.report.lambda2,
-                           doubly_stochastic=plan.report.doubly_stochastic,
-                           description="a[l, k]: weight agent k gives agent l; columns sum to one")
+        writer.write_array(
+            "topology/A",
+            plan.matrix,
+            lambda2=plan.report.lambda2,
+            doubly_stochastic=plan.report.doubly_stochastic,
+            description="a[l, k]: weight agent k gives agent l; columns sum to one",
+        )
     try:
         initial = collectives.gather_rows(launch_models.detach().cpu().numpy())
         if writer is not None:
@@ -232,16 +245,28 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
             centroid = collectives.allreduce_sum(models.sum(dim=0)) / config.agents
             with torch.no_grad():
                 validation = learner.adapted_losses(models, validation_tasks, validation_steps)
-            train = train_sum / steps_since_row if steps_since_row else torch.full_like(train_sum, math.nan)
+            train = (
+                train_sum / steps_since_row
+                if steps_since_row
+                else torch.full_like(train_sum, math.nan)
+            )
             local = torch.stack(
-                [train, validation.to(torch.float64), disagreement(models, centroid).to(torch.float64)],
+                [
+                    train,
+                    validation.to(torch.float64),
+                    disagreement(models, centroid).to(torch.float64),
+                ],
                 dim=1,
             )
             rows = collectives.gather_rows(local.cpu().numpy())
             train_sum = torch.zeros_like(train_sum)
             steps_since_row = 0
             if writer is not None:
-                metrics = {"train_loss": rows[:, 0], "val_loss": rows[:, 1], "disagreement": rows[:, 2]}
+                metrics = {
+                    "train_loss": rows[:, 0],
+                    "val_loss": rows[:, 1],
+                    "disagreement": rows[:, 2],
+                }
                 writer.append(iteration, time.perf_counter() - start, metrics)
                 progress.row(iteration, metrics)
 
@@ -265,10 +290,11 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
         progress.close()
         final = collectives.gather_rows(launch_models.detach().cpu().numpy())
         if writer is not None:
-            writer.write_array("params/final", final, description="launch models after the last iteration")
+            writer.write_array(
+                "params/final", final, description="launch models after the last iteration"
+            )
             writer.finish()
     except BaseException:
         if writer is not None:
             writer.abandon()
         raise
-

@@ -39,7 +39,11 @@ class SineTask:
     loss = staticmethod(mse_loss)
 
     def __init__(
-        self, config: SineTaskConfig, num_agents: int, seed: int, dtype: torch.dtype,
+        self,
+        config: SineTaskConfig,
+        num_agents: int,
+        seed: int,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         self.config = config
@@ -58,8 +62,14 @@ class SineTask:
         return start, start + width
 
     def _draw(
-        self, key_agents: torch.Tensor, stream: int, iteration: int, tasks: int,
-        support_shots: int, query_shots: int, amplitude_low: torch.Tensor,
+        self,
+        key_agents: torch.Tensor,
+        stream: int,
+        iteration: int,
+        tasks: int,
+        support_shots: int,
+        query_shots: int,
+        amplitude_low: torch.Tensor,
         amplitude_high: torch.Tensor,
     ) -> TaskBatch:
         """One keyed draw of [len(key_agents), tasks] sine tasks with their support and query."""
@@ -69,22 +79,32 @@ class SineTask:
         unit = rng.uniform(
             self.seed, key_agents, stream, iteration, (tasks, 2 + shots), dtype=self.dtype
         )
-        amplitude = amplitude_low[:, None] + (amplitude_high - amplitude_low)[:, None] * unit[..., 0]
+        amplitude = (
+            amplitude_low[:, None] + (amplitude_high - amplitude_low)[:, None] * unit[..., 0]
+        )
         phase = c.phase_min + (c.phase_max - c.phase_min) * unit[..., 1]
         x = c.x_min + (c.x_max - c.x_min) * unit[..., 2:]
         y = amplitude[..., None] * torch.sin(x - phase[..., None])
         x, y = x[..., None], y[..., None]
         return TaskBatch(
-            x[:, :, :support_shots], y[:, :, :support_shots],
-            x[:, :, support_shots:], y[:, :, support_shots:],
+            x[:, :, :support_shots],
+            y[:, :, :support_shots],
+            x[:, :, support_shots:],
+            y[:, :, support_shots:],
         )
 
     def sample(self, agents: torch.Tensor, iteration: int, tasks: int) -> TaskBatch:
         """The tasks S_{k,i} of Algorithm 1 for each agent: shapes [agents, tasks, shots, 1]."""
         low, high = self._amplitude_bounds(agents)
         return self._draw(
-            agents, rng.STREAM_TASKS, iteration, tasks,
-            self.config.support_shots, self.config.query_shots, low, high,
+            agents,
+            rng.STREAM_TASKS,
+            iteration,
+            tasks,
+            self.config.support_shots,
+            self.config.query_shots,
+            low,
+            high,
         )
 
     def validation_set(self, config: ValidationConfig) -> TaskBatch:
@@ -93,7 +113,13 @@ class SineTask:
         low = torch.full((1,), self.config.amplitude_min, dtype=self.dtype, device=self.device)
         high = torch.full((1,), self.config.amplitude_max, dtype=self.dtype, device=self.device)
         batch = self._draw(
-            key, rng.STREAM_VALIDATION, 0, config.tasks,
-            config.support_shots, config.query_shots, low, high,
+            key,
+            rng.STREAM_VALIDATION,
+            0,
+            config.tasks,
+            config.support_shots,
+            config.query_shots,
+            low,
+            high,
         )
         return TaskBatch(*(part[0] for part in batch))
