@@ -1,0 +1,147 @@
+"""Read dmeta run files (HDF5) for post-hoc analysis.
+
+Needs only h5py and numpy: no torch, no mpi4py, no dmeta import, so the analysis scripts run
+on a laptop. Every problem with an input file raises `RunFileError` with one line that names
+the file and the problem.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import h5py
+import numpy as np
+
+# The per-agent [T, K] metrics a run file holds under /metrics.
+METRICS = ("train_loss", "val_loss", "disagreement")
+
+
+class RunFileError(Exception):
+    """A run file that cannot be used; the message is one line naming the file."""
+
+
+@dataclass
+class Run:
+    """One run file, loaded eagerly: config, strategy, logged iterations and metrics."""
+
+    path: str
+    config: dict[str, Any]
+    strategy: str
+    complete: bool
+    iteration: np.ndarray  # [T] logged iteration indices
+    wall: np.ndarray  # [T] wall-clock seconds
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T, K]
+
+    @property
+    def agents(self) -> int:
+        """K, the number of agents."""
+        return next(iter(self.metrics.values())).shape[1] if self.metrics else 0
+
+    def metric(self, name: str) -> np.ndarray:
+        """The [T, K] array of a metric loaded by `open_run`."""
+        if name not in self.metrics:
+            raise RunFileError(f"{self.path}: metric {name!r} was not loaded")
+        return self.metrics[name]
+
+
+def expand_paths(args: list[str]) -> list[str]:
+    """Expand shell-style globs (sorted matches); a pattern that matches nothing is an error.
+
+    Plain paths are kept as given (a missing one is reported by `open_run`); duplicates are
+    dropped, first occurrence kept.
+    """
+    paths: list[str] = []
+    for arg in args:
+        if glob.has_magic(arg):
+            matches = sorted(glob.glob(arg))
+            if not matches:
+                raise RunFileError(f"{arg}: no file matches this pattern")
+            paths.extend(matches)
+        else:
+            paths.append(arg)
+    return list(dict.fromkeys(paths))
+
+
+def _read_dataset(file: h5py.File, path: str, name: str) -> np.ndarray:
+    """The whole dataset `name`, or RunFileError naming it."""
+    item = file.get(name)
+    if item is None:
+        raise RunFileError(f"{path}: missing dataset /{name}")
+    if not isinstance(item, h5py.Dataset):
+        raise RunFileError(f"{path}: /{name} is not a dataset")
+    return item[()]
+
+
+def _attribute_text(value: Any) -> str:
+    """An HDF5 string attribute as str (h5py may return bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _load(file: h5py.File, path: str, metrics: tuple[str, ...], allow_partial: bool) -> Run:
+    """Build a `Run` from an open file (see `open_run`)."""
+    complete = bool(file.attrs.get("complete", False))
+    if not complete and not allow_partial:
+        raise RunFileError(f"{path}: run is not complete (attribute complete is not True)")
+    if "config" not in file.attrs:
+        raise RunFileError(f"{path}: missing root attribute 'config'")
+    try:
+        config = json.loads(_attribute_text(file.attrs["config"]))
+    except json.JSONDecodeError as error:
+        raise RunFileError(f"{path}: root attribute 'config' is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise RunFileError(f"{path}: root attribute 'config' is not a JSON object")
+    strategy = _attribute_text(file.attrs.get("strategy", config.get("strategy", "")))
+    if not strategy:
+        raise RunFileError(f"{path}: no strategy (root attribute or config)")
+
+    iteration = np.asarray(_read_dataset(file, path, "time/iteration"))
+    wall = np.asarray(_read_dataset(file, path, "time/wall"), dtype=float)
+    arrays = {name: _read_dataset(file, path, f"metrics/{name}") for name in metrics}
+    for name, array in arrays.items():
+        if array.ndim != 2:
+            raise RunFileError(f"{path}: /metrics/{name} has shape {array.shape}, not [T, K]")
+
+    # A killed run may stop between resizing one dataset and the next: cut to the common rows.
+    rows = min([len(iteration), len(wall), *(len(a) for a in arrays.values())])
+    lengths = {len(iteration), len(wall), *(len(a) for a in arrays.values())}
+    if len(lengths) > 1 and complete:
+        raise RunFileError(f"{path}: datasets disagree on the number of rows ({sorted(lengths)})")
+    if rows == 0:
+        raise RunFileError(f"{path}: no logged rows")
+    return Run(
+        path=path,
+        config=config,
+        strategy=strategy,
+        complete=complete,
+        iteration=iteration[:rows],
+        wall=wall[:rows],
+        metrics={name: np.asarray(a[:rows], dtype=float) for name, a in arrays.items()},
+    )
+
+
+def open_run(
+    path: str | os.PathLike[str],
+    *,
+    metrics: tuple[str, ...] = METRICS,
+    allow_partial: bool = False,
+) -> Run:
+    """Load a run file: config, strategy, /time and the requested /metrics datasets.
+
+    A run whose root attribute `complete` is not True (a `.partial` file) is refused unless
+    `allow_partial`; it is then cut to the rows that every loaded dataset holds.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise RunFileError(f"{path}: no such file")
+    if not os.path.isfile(path):
+        raise RunFileError(f"{path}: not a regular file")
+    try:
+        with h5py.File(path, "r") as file:
+            return _load(file, path, metrics, allow_partial)
+    except OSError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunFileError(f"{path}: not an HDF5 file or corrupt ({reason})") from None
