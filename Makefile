@@ -1,0 +1,54 @@
+# The two commands of the README: `make run` and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# One thread per rank: BLAS threads oversubscribe the cores under mpiexec.
+export OMP_NUM_THREADS := 1
+export OPENBLAS_NUM_THREADS := 1
+MPI_TIMEOUT := timeout --signal=KILL 600
+RUNS := runs
+STRATEGIES := atc centralized noncooperative
+
+.PHONY: install run test lint figure clean
+
+install: $(STAMP)
+
+# torch==2.13.0 is pinned: that version resolves to the CPU wheel; a bare `torch` pulls CUDA.
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0 mpich mpi4py
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	@for s in $(STRATEGIES); do \
+	  echo "== dmeta run jobs/sine_quick.toml, strategy $$s, mpiexec -n 2"; \
+	  $(BIN)/mpiexec -n 2 $(BIN)/dmeta run jobs/sine_quick.toml --set strategy=$$s \
+	    --out $(RUNS)/sine_quick_$$s.h5 || exit 1; \
+	done
+	$(BIN)/python analysis/fig1b.py $(addprefix $(RUNS)/sine_quick_,$(addsuffix .h5,$(STRATEGIES))) \
+	  --out $(RUNS)/sine_quick_fig1b.png
+	@echo "HDF5 files: $(addprefix $(RUNS)/sine_quick_,$(addsuffix .h5,$(STRATEGIES)))"
+	@echo "plot: $(RUNS)/sine_quick_fig1b.png"
+
+lint: $(STAMP)
+	$(BIN)/ruff check dmeta analysis tests
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+	$(MPI_TIMEOUT) $(BIN)/mpiexec -n 2 $(BIN)/python -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
+	$(MPI_TIMEOUT) $(BIN)/mpiexec -n 4 $(BIN)/python -m pytest -q --with-mpi -p no:cacheprovider tests/test_mpi.py
+
+# The paper's Fig. 1b on 40 agents (about 10 minutes on 2 cores); see README.
+figure: $(STAMP)
+	@for s in $(STRATEGIES); do \
+	  $(BIN)/dmeta run jobs/sine_diffusion.toml --set strategy=$$s --out $(RUNS)/sine40_$$s.h5 \
+	    --quiet || exit 1; \
+	done
+	$(BIN)/python analysis/fig1b.py $(addprefix $(RUNS)/sine40_,$(addsuffix .h5,$(STRATEGIES))) \
+	  --last 5 --out docs/fig1b.png
+
+clean:
+	rm -rf $(VENV) $(RUNS) *.egg-info

@@ -1,0 +1,59 @@
+"""Typed config: job files, overrides, and the errors a user sees."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmeta.config import Config, config_from_json, load_config
+from dmeta.errors import DmetaError
+
+
+def test_defaults_match_the_paper_sine_experiment() -> None:
+    config = Config()
+    assert config.agents == 40 and config.learner.inner_lr == 0.01
+    assert config.optimizer.name == "adam" and config.optimizer.lr == 0.001
+    assert config.task.support_shots == config.task.query_shots == 10
+    assert config.model.hidden == [40, 40] and config.graph.rule == "averaging"
+
+
+def test_job_file_and_overrides(tmp_path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text('agents = 8\n[graph]\ntopology = "ring"\n[model]\nhidden = [5, 6]\n')
+    config = load_config(job, ["graph.rule=metropolis", "optimizer.lr=0.5", "model.same_init=yes"])
+    assert config.agents == 8 and config.graph.topology == "ring"
+    assert config.graph.rule == "metropolis" and config.optimizer.lr == 0.5
+    assert config.model.hidden == [5, 6] and config.model.same_init is True
+    assert load_config(None, ["model.hidden=[3,4]"]).model.hidden == [3, 4]
+    assert config_from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("agentz=3", "unknown config key 'agentz'"),
+        ("graph.colour=red", "unknown config key 'graph.colour'"),
+        ("agents=many", "agents = 'many' must be an integer"),
+        ("optimizer.lr=fast", "optimizer.lr = 'fast' must be a number"),
+        ("strategy=gossip", "strategy = 'gossip' is not one of"),
+        ("agents=0", "agents = 0 must be at least 1"),
+        ("graph=ring", "'graph' is a section"),
+        ("agents", "must have the form KEY=VALUE"),
+        ("model.same_init=maybe", "must be true or false"),
+    ],
+)
+def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
+    with pytest.raises(DmetaError, match=message.replace("(", r"\(").replace("'", "'")):
+        load_config(None, [override])
+
+
+def test_bad_job_files(tmp_path) -> None:
+    with pytest.raises(DmetaError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("agents = = 3")
+    with pytest.raises(DmetaError, match="not valid TOML"):
+        load_config(broken)
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[optimiser]\nlr = 0.1\n")
+    with pytest.raises(DmetaError, match="unknown config key 'optimiser'"):
+        load_config(typo)

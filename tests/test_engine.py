@@ -1,0 +1,131 @@
+"""The in-process engine: reproducibility, strategy equivalences, run-file contents."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_local, small_config
+from dmeta import rng
+from dmeta.config import Config, config_from_json
+
+
+def test_local_run_is_reproducible(tmp_path) -> None:
+    first = run_local(small_config(), tmp_path / "a.h5")
+    second = run_local(small_config(), tmp_path / "b.h5")
+    for name in ("metrics/val_loss", "metrics/train_loss", "params/final"):
+        np.testing.assert_array_equal(first[name], second[name])
+    other_seed = run_local(small_config("seed=1"), tmp_path / "c.h5")
+    assert not np.allclose(first["params/final"], other_seed["params/final"])
+
+
+def test_diffusion_with_uniform_matrix_equals_centralized(tmp_path) -> None:
+    # Complete graph + averaging rule gives A = J/K exactly.
+    uniform = run_local(
+        small_config("graph.topology=complete", "runtime.dtype=float64", "optimizer.name=sgd"),
+        tmp_path / "a.h5",
+    )
+    np.testing.assert_allclose(uniform["topology/A"], np.full((7, 7), 1 / 7))
+    central = run_local(
+        small_config("strategy=centralized", "runtime.dtype=float64", "optimizer.name=sgd"),
+        tmp_path / "c.h5",
+    )
+    np.testing.assert_allclose(uniform["params/final"], central["params/final"], rtol=1e-12)
+    np.testing.assert_allclose(uniform["metrics/val_loss"], central["metrics/val_loss"], rtol=1e-12)
+    # After one combination every agent holds the same model.
+    assert np.all(central["metrics/disagreement"][1:] < 1e-20)
+
+
+def test_noncooperative_agents_drift_apart_and_diffusion_agrees(tmp_path) -> None:
+    alone = run_local(
+        small_config("strategy=noncooperative", "model.same_init=true"), tmp_path / "n.h5"
+    )
+    together = run_local(small_config("model.same_init=true"), tmp_path / "d.h5")
+    assert (
+        alone["metrics/disagreement"][-1].mean() > 10 * together["metrics/disagreement"][-1].mean()
+    )
+    np.testing.assert_array_equal(alone["topology/A"], np.eye(7))
+
+
+def test_cta_differs_from_atc(tmp_path) -> None:
+    atc = run_local(small_config(), tmp_path / "a.h5")
+    cta = run_local(small_config("strategy=cta"), tmp_path / "c.h5")
+    assert not np.allclose(atc["params/final"], cta["params/final"])
+
+
+def test_run_file_layout(tmp_path) -> None:
+    config = small_config()
+    data = run_local(config, tmp_path / "run.h5")
+    rows, agents = 4, 7  # iterations 0, 4, 8, 12
+    np.testing.assert_array_equal(data["time/iteration"], [0, 4, 8, 12])
+    assert data["time/wall"].shape == (rows,)
+    for name in ("train_loss", "val_loss", "disagreement"):
+        assert data[f"metrics/{name}"].shape == (rows, agents)
+    assert np.isnan(data["metrics/train_loss"][0]).all()
+    assert np.isfinite(data["metrics/train_loss"][1:]).all()
+    assert data["topology/A"].shape == (agents, agents)
+    assert (
+        data["params/initial"].shape
+        == data["params/final"].shape
+        == (agents, 16 + 16 + 256 + 16 + 17)
+    )
+    with h5py.File(tmp_path / "run.h5") as f:
+        assert f.attrs["complete"]
+        assert f.attrs["world_size"] == 1 and f.attrs["seed"] == 0
+        assert "dmeta_version" in f.attrs
+        assert 0 < f["topology/A"].attrs["lambda2"] < 1
+        assert config_from_json(f.attrs["config"]) == config
+    assert not (tmp_path / "run.h5.partial").exists()
+
+
+def test_agents_start_from_their_own_models_unless_same_init(tmp_path) -> None:
+    own = run_local(small_config("iterations=1", "log_every=1"), tmp_path / "a.h5")[
+        "params/initial"
+    ]
+    assert not np.allclose(own[0], own[1])
+    same = run_local(
+        small_config("iterations=1", "log_every=1", "model.same_init=true"), tmp_path / "b.h5"
+    )["params/initial"]
+    np.testing.assert_array_equal(same[0], same[1])
+
+
+def test_random_numbers_do_not_depend_on_which_agents_are_drawn_together() -> None:
+    everyone = rng.uniform(5, torch.arange(10), rng.STREAM_TASKS, 3, (4, 6))
+    block = rng.uniform(5, torch.arange(3, 7), rng.STREAM_TASKS, 3, (4, 6))
+    torch.testing.assert_close(everyone[3:7], block, rtol=0, atol=0)
+    assert not torch.equal(everyone[0], everyone[1])
+    later = rng.uniform(5, torch.arange(10), rng.STREAM_TASKS, 4, (4, 6))
+    assert not torch.equal(everyone, later)
+
+
+def test_random_numbers_are_uniform() -> None:
+    sample = rng.uniform(0, torch.arange(200), rng.STREAM_TASKS, 0, (500,), dtype=torch.float64)
+    assert sample.min() >= 0 and sample.max() < 1
+    assert abs(sample.mean().item() - 0.5) < 0.005
+    assert abs(sample.var().item() - 1 / 12) < 0.002
+    counts = torch.histc(sample, bins=10, min=0, max=1)
+    assert (counts - 10000).abs().max() < 500  # about 5 standard deviations
+
+
+def test_sine_tasks_follow_the_agent_amplitude_split() -> None:
+    from dmeta.tasks import SineTask
+
+    config = Config()
+    task = SineTask(config.task, 40, 0, torch.float64, torch.device("cpu"))
+    batch = task.sample(torch.tensor([0, 39]), 1, 50)
+    peak = batch.support_y.abs().amax(dim=(1, 2, 3))
+    width = (5.0 - 0.1) / 40
+    assert peak[0] <= 0.1 + width + 1e-12
+    assert peak[1] <= 5.0 + 1e-12 and batch.query_y[1].abs().max() > 5.0 - width - 0.5
+    assert batch.support_x.min() >= -5 and batch.support_x.max() <= 5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dtype_is_respected(tmp_path, dtype) -> None:
+    data = run_local(small_config(f"runtime.dtype={dtype}", "iterations=2"), tmp_path / "r.h5")
+    assert data["params/final"].dtype == np.dtype(dtype)
+    assert json.loads(h5py.File(tmp_path / "r.h5").attrs["config"])["runtime"]["dtype"] == dtype
