@@ -85,24 +85,36 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
     mpi_file = Path(folder) / "mpi.h5"
     execute(plan_run(config, size, rank, rank, size), comm, mpi_file, show_progress=False)
     comm.Barrier()
+    problem = None
     if rank == 0:
         local = run_local(config, Path(folder) / "local.h5")
         parallel = read_datasets(mpi_file)
+        # Relative to each array's scale: reductions over ranks round differently.
         tolerance = 1e-6 if dtype == "float32" else 1e-12
-        for name in (
+        names = (
             "metrics/train_loss",
             "metrics/val_loss",
             "params/final",
             "params/initial",
             "topology/A",
-        ):
-            np.testing.assert_allclose(
-                parallel[name], local[name], rtol=tolerance, atol=tolerance * 1e-2, err_msg=name
-            )
-        np.testing.assert_allclose(
-            parallel["metrics/disagreement"],
-            local["metrics/disagreement"],
-            rtol=1e-4 if dtype == "float32" else 1e-10,
-            atol=1e-9,
         )
-    comm.Barrier()
+        try:
+            for name in names:
+                np.testing.assert_allclose(
+                    parallel[name],
+                    local[name],
+                    rtol=tolerance,
+                    err_msg=name,
+                    atol=tolerance * np.nanmax(np.abs(local[name])),
+                )
+            np.testing.assert_allclose(
+                parallel["metrics/disagreement"],
+                local["metrics/disagreement"],
+                rtol=1e-4 if dtype == "float32" else 1e-10,
+                atol=1e-9,
+            )
+        except AssertionError as error:
+            problem = str(error)
+    # Every rank reports rank 0's verdict, so a failure cannot leave ranks in different tests.
+    problem = comm.bcast(problem)
+    assert problem is None, problem
