@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_local, small_config
+
 from dmeta import rng
 from dmeta.config import Config, config_from_json
 

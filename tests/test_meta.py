@@ -29,7 +29,7 @@ def quadratic_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def quadratic_closed_form(w, c_in, c_out, alpha, steps, first_order):
-    """grad of Q(w'; c_out), w' after `steps` inner steps on Q(.; c_in): (I - aH)^n H (w' - c_out)."""
+    """Closed form: (I - aH)^n H (w' - c_out), w' after n inner steps on Q(.; c_in)."""
     adapted = w
     for _ in range(steps):
         adapted = adapted - alpha * HESSIAN @ (adapted - c_in)

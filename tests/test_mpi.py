@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import read_datasets, run_local, small_config
+
 from dmeta.comm import (
     AgentLayout,
     AllreduceCombiner,

@@ -1,0 +1,141 @@
+"""The `dmeta` command end to end: layouts give the same numbers, bad input one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMALL, read_datasets, run_local, small_config
+
+BIN = Path(sys.executable).parent
+JOB = Path(__file__).parent.parent / "jobs" / "sine_quick.toml"
+
+
+def dmeta(*args: str, ranks: int = 0, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`dmeta ARGS`, under `mpiexec -n ranks` when ranks > 0."""
+    command = [str(BIN / "dmeta"), *args]
+    if ranks:
+        command = [str(BIN / "mpiexec"), "-n", str(ranks), *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def overrides(*extra: str) -> list[str]:
+    return [item for pair in ([("--set", o) for o in [*SMALL, *extra]]) for item in pair]
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_mpiexec_layouts_reproduce_the_in_process_run(tmp_path, ranks) -> None:
+    # 2 and 4 ranks are covered by tests/test_mpi.py under mpiexec.
+    out = tmp_path / "mpi.h5"
+    result = dmeta("run", str(JOB), *overrides(), "--out", str(out), "--quiet", ranks=ranks)
+    assert result.returncode == 0, result.stderr
+    local = run_local(small_config(), tmp_path / "local.h5")
+    parallel = read_datasets(out)
+    assert parallel["metrics/val_loss"].shape == local["metrics/val_loss"].shape
+    for name in ("metrics/val_loss", "metrics/train_loss", "params/final"):
+        scale = np.nanmax(np.abs(local[name]))
+        np.testing.assert_allclose(parallel[name], local[name], rtol=1e-6, atol=1e-6 * scale)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dmeta: error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+BAD_INPUTS = [
+    (["--set", "agentz=3"], ["unknown config key 'agentz'"]),
+    (
+        ["--set", "graph.topology=edge_list", "--set", "graph.edge_list_path=/no/such/edges.txt"],
+        ["/no/such/edges.txt"],
+    ),
+    (
+        ["--set", "graph.rule=matrix", "--set", "graph.matrix_path=/no/such/matrix.txt"],
+        ["/no/such/matrix.txt"],
+    ),
+]
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+@pytest.mark.parametrize(("args", "fragments"), BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, ranks, args, fragments) -> None:
+    out = tmp_path / "never.h5"
+    result = dmeta("run", str(JOB), *args, "--out", str(out), ranks=ranks)
+    assert_one_error_line(result, *fragments)
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_disconnected_graph_is_refused(tmp_path, ranks) -> None:
+    edges = tmp_path / "edges.txt"
+    edges.write_text("0 1\n2 3\n")
+    result = dmeta(
+        "run",
+        str(JOB),
+        "--set",
+        "agents=4",
+        "--set",
+        "graph.topology=edge_list",
+        "--set",
+        f"graph.edge_list_path={edges}",
+        "--out",
+        str(tmp_path / "x.h5"),
+        ranks=ranks,
+    )
+    assert_one_error_line(result, "connected")
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_non_stochastic_matrix_is_refused(tmp_path, ranks) -> None:
+    matrix = tmp_path / "a.txt"
+    np.savetxt(matrix, np.array([[0.5, 0.5], [0.4, 0.5]]))
+    result = dmeta(
+        "run",
+        str(JOB),
+        "--set",
+        "agents=2",
+        "--set",
+        "graph.rule=matrix",
+        "--set",
+        f"graph.matrix_path={matrix}",
+        "--out",
+        str(tmp_path / "x.h5"),
+        ranks=ranks,
+    )
+    assert_one_error_line(result, "column")
+
+
+def test_more_ranks_than_agents_is_refused(tmp_path) -> None:
+    result = dmeta(
+        "run",
+        str(JOB),
+        "--set",
+        "agents=2",
+        "--set",
+        "graph.topology=ring",
+        "--out",
+        str(tmp_path / "x.h5"),
+        ranks=3,
+    )
+    assert_one_error_line(result, "3 ranks but only 2 agents")
+
+
+def test_local_backend_under_several_ranks_is_refused(tmp_path) -> None:
+    result = dmeta(
+        "run", str(JOB), "--set", "runtime.backend=local", "--out", str(tmp_path / "x.h5"), ranks=2
+    )
+    assert_one_error_line(result, "runtime.backend = 'local'")
+
+
+def test_graph_command_reports_the_matrix(tmp_path) -> None:
+    picture = tmp_path / "graph.png"
+    result = dmeta("graph", str(JOB), "--set", "graph.rule=metropolis", "--plot", str(picture))
+    assert result.returncode == 0, result.stderr
+    assert "lambda" in result.stdout.lower() and "doubly" in result.stdout.lower()
+    assert picture.stat().st_size > 0
