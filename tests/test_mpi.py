@@ -79,6 +79,7 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
         f"runtime.dtype={dtype}",
         "graph.topology=erdos_renyi",
         "graph.edge_probability=0.4",
+        "graph.rule=metropolis",
     )
     rank, size = comm.Get_rank(), comm.Get_size()
     folder = comm.bcast(tempfile.mkdtemp() if rank == 0 else None)
