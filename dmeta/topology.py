@@ -174,7 +174,12 @@ def combination_matrix(graph: nx.Graph, rule: Rule, matrix_path: str = "") -> np
     return a
 
 
+_FILE_ROUNDING = 1e-5  # column sums this close to one in a matrix file are rounding, rescaled
+
+
 def _load_matrix(path: str, k: int) -> np.ndarray:
+    """A K x K matrix file. Columns summing to within 1e-5 of one (weights printed to five or
+    six digits) are rescaled to sum to exactly one; anything further is left to validation."""
     if not path:
         raise DmetaError('graph.rule = "matrix" needs graph.matrix_path: set it')
     try:
@@ -185,7 +190,11 @@ def _load_matrix(path: str, k: int) -> np.ndarray:
         raise DmetaError(
             f"combination matrix {path} has shape {a.shape}, expected ({k}, {k}) for {k} agents"
         )
-    return a.astype(np.float64)
+    a = a.astype(np.float64)
+    sums = a.sum(axis=0)
+    if np.all(a >= 0) and np.all(np.abs(sums - 1.0) <= _FILE_ROUNDING):
+        a = a / sums
+    return a
 
 
 def validate_combination_matrix(

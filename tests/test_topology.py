@@ -218,3 +218,14 @@ def test_directed_graphs_take_averaging_only():
     validate_combination_matrix(a)
     with pytest.raises(DmetaError, match="undirected"):
         combination_matrix(graph, "metropolis")
+
+
+def test_matrix_file_rounded_to_six_digits_is_rescaled(tmp_path):
+    path = tmp_path / "rounded.txt"
+    path.write_text("0.333333 0.5 0.333333\n0.333333 0.5 0.333333\n0.333333 0 0.333333\n")
+    a = combination_matrix(nx.empty_graph(3), "matrix", str(path))
+    np.testing.assert_allclose(a.sum(axis=0), 1.0, rtol=0, atol=1e-15)
+    validate_combination_matrix(a)
+    path.write_text("0.3 0.5 0.3\n0.3 0.5 0.3\n0.3 0 0.3\n")
+    with pytest.raises(DmetaError, match="column 0"):
+        validate_combination_matrix(combination_matrix(nx.empty_graph(3), "matrix", str(path)))
