@@ -99,6 +99,9 @@ def _run(args: argparse.Namespace) -> int:
             _check_writable(out_path)
     except DmetaError as caught:
         error = str(caught)
+    except Exception as caught:  # a bug, or a warning turned error, on some ranks only
+        traceback.print_exc()
+        error = f"{type(caught).__name__}: {caught}"
     # Every rank learns of any rank's error here, before the first collective of the run.
     errors = world.allgather(error)
     failed = [(r, message) for r, message in enumerate(errors) if message]

@@ -2,7 +2,8 @@
 
 Written by rank 0 with serial h5py. The file is created as `<path>.partial` and renamed to
 `<path>` only when the run completes, so a file under the final name is always a whole run;
-rows are flushed as they are written, so a killed run leaves a readable `.partial` file.
+rows are flushed as they are written, so a killed run leaves a readable `.partial` file. A
+file already under the final name is moved to `<path>.previous` when a new run starts.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class RunWriter:
         self.partial = partial_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                # A failed rerun must not leave the old results under the name of the new run.
+                os.replace(self.path, self.path.with_name(self.path.name + ".previous"))
             self.file = h5py.File(self.partial, "w")
         except OSError as error:
             raise DmetaError(f"cannot create output file {self.partial}: {error}") from None

@@ -68,7 +68,7 @@ def strategy_matrix(config: Config) -> np.ndarray:
 
 
 def choose_device(requested: str, local_rank: int) -> torch.device:
-    """`auto`: GPU local_rank % GPU count when CUDA is available, else the CPU."""
+    """`auto` or `cuda`: GPU local_rank % GPU count (`auto` falls back to the CPU)."""
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -82,6 +82,8 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DmetaError(f"runtime.device = {requested!r} but CUDA is not available here")
+        if device.index is None:  # plain "cuda": spread the ranks of a node over its GPUs
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DmetaError(
                 f"runtime.device = {requested!r} but only {torch.cuda.device_count()} GPUs "
@@ -191,6 +193,8 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     """
     config = plan.config
     torch.set_num_threads(plan.threads)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
     dtype = DTYPES[config.runtime.dtype]
     device = plan.device
     if comm is None:

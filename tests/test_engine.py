@@ -129,3 +129,12 @@ def test_dtype_is_respected(tmp_path, dtype) -> None:
     data = run_local(small_config(f"runtime.dtype={dtype}", "iterations=2"), tmp_path / "r.h5")
     assert data["params/final"].dtype == np.dtype(dtype)
     assert json.loads(h5py.File(tmp_path / "r.h5").attrs["config"])["runtime"]["dtype"] == dtype
+
+
+def test_rerun_moves_the_old_file_aside(tmp_path) -> None:
+    path = tmp_path / "run.h5"
+    run_local(small_config("iterations=2"), path)
+    run_local(small_config("iterations=4"), path)
+    assert (tmp_path / "run.h5.previous").exists()
+    with h5py.File(path) as f:
+        assert f["time/iteration"][-1] == 4
