@@ -18,18 +18,52 @@ import numpy as np
 
 from dmeta.errors import DmetaError
 
-# name -> (unit, meaning); every [T, K] metric is listed here.
-AGENT_METRICS = {
-    "train_loss": (
+# Every row-wise dataset: path -> (one value per agent?, units, meaning). Row r of each holds
+# the values at iteration /time/iteration[r], which is their dimension scale.
+SERIES = {
+    "time/wall": (False, "s", "wall-clock seconds since the first iteration started"),
+    "time/compute": (
+        False,
+        "s",
+        "seconds rank 0 spent outside the combination step since the previous row",
+    ),
+    "time/comm": (
+        False,
+        "s",
+        "seconds rank 0 spent in the combination step since the previous row",
+    ),
+    "metrics/train_loss": (
+        True,
         "squared output units",
         "meta-training loss: query loss after adaptation, mean over the agent's tasks and over "
         "the iterations since the previous row (NaN at iteration 0)",
     ),
-    "val_loss": (
+    "metrics/val_loss": (
+        True,
         "squared output units",
         "validation loss: query MSE after adaptation on the fixed validation tasks",
     ),
-    "disagreement": ("squared parameter units", "||w_k - w_c||^2, w_c the network centroid"),
+    "metrics/disagreement": (
+        True,
+        "squared parameter units",
+        "||w_k - w_c||^2, w_c the network centroid",
+    ),
+    "metrics/grad_norm": (
+        True,
+        "parameter units per iteration",
+        "norm of the agent's stochastic meta-gradient (eq. 4) at the row's iteration "
+        "(NaN at iteration 0)",
+    ),
+    "centroid/val_loss": (
+        False,
+        "squared output units",
+        "validation loss of the centroid w_c after adaptation",
+    ),
+    "centroid/disagreement": (
+        False,
+        "squared parameter units",
+        "(1/K) sum_k ||w_k - w_c||^2 (Theorem 1)",
+    ),
 }
 
 
@@ -57,30 +91,27 @@ class RunWriter:
             self.file.attrs[key] = value
         self.file.attrs["host"] = platform.node()
         self.file.attrs["complete"] = False
-        time = self.file.create_group("time")
-        iteration = time.create_dataset(
-            "iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,)
+        iteration = self.file.create_dataset(
+            "time/iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,)
         )
         iteration.attrs["description"] = "iteration index i of each logged row"
         iteration.make_scale("iteration")
-        wall = time.create_dataset("wall", (0,), maxshape=(None,), dtype="f8", chunks=(256,))
-        wall.attrs["units"] = "s"
-        wall.attrs["description"] = "wall-clock seconds since the first iteration started"
-        metrics = self.file.create_group("metrics")
         chunk_rows = max(1, min(256, 65536 // max(1, num_agents)))
-        for name, (unit, meaning) in AGENT_METRICS.items():
-            dataset = metrics.create_dataset(
+        for name, (per_agent, unit, meaning) in SERIES.items():
+            shape = (0, num_agents) if per_agent else (0,)
+            dataset = self.file.create_dataset(
                 name,
-                (0, num_agents),
-                maxshape=(None, num_agents),
+                shape,
+                maxshape=(None, *shape[1:]),
                 dtype="f8",
-                chunks=(chunk_rows, num_agents),
+                chunks=(chunk_rows, num_agents) if per_agent else (256,),
             )
             dataset.attrs["units"] = unit
             dataset.attrs["description"] = meaning
             dataset.dims[0].attach_scale(iteration)
             dataset.dims[0].label = "iteration"
-            dataset.dims[1].label = "agent"
+            if per_agent:
+                dataset.dims[1].label = "agent"
 
     def write_array(self, name: str, data: np.ndarray, **attributes: Any) -> None:
         """A whole dataset written once (topology, parameters)."""
@@ -88,18 +119,17 @@ class RunWriter:
         for key, value in attributes.items():
             dataset.attrs[key] = value
 
-    def append(self, iteration: int, wall: float, metrics: dict[str, np.ndarray]) -> None:
-        """One logged row: the iteration, the wall time and each metric's [K] values."""
+    def append(self, iteration: int, values: dict[str, float | np.ndarray]) -> None:
+        """One logged row: the iteration and a value (or [K] values) for every series."""
+        missing = SERIES.keys() - values.keys()
+        if missing:
+            raise ValueError(f"row of iteration {iteration} lacks {sorted(missing)}")
         row = self.rows
         self.rows += 1
-        for name, value in (("time/iteration", iteration), ("time/wall", wall)):
+        for name, value in (("time/iteration", iteration), *values.items()):
             dataset = self.file[name]
-            dataset.resize((self.rows,))
+            dataset.resize(self.rows, axis=0)
             dataset[row] = value
-        for name, values in metrics.items():
-            dataset = self.file["metrics"][name]
-            dataset.resize((self.rows, dataset.shape[1]))
-            dataset[row] = values
         self.file.flush()
 
     def finish(self) -> None:

@@ -166,15 +166,16 @@ class Progress:
         if self.bar is not None:
             self.bar.update()
 
-    def row(self, iteration: int, metrics: dict[str, np.ndarray]) -> None:
+    def row(self, iteration: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        train = metrics["train_loss"]
+        train = metrics["metrics/train_loss"]
         train_text = "-" if np.isnan(train).all() else f"{train.mean():.4f}"
         line = (
             f"iteration {iteration:>7d}  train {train_text:>7}  "
-            f"val {metrics['val_loss'].mean():.4f}  "
-            f"disagreement {metrics['disagreement'].mean():.3e}"
+            f"val {metrics['metrics/val_loss'].mean():.4f}  "
+            f"centroid val {metrics['centroid/val_loss']:.4f}  "
+            f"disagreement {metrics['centroid/disagreement']:.3e}"
         )
         if self.bar is not None:
             self.bar.write(line)
@@ -184,6 +185,34 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class RowWindow:
+    """What a rank accumulates between two logged rows."""
+
+    def __init__(self, num_local: int, device: torch.device) -> None:
+        self.num_local = num_local
+        self.device = device
+        self.reset(0.0)
+
+    def reset(self, now: float) -> None:
+        self.train_sum = torch.zeros(self.num_local, dtype=torch.float64, device=self.device)
+        self.gradient_norm = torch.full_like(self.train_sum, math.nan)
+        self.steps = 0
+        self.comm_seconds = 0.0
+        self.started = now
+
+    def add(self, losses: torch.Tensor, gradients: torch.Tensor) -> None:
+        """One iteration's meta-training losses [agents] and meta-gradients [agents, M]."""
+        self.train_sum += losses.detach().to(torch.float64)
+        self.gradient_norm = torch.linalg.vector_norm(gradients, dim=1).to(torch.float64)
+        self.steps += 1
+
+    def mean_train_loss(self) -> torch.Tensor:
+        """Mean meta-training loss per agent over the window (NaN for an empty window)."""
+        if not self.steps:
+            return torch.full_like(self.train_sum, math.nan)
+        return self.train_sum / self.steps
 
 
 def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True) -> None:
@@ -238,56 +267,63 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
         if writer is not None:
             writer.write_array("params/initial", initial, description="launch models w_{k,0}")
         progress = Progress(config.iterations, enabled=rank == 0 and show_progress)
-        train_sum = torch.zeros(len(agents), dtype=torch.float64, device=device)
-        steps_since_row = 0
+        window = RowWindow(len(agents), device)
         start = time.perf_counter()
 
+        def combine_in_place() -> None:
+            began = time.perf_counter()
+            with torch.no_grad():
+                launch_models.copy_(combiner(launch_models.detach()))
+            window.comm_seconds += time.perf_counter() - began
+
         def log_row(iteration: int) -> None:
-            nonlocal train_sum, steps_since_row
             models = launch_models.detach()
             # All ranks synchronise here: one all-reduce for the centroid, one gather per row.
             centroid = collectives.allreduce_sum(models.sum(dim=0)) / config.agents
             with torch.no_grad():
                 validation = learner.adapted_losses(models, validation_tasks, validation_steps)
-            train = (
-                train_sum / steps_since_row
-                if steps_since_row
-                else torch.full_like(train_sum, math.nan)
-            )
             local = torch.stack(
                 [
-                    train,
+                    window.mean_train_loss(),
                     validation.to(torch.float64),
                     disagreement(models, centroid).to(torch.float64),
+                    window.gradient_norm,
                 ],
                 dim=1,
             )
             rows = collectives.gather_rows(local.cpu().numpy())
-            train_sum = torch.zeros_like(train_sum)
-            steps_since_row = 0
             if writer is not None:
-                metrics = {
-                    "train_loss": rows[:, 0],
-                    "val_loss": rows[:, 1],
-                    "disagreement": rows[:, 2],
+                with torch.no_grad():
+                    centroid_validation = learner.adapted_losses(
+                        centroid[None], validation_tasks, validation_steps
+                    )
+                wall = time.perf_counter() - start
+                values = {
+                    "time/wall": wall,
+                    "time/comm": window.comm_seconds,
+                    "time/compute": wall - window.started - window.comm_seconds,
+                    "metrics/train_loss": rows[:, 0],
+                    "metrics/val_loss": rows[:, 1],
+                    "metrics/disagreement": rows[:, 2],
+                    "metrics/grad_norm": rows[:, 3],
+                    "centroid/val_loss": float(centroid_validation[0]),
+                    "centroid/disagreement": float(rows[:, 2].mean()),
                 }
-                writer.append(iteration, time.perf_counter() - start, metrics)
-                progress.row(iteration, metrics)
+                writer.append(iteration, values)
+                progress.row(iteration, values)
+            window.reset(time.perf_counter() - start)
 
         log_row(0)
         for iteration in range(1, config.iterations + 1):
             tasks = task.sample(agents, iteration, config.learner.tasks_per_agent)
             if config.strategy == "cta" and combiner is not None:
-                with torch.no_grad():
-                    launch_models.copy_(combiner(launch_models.detach()))
+                combine_in_place()
             gradients, losses = learner.meta_gradients(launch_models.detach(), tasks)
             launch_models.grad = gradients
             optimizer.step()  # launch_models now holds the intermediate states phi_{k,i}
             if config.strategy != "cta" and combiner is not None:
-                with torch.no_grad():
-                    launch_models.copy_(combiner(launch_models.detach()))
-            train_sum += losses.detach().to(torch.float64)
-            steps_since_row += 1
+                combine_in_place()
+            window.add(losses, gradients)
             progress.advance()
             if iteration % config.log_every == 0 or iteration == config.iterations:
                 log_row(iteration)

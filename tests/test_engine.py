@@ -63,10 +63,17 @@ def test_run_file_layout(tmp_path) -> None:
     rows, agents = 4, 7  # iterations 0, 4, 8, 12
     np.testing.assert_array_equal(data["time/iteration"], [0, 4, 8, 12])
     assert data["time/wall"].shape == (rows,)
-    for name in ("train_loss", "val_loss", "disagreement"):
+    for name in ("train_loss", "val_loss", "disagreement", "grad_norm"):
         assert data[f"metrics/{name}"].shape == (rows, agents)
-    assert np.isnan(data["metrics/train_loss"][0]).all()
-    assert np.isfinite(data["metrics/train_loss"][1:]).all()
+    for name in ("centroid/val_loss", "centroid/disagreement", "time/comm", "time/compute"):
+        assert data[name].shape == (rows,)
+    for name in ("metrics/train_loss", "metrics/grad_norm"):
+        assert np.isnan(data[name][0]).all()
+        assert np.isfinite(data[name][1:]).all() and (data[name][1:] > 0).all()
+    np.testing.assert_allclose(
+        data["centroid/disagreement"], data["metrics/disagreement"].mean(axis=1)
+    )
+    assert (data["time/comm"] >= 0).all() and (data["time/compute"] > 0).all()
     assert data["topology/A"].shape == (agents, agents)
     assert (
         data["params/initial"].shape

@@ -95,6 +95,8 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
         names = (
             "metrics/train_loss",
             "metrics/val_loss",
+            "metrics/grad_norm",
+            "centroid/val_loss",
             "params/final",
             "params/initial",
             "topology/A",
