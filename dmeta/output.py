@@ -9,7 +9,6 @@ file already under the final name is moved to `<path>.previous` when a new run s
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,6 @@ class RunWriter:
         self.rows = 0
         for key, value in attributes.items():
             self.file.attrs[key] = value
-        self.file.attrs["host"] = platform.node()
         self.file.attrs["complete"] = False
         iteration = self.file.create_dataset(
             "time/iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,)

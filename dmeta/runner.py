@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -136,19 +138,51 @@ def build_optimizer(plan: RunPlan, launch_models: torch.Tensor) -> torch.optim.O
     )
 
 
-def run_attributes(plan: RunPlan, size: int) -> dict[str, Any]:
-    """Root attributes of the run file."""
-    return {
+def git_commit() -> str:
+    """The commit of the dmeta source tree, or "" outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(dmeta.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def run_attributes(
+    plan: RunPlan, size: int, hosts: list[str], devices: list[str]
+) -> dict[str, Any]:
+    """Root attributes of the run file: the config, versions, and where each rank ran."""
+    import h5py
+
+    attributes = {
         "config": plan.config.to_json(),
         "dmeta_version": dmeta.__version__,
+        "git_commit": git_commit(),
         "torch_version": str(torch.__version__),
+        "numpy_version": np.__version__,
+        "h5py_version": h5py.__version__,
+        "hdf5_version": h5py.version.hdf5_version,
         "world_size": size,
         "seed": plan.config.seed,
         "strategy": plan.config.strategy,
         "backend": plan.backend,
-        "device": str(plan.device),
+        "hosts_per_rank": hosts,
+        "devices_per_rank": devices,
         "agent_counts_per_rank": plan.layout.counts,
+        "agent_offsets_per_rank": plan.layout.offsets,
     }
+    if plan.backend == "mpi":
+        import mpi4py
+        from mpi4py import MPI
+
+        attributes["mpi4py_version"] = mpi4py.__version__
+        attributes["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip()
+    return attributes
 
 
 class Progress:
@@ -252,9 +286,13 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     launch_models.requires_grad_(True)
     optimizer = build_optimizer(plan, launch_models)
 
+    # All ranks synchronise here: rank 0 learns where every rank runs, for the run file.
+    hosts = collectives.allgather_object(platform.node())
+    devices = collectives.allgather_object(str(device))
     writer = None
     if rank == 0:
-        writer = RunWriter(out_path, config.agents, run_attributes(plan, size))
+        attributes = run_attributes(plan, size, hosts, devices)
+        writer = RunWriter(out_path, config.agents, attributes)
         writer.write_array(
             "topology/A",
             plan.matrix,

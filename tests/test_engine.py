@@ -145,3 +145,12 @@ def test_rerun_moves_the_old_file_aside(tmp_path) -> None:
     assert (tmp_path / "run.h5.previous").exists()
     with h5py.File(path) as f:
         assert f["time/iteration"][-1] == 4
+
+
+def test_run_file_says_where_and_with_what_it_ran(tmp_path) -> None:
+    run_local(small_config("iterations=1"), tmp_path / "r.h5")
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert list(f.attrs["hosts_per_rank"]) and list(f.attrs["devices_per_rank"]) == ["cpu"]
+        assert list(f.attrs["agent_counts_per_rank"]) == [7]
+        for key in ("torch_version", "numpy_version", "h5py_version", "git_commit"):
+            assert key in f.attrs
