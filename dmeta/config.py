@@ -100,6 +100,9 @@ class ValidationConfig:
     query_shots: int = 10
     # Inner steps at validation; 0 means the learner's inner_steps.
     inner_steps: int = 0
+    # Stationarity of the centroid (Theorem 2): a fixed set of this many tasks per agent, drawn
+    # from each agent's own task distribution, at which the meta-gradient is averaged.
+    stationarity_tasks: int = 25
 
 
 @dataclass
@@ -225,6 +228,7 @@ def _check(config: Config) -> None:
         "validation.tasks": config.validation.tasks,
         "validation.support_shots": config.validation.support_shots,
         "validation.query_shots": config.validation.query_shots,
+        "validation.stationarity_tasks": config.validation.stationarity_tasks,
     }
     for key, value in positive.items():
         if value < 1:

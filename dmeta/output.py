@@ -58,6 +58,13 @@ SERIES = {
         "squared output units",
         "validation loss of the centroid w_c after adaptation",
     ),
+    "centroid/stationarity": (
+        False,
+        "squared parameter units",
+        "||g(w_c)||^2, g the meta-gradient (eq. 4) at the centroid averaged over the fixed "
+        "stationarity tasks of every agent: an estimate of ||grad J(w_c)||^2 (Theorem 2) "
+        "biased upwards by the sampling variance over K x validation.stationarity_tasks tasks",
+    ),
     "centroid/disagreement": (
         False,
         "squared parameter units",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import dmeta
-from dmeta import topology
+from dmeta import rng, topology
 from dmeta.combine import disagreement
 from dmeta.comm import (
     AgentLayout,
@@ -280,6 +280,9 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     )
     validation_tasks = task.validation_set(config.validation)
     validation_steps = config.validation.inner_steps or config.learner.inner_steps
+    stationarity_tasks = task.sample(
+        agents, 0, config.validation.stationarity_tasks, stream=rng.STREAM_STATIONARITY
+    )
     combiner = build_combiner(plan, comm, collectives, dtype)
 
     launch_models = model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
@@ -330,6 +333,12 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
                 dim=1,
             )
             rows = collectives.gather_rows(local.cpu().numpy())
+            # The network meta-gradient at the centroid: each rank sums its agents' share.
+            centroid_gradients, _ = learner.meta_gradients(
+                centroid.expand(len(agents), -1), stationarity_tasks
+            )
+            network_gradient = collectives.allreduce_sum(centroid_gradients.sum(dim=0))
+            stationarity = float((network_gradient / config.agents).square().sum())
             if writer is not None:
                 with torch.no_grad():
                     centroid_validation = learner.adapted_losses(
@@ -346,6 +355,7 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
                     "metrics/grad_norm": rows[:, 3],
                     "centroid/val_loss": float(centroid_validation[0]),
                     "centroid/disagreement": float(rows[:, 2].mean()),
+                    "centroid/stationarity": stationarity,
                 }
                 writer.append(iteration, values)
                 progress.row(iteration, values)

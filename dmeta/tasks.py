@@ -93,12 +93,17 @@ class SineTask:
             y[:, :, support_shots:],
         )
 
-    def sample(self, agents: torch.Tensor, iteration: int, tasks: int) -> TaskBatch:
-        """The tasks S_{k,i} of Algorithm 1 for each agent: shapes [agents, tasks, shots, 1]."""
+    def sample(
+        self, agents: torch.Tensor, iteration: int, tasks: int, stream: int = rng.STREAM_TASKS
+    ) -> TaskBatch:
+        """The tasks S_{k,i} of Algorithm 1 for each agent: shapes [agents, tasks, shots, 1].
+
+        Another `stream` gives an independent family of tasks from the same distributions.
+        """
         low, high = self._amplitude_bounds(agents)
         return self._draw(
             agents,
-            rng.STREAM_TASKS,
+            stream,
             iteration,
             tasks,
             self.config.support_shots,

@@ -154,3 +154,22 @@ def test_run_file_says_where_and_with_what_it_ran(tmp_path) -> None:
         assert list(f.attrs["agent_counts_per_rank"]) == [7]
         for key in ("torch_version", "numpy_version", "h5py_version", "git_commit"):
             assert key in f.attrs
+
+
+def test_centroid_stationarity_is_the_squared_network_meta_gradient(tmp_path) -> None:
+    from dmeta.meta import MAML
+    from dmeta.models import build_mlp
+    from dmeta.tasks import SineTask
+
+    config = small_config("runtime.dtype=float64", "iterations=4")
+    data = run_local(config, tmp_path / "r.h5")
+    task = SineTask(config.task, config.agents, config.seed, torch.float64, torch.device("cpu"))
+    model = build_mlp(config.model, 1, 1)
+    learner = MAML(model.forward, task.loss, config.learner.inner_lr, 1, first_order=False)
+    agents = torch.arange(config.agents)
+    tasks = task.sample(agents, 0, config.validation.stationarity_tasks, rng.STREAM_STATIONARITY)
+    centroid = torch.as_tensor(data["params/final"]).mean(dim=0)
+    gradients, _ = learner.meta_gradients(centroid.expand(config.agents, -1), tasks)
+    expected = float(gradients.mean(dim=0).square().sum())
+    assert data["centroid/stationarity"][-1] == pytest.approx(expected, rel=1e-10)
+    assert data["centroid/stationarity"].shape == (2,)

@@ -97,6 +97,7 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
             "metrics/val_loss",
             "metrics/grad_norm",
             "centroid/val_loss",
+            "centroid/stationarity",
             "params/final",
             "params/initial",
             "topology/A",
