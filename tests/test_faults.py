@@ -20,10 +20,10 @@ from dmeta import cli, tasks
 
 original = tasks.SineTask.sample
 
-def sample(self, agents, iteration, count):
+def sample(self, agents, iteration, *args, **kwargs):
     if MPI.COMM_WORLD.Get_rank() == 1 and iteration == 5:
         raise RuntimeError("injected failure on rank 1 at iteration 5")
-    return original(self, agents, iteration, count)
+    return original(self, agents, iteration, *args, **kwargs)
 
 tasks.SineTask.sample = sample
 sys.exit(cli.main(sys.argv[1:]))
