@@ -71,19 +71,15 @@ def _graph(args: argparse.Namespace) -> None:
         print(f"graph picture: {args.plot}")
 
 
-def _world() -> Any:
+def _run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD
-
-
-def _run(args: argparse.Namespace) -> int:
     from dmeta.config import load_config
     from dmeta.runner import execute, plan_run
 
-    world = _world()
+    world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    node = world.Split_type(_split_shared())
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     if rank != 0:
@@ -128,12 +124,6 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0 and not args.quiet:
         print(f"run file: {out_path}")
     return 0
-
-
-def _split_shared() -> int:
-    from mpi4py import MPI
-
-    return MPI.COMM_TYPE_SHARED
 
 
 def _abort(world: Any, code: int) -> None:

@@ -57,8 +57,6 @@ class Collectives(Protocol):
 
     def allgather_object(self, value: Any) -> list[Any]: ...
 
-    def broadcast_object(self, value: Any) -> Any: ...
-
 
 class SerialCollectives:
     """One process holding every agent."""
@@ -74,9 +72,6 @@ class SerialCollectives:
 
     def allgather_object(self, value: Any) -> list[Any]:
         return [value]
-
-    def broadcast_object(self, value: Any) -> Any:
-        return value
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
@@ -115,9 +110,6 @@ class MPICollectives:
 
     def allgather_object(self, value: Any) -> list[Any]:
         return self.comm.allgather(value)
-
-    def broadcast_object(self, value: Any) -> Any:
-        return self.comm.bcast(value, root=0)
 
 
 class MatrixCombiner:

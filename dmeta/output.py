@@ -73,17 +73,12 @@ SERIES = {
 }
 
 
-def partial_path(path: Path) -> Path:
-    """Where a run writes until it completes."""
-    return path.with_name(path.name + ".partial")
-
-
 class RunWriter:
     """Creates the run file and appends logged rows; `finish` makes it final."""
 
     def __init__(self, path: Path, num_agents: int, attributes: dict[str, Any]) -> None:
         self.path = Path(path)
-        self.partial = partial_path(self.path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.exists():
