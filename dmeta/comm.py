@@ -50,6 +50,7 @@ class Collectives(Protocol):
 
     rank: int
     size: int
+    num_local: int
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
@@ -63,6 +64,9 @@ class SerialCollectives:
 
     rank = 0
     size = 1
+
+    def __init__(self, num_agents: int) -> None:
+        self.num_local = num_agents
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
@@ -87,6 +91,7 @@ class MPICollectives:
         self.layout = layout
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
+        self.num_local = int(layout.counts[self.rank])
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         from mpi4py import MPI
@@ -121,6 +126,10 @@ class MatrixCombiner:
     def __call__(self, states: torch.Tensor) -> torch.Tensor:
         return combine(self.weights, states)
 
+    def bytes_per_agent(self, model_bytes: int) -> float:
+        """Bytes sent to other ranks per agent and combination: none, all agents are here."""
+        return 0.0
+
 
 class AllreduceCombiner:
     """Centralized baseline: every agent takes the network average (A = (1/K) 1 1^T)."""
@@ -133,6 +142,13 @@ class AllreduceCombiner:
         # All ranks synchronise here: one all-reduce of the local model sums.
         average = self.collectives.allreduce_sum(states.sum(dim=0)) / self.num_agents
         return average.expand_as(states).clone()
+
+    def bytes_per_agent(self, model_bytes: int) -> float:
+        """A bandwidth-optimal all-reduce sends 2 (P - 1) / P model sums per rank, shared here
+        evenly by the rank's agents."""
+        size = self.collectives.size
+        num_local = self.collectives.num_local
+        return 2 * (size - 1) / size * model_bytes / num_local
 
 
 class NeighborCombiner:
@@ -192,3 +208,7 @@ class NeighborCombiner:
         self.graph_comm.Neighbor_allgatherv(host, [buffer[self.num_local :], (counts, offsets)])
         gathered = torch.from_numpy(buffer).to(states.device)
         return combine(self.weights, gathered)
+
+    def bytes_per_agent(self, model_bytes: int) -> float:
+        """Each agent's row of the rank block goes once to every neighbour rank."""
+        return float(model_bytes * self.num_destinations)

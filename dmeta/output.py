@@ -1,20 +1,29 @@
 """The HDF5 run file: one row per logged step, per-agent metrics, topology and parameters.
 
-Written by rank 0 with serial h5py. The file is created as `<path>.partial` and renamed to
-`<path>` only when the run completes, so a file under the final name is always a whole run;
-rows are flushed as they are written, so a killed run leaves a readable `.partial` file. A
-file already under the final name is moved to `<path>.previous` when a new run starts.
+Two writers make the same file behind one interface (`open_writer`):
+- `SerialWriter` (the default): every rank buffers its agents' values; at each flush one gather
+  brings the buffered rows to rank 0, which writes them with serial h5py (the PyPI wheel);
+- `ParallelWriter`: every rank opens the file with `driver='mpio'`, makes each structural change
+  (creating, resizing) together with the others, and writes its own agents' columns with a
+  collective write; it needs h5py built against MPI (`h5py.get_config().mpi`).
+Rows are buffered and flushed every `output.flush_every` logged rows, and the file is flushed
+to disk after each flush, so a killed run leaves a readable file holding every row up to the
+last flush, every series of the same length. The file is written as `<path>.partial` and
+renamed to `<path>` only when the run completes, so a file under the final name is always a
+whole run; a file already under the final name is moved to `<path>.previous` when a new run
+starts.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
+from dmeta.comm import AgentLayout, Collectives
 from dmeta.errors import DmetaError
 
 # Every row-wise dataset: path -> (one value per agent?, units, meaning). Row r of each holds
@@ -61,84 +70,308 @@ SERIES = {
     "centroid/stationarity": (
         False,
         "squared parameter units",
-        "||g(w_c)||^2, g the meta-gradient (eq. 4) at the centroid averaged over the fixed "
-        "stationarity tasks of every agent: an estimate of ||grad J(w_c)||^2 (Theorem 2) "
-        "biased upwards by the sampling variance over K x validation.stationarity_tasks tasks",
+        "<g_a, g_b>, g_a and g_b the meta-gradients (eq. 4) at the centroid w_c averaged over "
+        "two disjoint halves of the fixed stationarity tasks of every agent: an unbiased "
+        "estimate of ||grad J(w_c)||^2 (Theorem 2), negative when the true value lies below "
+        "the sampling noise",
+    ),
+    "centroid/stationarity_noise": (
+        False,
+        "squared parameter units",
+        "||g_a - g_b||^2 / 4: the sampling variance of the task-averaged meta-gradient, i.e. "
+        "how far below it centroid/stationarity cannot resolve",
     ),
     "centroid/disagreement": (
         False,
         "squared parameter units",
         "(1/K) sum_k ||w_k - w_c||^2 (Theorem 1)",
     ),
+    "comm/bytes": (
+        True,
+        "bytes",
+        "bytes of model data sent to other ranks for this agent's combination steps since the "
+        "previous row: its row of the rank block once per neighbour rank (neighbour backend), "
+        "its share of a bandwidth-optimal all-reduce, 2 (P - 1) / P x model bytes per rank "
+        "(centralized), 0 within one process",
+    ),
 }
 
 
-class RunWriter:
-    """Creates the run file and appends logged rows; `finish` makes it final."""
-
-    def __init__(self, path: Path, num_agents: int, attributes: dict[str, Any]) -> None:
-        self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.exists():
-                # A failed rerun must not leave the old results under the name of the new run.
-                os.replace(self.path, self.path.with_name(self.path.name + ".previous"))
-            self.file = h5py.File(self.partial, "w")
-        except OSError as error:
-            raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
-        self.rows = 0
-        for key, value in attributes.items():
-            self.file.attrs[key] = value
-        self.file.attrs["complete"] = False
-        iteration = self.file.create_dataset(
-            "time/iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,)
+def _create_layout(file: h5py.File, num_agents: int, attributes: dict[str, Any]) -> None:
+    """The root attributes and every empty row-wise dataset, with /time/iteration as scale."""
+    for key, value in attributes.items():
+        file.attrs[key] = value
+    file.attrs["complete"] = False
+    iteration = file.create_dataset(
+        "time/iteration", (0,), maxshape=(None,), dtype="i8", chunks=(256,)
+    )
+    iteration.attrs["units"] = "iterations"
+    iteration.attrs["description"] = "iteration index i of each logged row"
+    iteration.make_scale("iteration")
+    chunk_rows = max(1, min(256, 65536 // max(1, num_agents)))
+    for name, (per_agent, unit, meaning) in SERIES.items():
+        shape = (0, num_agents) if per_agent else (0,)
+        dataset = file.create_dataset(
+            name,
+            shape,
+            maxshape=(None, *shape[1:]),
+            dtype="f8",
+            chunks=(chunk_rows, num_agents) if per_agent else (256,),
         )
-        iteration.attrs["description"] = "iteration index i of each logged row"
-        iteration.make_scale("iteration")
-        chunk_rows = max(1, min(256, 65536 // max(1, num_agents)))
-        for name, (per_agent, unit, meaning) in SERIES.items():
-            shape = (0, num_agents) if per_agent else (0,)
-            dataset = self.file.create_dataset(
-                name,
-                shape,
-                maxshape=(None, *shape[1:]),
-                dtype="f8",
-                chunks=(chunk_rows, num_agents) if per_agent else (256,),
-            )
-            dataset.attrs["units"] = unit
-            dataset.attrs["description"] = meaning
-            dataset.dims[0].attach_scale(iteration)
-            dataset.dims[0].label = "iteration"
-            if per_agent:
-                dataset.dims[1].label = "agent"
+        dataset.attrs["units"] = unit
+        dataset.attrs["description"] = meaning
+        dataset.dims[0].attach_scale(iteration)
+        dataset.dims[0].label = "iteration"
+        if per_agent:
+            dataset.dims[1].label = "agent"
 
-    def write_array(self, name: str, data: np.ndarray, **attributes: Any) -> None:
-        """A whole dataset written once (topology, parameters)."""
-        dataset = self.file.create_dataset(name, data=data)
-        for key, value in attributes.items():
-            dataset.attrs[key] = value
 
-    def append(self, iteration: int, values: dict[str, float | np.ndarray]) -> None:
-        """One logged row: the iteration and a value (or [K] values) for every series."""
-        missing = SERIES.keys() - values.keys()
+def _prepare_path(path: Path) -> Path:
+    """Make the folder and move a finished file of the same name aside; returns the partial path."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            # A failed rerun must not leave the old results under the name of the new run.
+            os.replace(path, path.with_name(path.name + ".previous"))
+    except OSError as error:
+        raise DmetaError(f"cannot create output file {partial}: {error}") from None
+    return partial
+
+
+PER_AGENT = [name for name, (per_agent, _, _) in SERIES.items() if per_agent]
+SCALAR = [name for name, (per_agent, _, _) in SERIES.items() if not per_agent]
+
+
+class RowBuffer:
+    """Logged rows held in memory until the next flush: rank 0's scalars, a rank's agents."""
+
+    def __init__(self, num_local: int) -> None:
+        self.num_local = num_local
+        self.iterations: list[int] = []
+        self.scalars: list[list[float]] = []
+        self.agents: list[np.ndarray] = []
+
+    def add(self, iteration: int, scalars: dict[str, float], agents: dict[str, Any]) -> None:
+        missing = (set(SCALAR) - scalars.keys()) | (set(PER_AGENT) - agents.keys())
         if missing:
             raise ValueError(f"row of iteration {iteration} lacks {sorted(missing)}")
-        row = self.rows
-        self.rows += 1
-        for name, value in (("time/iteration", iteration), *values.items()):
-            dataset = self.file[name]
-            dataset.resize(self.rows, axis=0)
-            dataset[row] = value
-        self.file.flush()
+        self.iterations.append(iteration)
+        self.scalars.append([float(scalars[name]) for name in SCALAR])
+        self.agents.append(
+            np.stack([np.asarray(agents[name], dtype=np.float64) for name in PER_AGENT], axis=1)
+        )
+
+    def __len__(self) -> int:
+        return len(self.iterations)
+
+    def agent_block(self) -> np.ndarray:
+        """[local agents, rows, per-agent series]: agent-major, ready to gather by agent."""
+        return np.ascontiguousarray(np.stack(self.agents, axis=1))
+
+    def clear(self) -> None:
+        self.iterations, self.scalars, self.agents = [], [], []
+
+
+class RunWriter(Protocol):
+    """What the runner calls on every rank; `open_writer` picks the implementation."""
+
+    def append(self, iteration: int, scalars: dict[str, float], agents: dict[str, Any]) -> None:
+        """One logged row: rank 0's scalar series and this rank's per-agent values [local]."""
+
+    def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
+        """A dataset that every rank knows whole, written once (e.g. the combination matrix)."""
+
+    def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
+        """A dataset with one row per agent, each rank passing its own agents' rows."""
 
     def finish(self) -> None:
-        """Mark the run complete and move the file to its final name."""
-        self.file.attrs["complete"] = True
-        self.file.close()
-        os.replace(self.partial, self.path)
+        """Write what is buffered, mark the run complete and give the file its final name."""
 
     def abandon(self) -> None:
-        """Close after a failure; the `.partial` file stays for inspection, never as a result."""
-        if self.file.id.valid:
+        """Give up after a failure; the `.partial` file stays, never under the final name."""
+
+
+class _BufferedRows:
+    """Appending: rows go to a `RowBuffer` and are written out every `flush_every` rows."""
+
+    def __init__(self, num_local: int, flush_every: int) -> None:
+        self.buffer = RowBuffer(num_local)
+        self.flush_every = flush_every
+        self.rows = 0
+
+    def append(self, iteration: int, scalars: dict[str, float], agents: dict[str, Any]) -> None:
+        self.buffer.add(iteration, scalars, agents)
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered rows (a collective call)."""
+        if len(self.buffer):
+            self._write_rows(self.rows)
+            self.rows += len(self.buffer)
+            self.buffer.clear()
+
+    def _write_rows(self, start: int) -> None:
+        raise NotImplementedError
+
+
+def _extend(file: h5py.File, start: int, iterations: list[int], scalars: np.ndarray) -> None:
+    """Grow every series to `start + rows` rows; write the iterations and scalar series."""
+    rows = len(iterations)
+    file["time/iteration"].resize(start + rows, axis=0)
+    for name in PER_AGENT:
+        file[name].resize(start + rows, axis=0)
+    for name in SCALAR:
+        file[name].resize(start + rows, axis=0)
+    if scalars is not None:
+        file["time/iteration"][start:] = iterations
+        for column, name in enumerate(SCALAR):
+            file[name][start:] = scalars[:, column]
+
+
+class SerialWriter(_BufferedRows):
+    """Rank 0 writes with serial h5py; the other ranks send it their agents' rows."""
+
+    def __init__(
+        self,
+        path: Path,
+        collectives: Collectives,
+        num_agents: int,
+        num_local: int,
+        attributes: dict[str, Any],
+        flush_every: int,
+    ) -> None:
+        super().__init__(num_local, flush_every)
+        self.path = Path(path)
+        self.collectives = collectives
+        self.file: h5py.File | None = None
+        if collectives.rank == 0:
+            self.partial = _prepare_path(self.path)
+            try:
+                self.file = h5py.File(self.partial, "w")
+            except OSError as error:
+                raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
+            _create_layout(self.file, num_agents, attributes)
+
+    def _write_rows(self, start: int) -> None:
+        # All ranks synchronise here: one gather of every buffered per-agent value.
+        block = self.collectives.gather_rows(self.buffer.agent_block())
+        if self.file is not None:
+            _extend(self.file, start, self.buffer.iterations, np.array(self.buffer.scalars))
+            for column, name in enumerate(PER_AGENT):
+                self.file[name][start:] = block[:, :, column].T
+            self.file.flush()
+
+    def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
+        if self.file is not None:
+            dataset = self.file.create_dataset(name, data=data)
+            dataset.attrs.update(attributes)
+
+    def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
+        gathered = self.collectives.gather_rows(np.ascontiguousarray(rows))
+        self.write_global(name, gathered, **attributes)
+
+    def finish(self) -> None:
+        self.flush()
+        if self.file is not None:
+            self.file.attrs["complete"] = True
             self.file.close()
+            os.replace(self.partial, self.path)
+
+    def abandon(self) -> None:
+        if self.file is not None and self.file.id.valid:
+            self.file.close()
+
+
+class ParallelWriter(_BufferedRows):
+    """Every rank writes its own agents' columns into one file opened with the MPI-IO driver."""
+
+    def __init__(
+        self,
+        path: Path,
+        comm: Any,
+        layout: AgentLayout,
+        attributes: dict[str, Any],
+        flush_every: int,
+    ) -> None:
+        rank = comm.Get_rank()
+        super().__init__(int(layout.counts[rank]), flush_every)
+        self.path = Path(path)
+        self.comm = comm
+        self.rank = rank
+        first = int(layout.offsets[rank])
+        self.mine = slice(first, first + self.buffer.num_local)
+        error = None
+        if rank == 0:
+            try:
+                _prepare_path(self.path)
+            except DmetaError as caught:
+                error = str(caught)
+        # All ranks synchronise here: the old file is out of the way before anyone opens.
+        error = comm.bcast(error)
+        if error:
+            raise DmetaError(error)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.file = h5py.File(self.partial, "w", driver="mpio", comm=comm)
+        # Structural changes are collective: every rank makes the same calls in the same order.
+        _create_layout(self.file, layout.num_agents, attributes)
+
+    def _write_rows(self, start: int) -> None:
+        scalars = np.array(self.buffer.scalars) if self.rank == 0 else None
+        # All ranks synchronise here: resizing is collective; rank 0 writes the scalar series.
+        _extend(self.file, start, self.buffer.iterations, scalars)
+        block = self.buffer.agent_block()
+        for column, name in enumerate(PER_AGENT):
+            dataset = self.file[name]
+            with dataset.collective:
+                dataset[start:, self.mine] = block[:, :, column].T
+        self.file.flush()
+
+    def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
+        """A dataset known to every rank: created by all, its values written by rank 0."""
+        dataset = self.file.create_dataset(name, shape=data.shape, dtype=data.dtype)
+        dataset.attrs.update(attributes)
+        if self.rank == 0:
+            dataset[...] = data
+
+    def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
+        """One row per agent: created by all ranks, each rank writing its own rows."""
+        shape = (self.comm.allreduce(len(rows)), *rows.shape[1:])
+        dataset = self.file.create_dataset(name, shape=shape, dtype=rows.dtype)
+        dataset.attrs.update(attributes)
+        with dataset.collective:
+            dataset[self.mine] = rows
+
+    def finish(self) -> None:
+        self.flush()
+        self.file.attrs["complete"] = True
+        self.file.close()
+        # All ranks synchronise here: every rank has closed before rank 0 renames.
+        self.comm.Barrier()
+        if self.rank == 0:
+            os.replace(self.partial, self.path)
+
+    def abandon(self) -> None:
+        """Nothing: closing is collective, and the failing job is about to be aborted."""
+
+
+def parallel_hdf5_available() -> bool:
+    """Whether this h5py was built with MPI (needed by `ParallelWriter`)."""
+    return bool(h5py.get_config().mpi)
+
+
+def open_writer(
+    kind: str,
+    path: Path,
+    comm: Any,
+    collectives: Collectives,
+    layout: AgentLayout,
+    attributes: dict[str, Any],
+    flush_every: int,
+) -> RunWriter:
+    """The writer `kind` ("serial" or "parallel"); a collective call on every rank."""
+    if kind == "parallel":
+        return ParallelWriter(path, comm, layout, attributes, flush_every)
+    num_local = int(layout.counts[collectives.rank])
+    return SerialWriter(path, collectives, layout.num_agents, num_local, attributes, flush_every)

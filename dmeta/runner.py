@@ -36,8 +36,8 @@ from dmeta.config import Config
 from dmeta.errors import DmetaError
 from dmeta.meta import MAML
 from dmeta.models import build_mlp
-from dmeta.output import RunWriter
-from dmeta.tasks import SineTask
+from dmeta.output import open_writer, parallel_hdf5_available
+from dmeta.tasks import SineTask, TaskBatch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -108,6 +108,17 @@ def plan_run(config: Config, size: int, rank: int, local_rank: int, local_size: 
             f"runtime.backend = 'local' holds every agent in one process, but {size} ranks were "
             "launched: use runtime.backend=mpi (or auto), or run without mpiexec"
         )
+    if config.output.writer == "parallel":
+        if not parallel_hdf5_available():
+            raise DmetaError(
+                "output.writer = 'parallel' needs h5py built with MPI (h5py.get_config().mpi is "
+                "False here; see the README's parallel HDF5 section) or use output.writer=serial"
+            )
+        if backend != "mpi":
+            raise DmetaError(
+                "output.writer = 'parallel' needs the mpi backend: launch with mpiexec and "
+                "runtime.backend=mpi (or auto with more than one rank)"
+            )
     layout = AgentLayout(config.agents, size)
     matrix = strategy_matrix(config)
     report = topology.describe(matrix)
@@ -175,13 +186,18 @@ def run_attributes(
         "devices_per_rank": devices,
         "agent_counts_per_rank": plan.layout.counts,
         "agent_offsets_per_rank": plan.layout.offsets,
+        "stationarity_tasks_per_agent": plan.config.validation.stationarity_tasks,
+        "stationarity_tasks_total": plan.config.validation.stationarity_tasks * plan.config.agents,
+        "writer": plan.config.output.writer,
     }
     if plan.backend == "mpi":
         import mpi4py
         from mpi4py import MPI
 
         attributes["mpi4py_version"] = mpi4py.__version__
-        attributes["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip()
+        # Open MPI pads its version string with NUL bytes, which HDF5 strings cannot hold.
+        library = MPI.Get_library_version().replace("\x00", "")
+        attributes["mpi_library"] = library.strip().splitlines()[0].strip()
     return attributes
 
 
@@ -200,16 +216,18 @@ class Progress:
         if self.bar is not None:
             self.bar.update()
 
-    def row(self, iteration: int, metrics: dict[str, Any]) -> None:
+    def row(
+        self, iteration: int, mean_train: float, mean_validation: float, scalars: dict[str, float]
+    ) -> None:
+        """One line: network means over agents and the centroid's metrics."""
         if not self.enabled:
             return
-        train = metrics["metrics/train_loss"]
-        train_text = "-" if np.isnan(train).all() else f"{train.mean():.4f}"
+        train_text = "-" if math.isnan(mean_train) else f"{mean_train:.4f}"
         line = (
-            f"iteration {iteration:>7d}  train {train_text:>7}  "
-            f"val {metrics['metrics/val_loss'].mean():.4f}  "
-            f"centroid val {metrics['centroid/val_loss']:.4f}  "
-            f"disagreement {metrics['centroid/disagreement']:.3e}"
+            f"iteration {iteration:>7d}  train {train_text:>7}  val {mean_validation:.4f}  "
+            f"centroid val {scalars['centroid/val_loss']:.4f}  "
+            f"disagreement {scalars['centroid/disagreement']:.3e}  "
+            f"stationarity {scalars['centroid/stationarity']:.3e}"
         )
         if self.bar is not None:
             self.bar.write(line)
@@ -234,6 +252,7 @@ class RowWindow:
         self.gradient_norm = torch.full_like(self.train_sum, math.nan)
         self.steps = 0
         self.comm_seconds = 0.0
+        self.comm_bytes = 0.0
         self.started = now
 
     def add(self, losses: torch.Tensor, gradients: torch.Tensor) -> None:
@@ -250,7 +269,7 @@ class RowWindow:
 
 
 def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True) -> None:
-    """Run Algorithm 1 (Dif-MAML) or a baseline and write the run file on rank 0.
+    """Run Algorithm 1 (Dif-MAML) or a baseline and write the run file.
 
     `comm` is the MPI communicator of the run, or None for the local backend.
     """
@@ -261,7 +280,7 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     dtype = DTYPES[config.runtime.dtype]
     device = plan.device
     if comm is None:
-        collectives: Collectives = SerialCollectives()
+        collectives: Collectives = SerialCollectives(config.agents)
         size = 1
     else:
         collectives = MPICollectives(comm, plan.layout)
@@ -283,32 +302,48 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     stationarity_tasks = task.sample(
         agents, 0, config.validation.stationarity_tasks, stream=rng.STREAM_STATIONARITY
     )
+    half = config.validation.stationarity_tasks // 2
+    stationarity_halves = [
+        TaskBatch(*(part[:, :half] for part in stationarity_tasks)),
+        TaskBatch(*(part[:, half:] for part in stationarity_tasks)),
+    ]
     combiner = build_combiner(plan, comm, collectives, dtype)
 
     launch_models = model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
     launch_models.requires_grad_(True)
     optimizer = build_optimizer(plan, launch_models)
 
-    # All ranks synchronise here: rank 0 learns where every rank runs, for the run file.
+    # All ranks synchronise here: every rank learns where the others run, for the run file.
     hosts = collectives.allgather_object(platform.node())
     devices = collectives.allgather_object(str(device))
-    writer = None
-    if rank == 0:
-        attributes = run_attributes(plan, size, hosts, devices)
-        writer = RunWriter(out_path, config.agents, attributes)
-        writer.write_array(
+    attributes = collectives.allgather_object(
+        run_attributes(plan, size, hosts, devices) if rank == 0 else None
+    )[0]
+    writer = open_writer(
+        config.output.writer,
+        out_path,
+        comm,
+        collectives,
+        plan.layout,
+        attributes,
+        config.output.flush_every,
+    )
+    try:
+        writer.write_global(
             "topology/A",
             plan.matrix,
             lambda2=plan.report.lambda2,
             doubly_stochastic=plan.report.doubly_stochastic,
             description="a[l, k]: weight agent k gives agent l; columns sum to one",
         )
-    try:
-        initial = collectives.gather_rows(launch_models.detach().cpu().numpy())
-        if writer is not None:
-            writer.write_array("params/initial", initial, description="launch models w_{k,0}")
+        writer.write_agents(
+            "params/initial",
+            launch_models.detach().cpu().numpy(),
+            description="launch models w_{k,0}",
+        )
         progress = Progress(config.iterations, enabled=rank == 0 and show_progress)
         window = RowWindow(len(agents), device)
+        model_bytes = launch_models.shape[1] * launch_models.element_size()
         start = time.perf_counter()
 
         def combine_in_place() -> None:
@@ -316,49 +351,68 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
             with torch.no_grad():
                 launch_models.copy_(combiner(launch_models.detach()))
             window.comm_seconds += time.perf_counter() - began
+            window.comm_bytes += combiner.bytes_per_agent(model_bytes)
 
         def log_row(iteration: int) -> None:
             models = launch_models.detach()
-            # All ranks synchronise here: one all-reduce for the centroid, one gather per row.
+            # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
             centroid = collectives.allreduce_sum(models.sum(dim=0)) / config.agents
             with torch.no_grad():
                 validation = learner.adapted_losses(models, validation_tasks, validation_steps)
-            local = torch.stack(
-                [
-                    window.mean_train_loss(),
-                    validation.to(torch.float64),
-                    disagreement(models, centroid).to(torch.float64),
-                    window.gradient_norm,
-                ],
-                dim=1,
+            spread = disagreement(models, centroid)
+            train = window.mean_train_loss()
+            expanded = centroid.expand(len(agents), -1)
+            first_half, _ = learner.meta_gradients(expanded, stationarity_halves[0])
+            second_half, _ = learner.meta_gradients(expanded, stationarity_halves[1])
+            # All ranks synchronise here (2 of 2): network sums of both half-gradients and of
+            # the per-agent metrics the progress line and /centroid/disagreement need.
+            sums = collectives.allreduce_sum(
+                torch.cat(
+                    [
+                        first_half.sum(dim=0).to(torch.float64),
+                        second_half.sum(dim=0).to(torch.float64),
+                        torch.stack([spread.sum(), train.sum(), validation.sum()]).to(
+                            torch.float64
+                        ),
+                    ]
+                )
             )
-            rows = collectives.gather_rows(local.cpu().numpy())
-            # The network meta-gradient at the centroid: each rank sums its agents' share.
-            centroid_gradients, _ = learner.meta_gradients(
-                centroid.expand(len(agents), -1), stationarity_tasks
-            )
-            network_gradient = collectives.allreduce_sum(centroid_gradients.sum(dim=0))
-            stationarity = float((network_gradient / config.agents).square().sum())
-            if writer is not None:
+            num_params = centroid.shape[0]
+            gradient_a = sums[:num_params] / config.agents
+            gradient_b = sums[num_params : 2 * num_params] / config.agents
+            mean_disagreement, mean_train, mean_validation = (
+                sums[2 * num_params :] / config.agents
+            ).tolist()
+            scalars = {
+                "centroid/disagreement": mean_disagreement,
+                "centroid/stationarity": float(gradient_a @ gradient_b),
+                "centroid/stationarity_noise": float((gradient_a - gradient_b).square().sum() / 4),
+            }
+            if rank == 0:
                 with torch.no_grad():
                     centroid_validation = learner.adapted_losses(
                         centroid[None], validation_tasks, validation_steps
                     )
                 wall = time.perf_counter() - start
-                values = {
+                scalars |= {
                     "time/wall": wall,
                     "time/comm": window.comm_seconds,
                     "time/compute": wall - window.started - window.comm_seconds,
-                    "metrics/train_loss": rows[:, 0],
-                    "metrics/val_loss": rows[:, 1],
-                    "metrics/disagreement": rows[:, 2],
-                    "metrics/grad_norm": rows[:, 3],
                     "centroid/val_loss": float(centroid_validation[0]),
-                    "centroid/disagreement": float(rows[:, 2].mean()),
-                    "centroid/stationarity": stationarity,
                 }
-                writer.append(iteration, values)
-                progress.row(iteration, values)
+                progress.row(iteration, mean_train, mean_validation, scalars)
+            else:
+                scalars |= dict.fromkeys(
+                    ("time/wall", "time/comm", "time/compute", "centroid/val_loss"), math.nan
+                )
+            per_agent = {
+                "metrics/train_loss": train,
+                "metrics/val_loss": validation,
+                "metrics/disagreement": spread,
+                "metrics/grad_norm": window.gradient_norm,
+                "comm/bytes": torch.full_like(train, window.comm_bytes),
+            }
+            writer.append(iteration, scalars, {k: v.cpu().numpy() for k, v in per_agent.items()})
             window.reset(time.perf_counter() - start)
 
         log_row(0)
@@ -376,13 +430,12 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
             if iteration % config.log_every == 0 or iteration == config.iterations:
                 log_row(iteration)
         progress.close()
-        final = collectives.gather_rows(launch_models.detach().cpu().numpy())
-        if writer is not None:
-            writer.write_array(
-                "params/final", final, description="launch models after the last iteration"
-            )
-            writer.finish()
+        writer.write_agents(
+            "params/final",
+            launch_models.detach().cpu().numpy(),
+            description="launch models after the last iteration",
+        )
+        writer.finish()
     except BaseException:
-        if writer is not None:
-            writer.abandon()
+        writer.abandon()
         raise

@@ -12,6 +12,7 @@ from conftest import run_local, small_config
 
 from dmeta import rng
 from dmeta.config import Config, config_from_json
+from dmeta.errors import DmetaError
 
 
 def test_local_run_is_reproducible(tmp_path) -> None:
@@ -156,20 +157,40 @@ def test_run_file_says_where_and_with_what_it_ran(tmp_path) -> None:
             assert key in f.attrs
 
 
-def test_centroid_stationarity_is_the_squared_network_meta_gradient(tmp_path) -> None:
+def test_centroid_stationarity_pairs_two_halves_of_the_network_meta_gradient(tmp_path) -> None:
     from dmeta.meta import MAML
     from dmeta.models import build_mlp
-    from dmeta.tasks import SineTask
+    from dmeta.tasks import SineTask, TaskBatch
 
-    config = small_config("runtime.dtype=float64", "iterations=4")
+    config = small_config(
+        "runtime.dtype=float64", "iterations=4", "validation.stationarity_tasks=6"
+    )
     data = run_local(config, tmp_path / "r.h5")
     task = SineTask(config.task, config.agents, config.seed, torch.float64, torch.device("cpu"))
     model = build_mlp(config.model, 1, 1)
     learner = MAML(model.forward, task.loss, config.learner.inner_lr, 1, first_order=False)
     agents = torch.arange(config.agents)
-    tasks = task.sample(agents, 0, config.validation.stationarity_tasks, rng.STREAM_STATIONARITY)
-    centroid = torch.as_tensor(data["params/final"]).mean(dim=0)
-    gradients, _ = learner.meta_gradients(centroid.expand(config.agents, -1), tasks)
-    expected = float(gradients.mean(dim=0).square().sum())
-    assert data["centroid/stationarity"][-1] == pytest.approx(expected, rel=1e-10)
+    tasks = task.sample(agents, 0, 6, rng.STREAM_STATIONARITY)
+    centroid = torch.as_tensor(data["params/final"]).mean(dim=0).expand(config.agents, -1)
+    # One task at a time: the network mean over agents of each half's tasks.
+    per_task = torch.stack(
+        [
+            learner.meta_gradients(centroid, TaskBatch(*(p[:, t : t + 1] for p in tasks)))[0]
+            for t in range(6)
+        ],
+        dim=1,
+    )
+    first, second = per_task[:, :3].mean(dim=(0, 1)), per_task[:, 3:].mean(dim=(0, 1))
+    assert data["centroid/stationarity"][-1] == pytest.approx(float(first @ second), rel=1e-10)
+    noise = float((first - second).square().sum()) / 4
+    assert data["centroid/stationarity_noise"][-1] == pytest.approx(noise, rel=1e-10)
+    # Together they are the plain squared norm of the mean over all tasks.
+    whole = float(per_task.mean(dim=(0, 1)).square().sum())
+    total = data["centroid/stationarity"][-1] + data["centroid/stationarity_noise"][-1]
+    assert total == pytest.approx(whole, rel=1e-10)
     assert data["centroid/stationarity"].shape == (2,)
+
+
+def test_config_rejects_an_odd_number_of_stationarity_tasks() -> None:
+    with pytest.raises(DmetaError, match="stationarity_tasks = 5 must be even"):
+        small_config("validation.stationarity_tasks=5")

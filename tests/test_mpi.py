@@ -70,26 +70,46 @@ def test_allreduce_combination_equals_average(comm) -> None:
     torch.testing.assert_close(combined, uniform(states)[mine], rtol=1e-13, atol=1e-13)
 
 
+def _run_here_and_locally(comm, config, *extra: str):
+    """Run `config` on these ranks; rank 0 also runs it in-process. Returns rank 0's files."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    folder = Path(comm.bcast(tempfile.mkdtemp() if rank == 0 else None))
+    execute(plan_run(config, size, rank, rank, size), comm, folder / "mpi.h5", show_progress=False)
+    comm.Barrier()
+    if rank != 0:
+        return None, None
+    return read_datasets(folder / "mpi.h5"), run_local(config, folder / "local.h5")
+
+
+def _verdict(comm, check) -> None:
+    """Rank 0 runs `check`; every rank reports its verdict, so no rank is left in a test."""
+    problem = None
+    if comm.Get_rank() == 0:
+        try:
+            check()
+        except AssertionError as error:
+            problem = str(error)
+    problem = comm.bcast(problem)
+    assert problem is None, problem
+
+
+def _diffusion_config(*extra: str):
+    return small_config(
+        "graph.topology=erdos_renyi",
+        "graph.edge_probability=0.4",
+        "graph.rule=metropolis",
+        *extra,
+    )
+
+
 @pytest.mark.parametrize("strategy", ["atc", "cta", "centralized", "noncooperative"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
     """Point 6 of the engine issue: 7 agents, which neither 2 nor 4 ranks divide."""
-    config = small_config(
-        f"strategy={strategy}",
-        f"runtime.dtype={dtype}",
-        "graph.topology=erdos_renyi",
-        "graph.edge_probability=0.4",
-        "graph.rule=metropolis",
-    )
-    rank, size = comm.Get_rank(), comm.Get_size()
-    folder = comm.bcast(tempfile.mkdtemp() if rank == 0 else None)
-    mpi_file = Path(folder) / "mpi.h5"
-    execute(plan_run(config, size, rank, rank, size), comm, mpi_file, show_progress=False)
-    comm.Barrier()
-    problem = None
-    if rank == 0:
-        local = run_local(config, Path(folder) / "local.h5")
-        parallel = read_datasets(mpi_file)
+    config = _diffusion_config(f"strategy={strategy}", f"runtime.dtype={dtype}")
+    parallel, local = _run_here_and_locally(comm, config)
+
+    def check() -> None:
         # Relative to each array's scale: reductions over ranks round differently.
         tolerance = 1e-6 if dtype == "float32" else 1e-12
         names = (
@@ -98,27 +118,90 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
             "metrics/grad_norm",
             "centroid/val_loss",
             "centroid/stationarity",
+            "centroid/stationarity_noise",
             "params/final",
             "params/initial",
             "topology/A",
         )
-        try:
-            for name in names:
-                np.testing.assert_allclose(
-                    parallel[name],
-                    local[name],
-                    rtol=tolerance,
-                    err_msg=name,
-                    atol=tolerance * np.nanmax(np.abs(local[name])),
-                )
+        for name in names:
             np.testing.assert_allclose(
-                parallel["metrics/disagreement"],
-                local["metrics/disagreement"],
+                parallel[name],
+                local[name],
+                rtol=tolerance,
+                err_msg=name,
+                atol=tolerance * np.nanmax(np.abs(local[name])),
+            )
+        for name in ("metrics/disagreement", "centroid/disagreement"):
+            np.testing.assert_allclose(
+                parallel[name],
+                local[name],
                 rtol=1e-4 if dtype == "float32" else 1e-10,
                 atol=1e-9,
+                err_msg=name,
             )
-        except AssertionError as error:
-            problem = str(error)
-    # Every rank reports rank 0's verdict, so a failure cannot leave ranks in different tests.
-    problem = comm.bcast(problem)
-    assert problem is None, problem
+
+    _verdict(comm, check)
+
+
+@pytest.mark.parametrize("strategy", ["atc", "centralized", "noncooperative"])
+def test_comm_bytes_count_what_each_rank_sends(comm, strategy) -> None:
+    config = _diffusion_config(f"strategy={strategy}", "runtime.dtype=float64")
+    parallel, local = _run_here_and_locally(comm, config)
+    size = comm.Get_size()
+
+    def check() -> None:
+        model_bytes = parallel["params/final"].shape[1] * 8
+        layout = AgentLayout(config.agents, size)
+        owner = np.array([layout.owner(k) for k in range(config.agents)])
+        if strategy == "atc":
+            # Rank r sends to rank s when some agent of s listens to some agent of r.
+            support = parallel["topology/A"] > 0
+            sends = support & (owner[:, None] != owner[None, :])
+            destinations = [
+                len(set(owner[np.flatnonzero(sends[owner == r].any(axis=0))])) for r in range(size)
+            ]
+            per_iteration = model_bytes * np.array(destinations)[owner]
+        elif strategy == "centralized":
+            per_iteration = 2 * (size - 1) / size * model_bytes / layout.counts[owner]
+        else:
+            per_iteration = np.zeros(config.agents)
+        iterations = np.diff(parallel["time/iteration"], prepend=0)
+        np.testing.assert_allclose(parallel["comm/bytes"], iterations[:, None] * per_iteration)
+        np.testing.assert_array_equal(local["comm/bytes"], 0.0)
+
+    _verdict(comm, check)
+
+
+def test_parallel_writer_writes_the_serial_writers_file(comm) -> None:
+    from dmeta.output import parallel_hdf5_available
+
+    if not parallel_hdf5_available():
+        pytest.skip("h5py is built without MPI (h5py.get_config().mpi is False): no mpio driver")
+    rank, size = comm.Get_rank(), comm.Get_size()
+    folder = Path(comm.bcast(tempfile.mkdtemp() if rank == 0 else None))
+    for writer in ("serial", "parallel"):
+        config = _diffusion_config(
+            "runtime.dtype=float64", f"output.writer={writer}", "output.flush_every=2"
+        )
+        plan = plan_run(config, size, rank, rank, size)
+        execute(plan, comm, folder / f"{writer}.h5", show_progress=False)
+    comm.Barrier()
+
+    def check() -> None:
+        import h5py
+
+        serial, parallel = (
+            read_datasets(folder / "serial.h5"),
+            read_datasets(folder / "parallel.h5"),
+        )
+        assert serial.keys() == parallel.keys()
+        for name in serial:
+            if not name.startswith("time/") or name == "time/iteration":
+                np.testing.assert_array_equal(parallel[name], serial[name], err_msg=name)
+        with h5py.File(folder / "serial.h5") as a, h5py.File(folder / "parallel.h5") as b:
+            assert set(a.attrs) == set(b.attrs)
+            assert b.attrs["complete"] and b.attrs["writer"] == "parallel"
+            for name in serial:
+                assert set(a[name].attrs.keys()) == set(b[name].attrs.keys()), name
+
+    _verdict(comm, check)
