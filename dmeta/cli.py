@@ -37,6 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="HDF5 output file (default: runs/<config name>.h5)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
 
+    sweep = commands.add_parser(
+        "sweep", help="run a job several times with config keys varied (see dmeta/sweep.py)"
+    )
+    sweep.add_argument("sweep", help="sweep file (TOML): base = JOB.toml and a [vary] table")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--out-dir", help="folder of the run files (default: runs/<sweep name>)")
+    sweep.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (default 1)")
+    sweep.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    sweep.add_argument("--launcher", default="mpiexec", help="MPI launcher when --ranks > 1")
+
     graph = commands.add_parser("graph", help="describe a config's graph and combination matrix")
     graph.add_argument("config")
     graph.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -126,6 +136,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from dmeta.sweep import load_sweep, run_sweep
+
+    if args.ranks < 1 or args.parallel < 1:
+        raise DmetaError("--ranks and --parallel must be at least 1")
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    base, runs = load_sweep(args.sweep, out_dir, args.overrides)
+    print(
+        f"sweep: {len(runs)} runs of {base}, {args.parallel} at a time, {args.ranks} rank(s) each"
+    )
+    failed = run_sweep(base, runs, args.ranks, args.parallel, args.launcher)
+    if failed:
+        raise DmetaError(f"{failed} of {len(runs)} runs failed (their errors are above)")
+    return 0
+
+
 def _abort(world: Any, code: int) -> None:
     """End every rank of the job now (other ranks may be blocked in a collective)."""
     if world.Get_size() > 1:
@@ -151,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "graph":
             _graph(args)
         elif args.command == "config":

@@ -139,8 +139,10 @@ class Config:
     strategy: Strategy = "atc"
     seed: int = 0
     iterations: int = 10000
-    # Metrics (training loss, validation, disagreement) are logged every this many iterations.
+    # Metrics (training loss, validation, disagreement) are logged every this many iterations,
     log_every: int = 200
+    # and also at every iteration up to this one, to resolve the transient (Theorem 1).
+    log_every_iteration_until: int = 0
     graph: GraphConfig = field(default_factory=GraphConfig)
     task: SineTaskConfig = field(default_factory=SineTaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -253,6 +255,7 @@ def _check(config: Config) -> None:
         "learner.inner_lr": config.learner.inner_lr,
         "validation.inner_steps": config.validation.inner_steps,
         "runtime.threads": config.runtime.threads,
+        "log_every_iteration_until": config.log_every_iteration_until,
         "graph.grid_rows": config.graph.grid_rows,
     }
     for key, value in non_negative.items():

@@ -427,7 +427,11 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
                 combine_in_place()
             window.add(losses, gradients)
             progress.advance()
-            if iteration % config.log_every == 0 or iteration == config.iterations:
+            if (
+                iteration % config.log_every == 0
+                or iteration <= config.log_every_iteration_until
+                or iteration == config.iterations
+            ):
                 log_row(iteration)
         progress.close()
         writer.write_agents(

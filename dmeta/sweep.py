@@ -1,0 +1,119 @@
+"""`dmeta sweep`: run one job file several times with some config keys varied, one file each.
+
+A sweep file (TOML) names its base job and the values to vary; the lists are zipped, so run i
+takes the i-th value of every key:
+
+    base = "theorems.toml"                      # relative to the sweep file
+    [vary]
+    "optimizer.lr" = [0.001, 0.00316, 0.01]
+    iterations = [6000, 1900, 600]
+
+Each run is a `dmeta run` subprocess (under `mpiexec -n RANKS` when asked), so runs are as
+independent as on a cluster; `parallel` of them run at once. Every run is checked before the
+first one starts, so a bad value fails the sweep at once with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from dmeta.config import load_config
+from dmeta.errors import DmetaError
+
+
+@dataclass
+class SweepRun:
+    """One member of a sweep: its overrides and its run file."""
+
+    label: str
+    overrides: list[str]
+    out: Path
+
+
+def load_sweep(
+    path: str | Path, out_dir: Path | None, extra: list[str]
+) -> tuple[Path, list[SweepRun]]:
+    """The base job file and the runs of the sweep file at `path`, each config checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DmetaError(f"sweep file {path} does not exist")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise DmetaError(f"sweep file {path} is not valid TOML: {error}") from None
+    unknown = table.keys() - {"base", "vary"}
+    if unknown:
+        raise DmetaError(f"sweep file {path}: unknown keys {sorted(unknown)}; use base and [vary]")
+    if not isinstance(table.get("base"), str):
+        raise DmetaError(f'sweep file {path}: base = "JOB.toml" (the job to vary) is missing')
+    base = path.parent / table["base"]
+    vary = table.get("vary")
+    if not isinstance(vary, dict) or not vary:
+        raise DmetaError(f"sweep file {path}: [vary] must give at least one KEY = [values]")
+    lengths = {key: len(values) if isinstance(values, list) else -1 for key, values in vary.items()}
+    if min(lengths.values()) < 1 or len(set(lengths.values())) > 1:
+        raise DmetaError(
+            f"sweep file {path}: every [vary] key needs a non-empty list, all of one length "
+            f"(got {lengths})"
+        )
+    out_dir = out_dir or Path("runs") / path.stem
+    first_key = next(iter(vary))
+    runs = []
+    for index in range(next(iter(lengths.values()))):
+        overrides = [f"{key}={_toml_value(values[index])}" for key, values in vary.items()]
+        load_config(base, [*extra, *overrides])  # every run is checked before any starts
+        label = f"{first_key.rsplit('.', 1)[-1]}={vary[first_key][index]}"
+        name = f"{index:02d}_{label.replace('=', '')}.h5"
+        runs.append(SweepRun(label, [*extra, *overrides], out_dir / name))
+    return base, runs
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value in `--set` form."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launcher: str) -> int:
+    """Run every member, `parallel` at a time; returns the number that failed."""
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // (parallel * max(1, ranks)))
+    prefix = []
+    if ranks > 1:
+        mpiexec = shutil.which(launcher) or str(Path(sys.executable).parent / launcher)
+        prefix = [mpiexec, "-n", str(ranks)]
+
+    def one(run: SweepRun) -> tuple[SweepRun, int, float, str]:
+        config = load_config(base, run.overrides)
+        overrides = list(run.overrides)
+        if config.runtime.threads == 0:  # share the cores among the runs of the sweep
+            overrides.append(f"runtime.threads={threads}")
+        command = [*prefix, sys.executable, "-m", "dmeta.cli", "run", str(base), "--quiet"]
+        command += [item for o in overrides for item in ("--set", o)]
+        command += ["--out", str(run.out)]
+        began = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True)
+        return run, result.returncode, time.perf_counter() - began, result.stderr
+
+    failed = 0
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        for number, (run, code, seconds, stderr) in enumerate(pool.map(one, runs), start=1):
+            if code == 0:
+                print(f"run {number}/{len(runs)} {run.label}: {seconds:.1f} s -> {run.out}")
+            else:
+                failed += 1
+                last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {code}"
+                print(f"run {number}/{len(runs)} {run.label}: FAILED ({last})", file=sys.stderr)
+            sys.stdout.flush()
+    return failed
