@@ -35,6 +35,18 @@ class Run:
     iteration: np.ndarray  # [T] logged iteration indices
     wall: np.ndarray  # [T] wall-clock seconds
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T, K]
+    series: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. centroid/... -> [T]
+    lambda2: float | None = None  # mixing rate of the combination matrix (/topology/A)
+
+    @property
+    def step_size(self) -> float:
+        """mu, the outer step size (optimizer.lr)."""
+        return float(self.config.get("optimizer", {}).get("lr", float("nan")))
+
+    @property
+    def optimizer(self) -> str:
+        """The outer optimizer's name (the theorems assume sgd)."""
+        return str(self.config.get("optimizer", {}).get("name", ""))
 
     @property
     def agents(self) -> int:
@@ -81,7 +93,13 @@ def _attribute_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _load(file: h5py.File, path: str, metrics: tuple[str, ...], allow_partial: bool) -> Run:
+def _load(
+    file: h5py.File,
+    path: str,
+    metrics: tuple[str, ...],
+    series: tuple[str, ...],
+    allow_partial: bool,
+) -> Run:
     """Build a `Run` from an open file (see `open_run`)."""
     complete = bool(file.attrs.get("complete", False))
     if not complete and not allow_partial:
@@ -104,10 +122,18 @@ def _load(file: h5py.File, path: str, metrics: tuple[str, ...], allow_partial: b
     for name, array in arrays.items():
         if array.ndim != 2:
             raise RunFileError(f"{path}: /metrics/{name} has shape {array.shape}, not [T, K]")
+    columns = {name: _read_dataset(file, path, name) for name in series}
+    for name, array in columns.items():
+        if array.ndim != 1:
+            raise RunFileError(f"{path}: /{name} has shape {array.shape}, not [T]")
+    lambda2 = None
+    if "topology/A" in file and "lambda2" in file["topology/A"].attrs:
+        lambda2 = float(file["topology/A"].attrs["lambda2"])
 
     # A killed run may stop between resizing one dataset and the next: cut to the common rows.
-    rows = min([len(iteration), len(wall), *(len(a) for a in arrays.values())])
-    lengths = {len(iteration), len(wall), *(len(a) for a in arrays.values())}
+    every = [iteration, wall, *arrays.values(), *columns.values()]
+    rows = min(len(a) for a in every)
+    lengths = {len(a) for a in every}
     if len(lengths) > 1 and complete:
         raise RunFileError(f"{path}: datasets disagree on the number of rows ({sorted(lengths)})")
     if rows == 0:
@@ -120,6 +146,8 @@ def _load(file: h5py.File, path: str, metrics: tuple[str, ...], allow_partial: b
         iteration=iteration[:rows],
         wall=wall[:rows],
         metrics={name: np.asarray(a[:rows], dtype=float) for name, a in arrays.items()},
+        series={name: np.asarray(a[:rows], dtype=float) for name, a in columns.items()},
+        lambda2=lambda2,
     )
 
 
@@ -127,9 +155,11 @@ def open_run(
     path: str | os.PathLike[str],
     *,
     metrics: tuple[str, ...] = METRICS,
+    series: tuple[str, ...] = (),
     allow_partial: bool = False,
 ) -> Run:
-    """Load a run file: config, strategy, /time and the requested /metrics datasets.
+    """Load a run file: config, strategy, /time, the requested /metrics datasets ([T, K]) and
+    row-wise `series` given by full path (e.g. "centroid/disagreement", [T]).
 
     A run whose root attribute `complete` is not True (a `.partial` file) is refused unless
     `allow_partial`; it is then cut to the rows that every loaded dataset holds.
@@ -141,7 +171,7 @@ def open_run(
         raise RunFileError(f"{path}: not a regular file")
     try:
         with h5py.File(path, "r") as file:
-            return _load(file, path, metrics, allow_partial)
+            return _load(file, path, metrics, series, allow_partial)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RunFileError(f"{path}: not an HDF5 file or corrupt ({reason})") from None
