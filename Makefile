@@ -10,7 +10,7 @@ MPI_TIMEOUT := timeout --signal=KILL 600
 RUNS := runs
 STRATEGIES := atc centralized noncooperative
 
-.PHONY: install run test lint figure clean
+.PHONY: install run test lint figure theorems clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ figure: $(STAMP)
 	done
 	$(BIN)/python analysis/fig1b.py $(addprefix $(RUNS)/sine40_,$(addsuffix .h5,$(STRATEGIES))) \
 	  --last 5 --out docs/fig1b.png
+
+# Theorems 1 and 2 on the mu-sweep (about 1 minute on 2 cores); see README.
+theorems: $(STAMP)
+	$(BIN)/dmeta sweep jobs/theorems_mu_sweep.toml --parallel 2 --out-dir $(RUNS)/theorems_mu_sweep
+	$(BIN)/python analysis/theorem1.py '$(RUNS)/theorems_mu_sweep/*.h5' --out docs/theorem1.png
+	$(BIN)/python analysis/theorem2.py '$(RUNS)/theorems_mu_sweep/*.h5' --out docs/theorem2.png
 
 clean:
 	rm -rf $(VENV) $(RUNS) *.egg-info

@@ -20,7 +20,7 @@ from collections import Counter
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from runfile import Run, RunFileError, expand_paths, open_run
+from runfile import Run, RunFileError, figure_path, load_runs
 
 PROG = "fig1b"
 
@@ -121,17 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     """Plot Fig. 1b and print the table; 2 on a bad input file."""
     args = parse_args(argv)
     try:
-        paths = expand_paths(args.runs)
-        runs = [
-            open_run(path, metrics=("val_loss",), allow_partial=args.allow_partial)
-            for path in paths
-        ]
+        runs = load_runs(args.runs, metrics=("val_loss",), allow_partial=args.allow_partial)
         finals = [final_loss(run, args.last) for run in runs]
     except RunFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     names = labels(runs)
-    out = args.out or os.path.join(os.path.dirname(paths[0]), "fig1b.png")
+    out = figure_path(args.out, runs, "fig1b.png")
     try:
         plot(runs, names, out, args.title, args.log)
     except OSError as error:

@@ -175,3 +175,22 @@ def open_run(
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RunFileError(f"{path}: not an HDF5 file or corrupt ({reason})") from None
+
+
+def load_runs(
+    patterns: list[str],
+    *,
+    metrics: tuple[str, ...] = METRICS,
+    series: tuple[str, ...] = (),
+    allow_partial: bool = False,
+) -> list[Run]:
+    """`open_run` on every file the paths and globs name, in order."""
+    return [
+        open_run(path, metrics=metrics, series=series, allow_partial=allow_partial)
+        for path in expand_paths(patterns)
+    ]
+
+
+def figure_path(requested: str | None, runs: list[Run], name: str) -> str:
+    """The figure file: the one requested, else `name` next to the first run."""
+    return requested or os.path.join(os.path.dirname(runs[0].path) or ".", name)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from runfile import Run, RunFileError, expand_paths, open_run
+from runfile import Run, RunFileError, figure_path, load_runs
 from theory import LineFit, fit_line, fit_power_law, steady_rows, verdict
 
 PROG = "theorem1"
@@ -204,16 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: analyse, print the table, write the figure."""
     args = parse_args(argv)
     try:
-        paths = expand_paths(args.runs)
-        runs = [
-            open_run(
-                path,
-                metrics=("grad_norm",),
-                series=("centroid/disagreement",),
-                allow_partial=args.allow_partial,
-            )
-            for path in paths
-        ]
+        runs = load_runs(
+            args.runs,
+            metrics=("grad_norm",),
+            series=("centroid/disagreement",),
+            allow_partial=args.allow_partial,
+        )
         results = [analyse(run, args.steady_fraction, args.agreement_factor) for run in runs]
     except RunFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -221,8 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: r.run.step_size)
     fits = sweep_fits(results)
     print(table(results, fits))
-    out = args.out or os.path.join(os.path.dirname(paths[0]) or ".", "theorem1.png")
-    plot(results, fits, out)
+    out = figure_path(args.out, runs, "theorem1.png")
+    try:
+        plot(results, fits, out)
+    except OSError as error:
+        print(f"{PROG}: error: cannot write {out}: {error}", file=sys.stderr)
+        return 2
     print(f"figure: {out}")
     if args.check:
         slope_ok = fits is None or SLOPE_RANGE[0] <= fits[0].slope <= SLOPE_RANGE[1]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from runfile import Run, RunFileError, expand_paths, open_run
+from runfile import Run, RunFileError, figure_path, load_runs
 from theory import LineFit, fit_power_law, moving_average, verdict
 
 PROG = "theorem2"
@@ -165,24 +165,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: analyse, print the table, write the figure."""
     args = parse_args(argv)
     try:
-        paths = expand_paths(args.runs)
-        runs = [
-            open_run(
-                path,
-                metrics=(),
-                series=("centroid/stationarity", "centroid/stationarity_noise"),
-                allow_partial=args.allow_partial,
-            )
-            for path in paths
-        ]
+        runs = load_runs(
+            args.runs,
+            metrics=(),
+            series=("centroid/stationarity", "centroid/stationarity_noise"),
+            allow_partial=args.allow_partial,
+        )
     except RunFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     results = sorted((analyse(run, args.window) for run in runs), key=lambda r: r.run.step_size)
     fit = sweep_fit(results)
     print(table(results, fit))
-    out = args.out or os.path.join(os.path.dirname(paths[0]) or ".", "theorem2.png")
-    plot(results, fit, out)
+    out = figure_path(args.out, runs, "theorem2.png")
+    try:
+        plot(results, fit, out)
+    except OSError as error:
+        print(f"{PROG}: error: cannot write {out}: {error}", file=sys.stderr)
+        return 2
     print(f"figure: {out}")
     if args.check and (fit is None or fit.slope <= 0):
         return 1

@@ -278,20 +278,24 @@ def _check(config: Config) -> None:
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """The TOML table in the file at `path`; DmetaError naming `what` and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DmetaError(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise DmetaError(f"{what} {path} is not valid TOML: {error}") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """The defaults, then the job file at `path` (TOML), then `KEY=VALUE` overrides, checked."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DmetaError(f"config file {path} does not exist")
-        try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as error:
-            raise DmetaError(f"config file {path} is not valid TOML: {error}") from None
-        for key, value in table.items():
+        for key, value in read_toml(path, "config file").items():
             _apply(config, key, value)
     for item in overrides:
         key, sep, value = item.partition("=")

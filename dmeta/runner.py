@@ -334,12 +334,14 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
             plan.matrix,
             lambda2=plan.report.lambda2,
             doubly_stochastic=plan.report.doubly_stochastic,
+            units="1",
             description="a[l, k]: weight agent k gives agent l; columns sum to one",
         )
         writer.write_agents(
             "params/initial",
             launch_models.detach().cpu().numpy(),
-            description="launch models w_{k,0}",
+            units="parameter units",
+            description="launch models w_{k,0}, one flattened row per agent",
         )
         progress = Progress(config.iterations, enabled=rank == 0 and show_progress)
         window = RowWindow(len(agents), device)
@@ -437,7 +439,8 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
         writer.write_agents(
             "params/final",
             launch_models.detach().cpu().numpy(),
-            description="launch models after the last iteration",
+            units="parameter units",
+            description="launch models after the last iteration, one flattened row per agent",
         )
         writer.finish()
     except BaseException:

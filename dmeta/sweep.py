@@ -20,12 +20,11 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmeta.config import load_config
+from dmeta.config import load_config, read_toml
 from dmeta.errors import DmetaError
 
 
@@ -43,12 +42,7 @@ def load_sweep(
 ) -> tuple[Path, list[SweepRun]]:
     """The base job file and the runs of the sweep file at `path`, each config checked."""
     path = Path(path)
-    if not path.is_file():
-        raise DmetaError(f"sweep file {path} does not exist")
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise DmetaError(f"sweep file {path} is not valid TOML: {error}") from None
+    table = read_toml(path, "sweep file")
     unknown = table.keys() - {"base", "vary"}
     if unknown:
         raise DmetaError(f"sweep file {path}: unknown keys {sorted(unknown)}; use base and [vary]")

@@ -139,3 +139,38 @@ def test_graph_command_reports_the_matrix(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "lambda" in result.stdout.lower() and "doubly" in result.stdout.lower()
     assert picture.stat().st_size > 0
+
+
+def write_sweep(folder: Path, vary: str) -> Path:
+    """A sweep over a small job file written next to it."""
+    job = folder / "small.toml"
+    job.write_text("\n".join(line.replace("=", " = ", 1) for line in SMALL if "." not in line))
+    sweep = folder / "sweep.toml"
+    sweep.write_text(f'base = "small.toml"\n[vary]\n{vary}\n')
+    return sweep
+
+
+def test_sweep_runs_each_variation_into_its_own_file(tmp_path) -> None:
+    sweep = write_sweep(tmp_path, '"optimizer.lr" = [0.001, 0.002]\niterations = [4, 8]')
+    graph = ["--set", "graph.topology=ring", "--set", "model.hidden=[8]"]
+    result = dmeta("sweep", str(sweep), *graph, "--parallel", "2", "--out-dir", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    first, second = tmp_path / "o" / "00_lr0.001.h5", tmp_path / "o" / "01_lr0.002.h5"
+    assert f"-> {first}" in result.stdout and f"-> {second}" in result.stdout
+    assert read_datasets(first)["time/iteration"][-1] == 4
+    assert read_datasets(second)["time/iteration"][-1] == 8
+
+
+@pytest.mark.parametrize(
+    ("vary", "fragment"),
+    [
+        ('"optimizer.lr" = [0.001, 0.002]\niterations = [4]', "all of one length"),
+        ('"optimizer.lrr" = [0.001]', "unknown config key 'optimizer.lrr'"),
+        ('"optimizer.lr" = [-1.0]', "optimizer.lr = -1.0 must be positive"),
+    ],
+)
+def test_a_bad_sweep_fails_before_any_run(tmp_path, vary, fragment) -> None:
+    sweep = write_sweep(tmp_path, vary)
+    result = dmeta("sweep", str(sweep), "--out-dir", str(tmp_path / "o"))
+    assert_one_error_line(result, fragment)
+    assert not (tmp_path / "o").exists()

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 
 import theorem1  # noqa: E402
 import theorem2  # noqa: E402
+from runfile import open_run  # noqa: E402
 from theory import fit_power_law, moving_average  # noqa: E402
 
 K = 4
@@ -75,7 +76,7 @@ def test_theorem1_recovers_slope_two_agreement_times_and_the_bound(tmp_path, cap
 
     results = [
         theorem1.analyse(
-            theorem1.open_run(p, metrics=("grad_norm",), series=("centroid/disagreement",)),
+            open_run(p, metrics=("grad_norm",), series=("centroid/disagreement",)),
             0.5,
             2.0,
         )
