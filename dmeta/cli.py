@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -18,6 +19,17 @@ from typing import Any
 from dmeta.errors import DmetaError
 
 EXIT_USER_ERROR = 2
+# EX_TEMPFAIL: the run stopped on a signal with a checkpoint; the same command resumes it.
+EXIT_CHECKPOINTED = 75
+
+
+class _StopFlag:
+    """Set by SIGTERM or SIGUSR1 (e.g. SLURM's warning before the time limit)."""
+
+    requested = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.requested = True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +48,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", help="HDF5 output file (default: runs/<config name>.h5)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    restart = run.add_mutually_exclusive_group()
+    restart.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint next to the output file (default: when one exists)",
+    )
+    restart.add_argument(
+        "--restart", action="store_true", help="start over, ignoring any checkpoint"
+    )
 
     sweep = commands.add_parser(
         "sweep", help="run a job several times with config keys varied (see dmeta/sweep.py)"
@@ -84,6 +105,7 @@ def _graph(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
+    from dmeta.checkpoint import checkpoint_path, decide_resume
     from dmeta.config import load_config
     from dmeta.runner import execute, plan_run
 
@@ -98,9 +120,11 @@ def _run(args: argparse.Namespace) -> int:
 
     error = None
     plan = None
+    mode = "resume" if args.resume else "restart" if args.restart else "auto"
     try:
         config = load_config(args.config, args.overrides)
         plan = plan_run(config, size, rank, local_rank, local_size)
+        resume = decide_resume(out_path, config, mode)
         if rank == 0:
             _check_writable(out_path)
     except DmetaError as caught:
@@ -119,8 +143,18 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USER_ERROR
 
     comm = None if plan.backend == "local" else world
+    stop = _StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, stop)
     try:
-        execute(plan, comm, out_path, show_progress=not args.quiet)
+        stopped_at = execute(
+            plan,
+            comm,
+            out_path,
+            show_progress=not args.quiet,
+            resume=resume,
+            stop_requested=lambda: stop.requested,
+        )
     except DmetaError as caught:
         print(f"dmeta: error: rank {rank}: {caught}", file=sys.stderr, flush=True)
         _abort(world, EXIT_USER_ERROR)
@@ -131,6 +165,15 @@ def _run(args: argparse.Namespace) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         _abort(world, 1)
+    if stopped_at is not None:
+        if rank == 0:
+            print(
+                f"dmeta: stopped by a signal after iteration {stopped_at}; checkpoint "
+                f"{checkpoint_path(out_path)} written; run the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        return EXIT_CHECKPOINTED
     if rank == 0 and not args.quiet:
         print(f"run file: {out_path}")
     return 0

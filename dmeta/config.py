@@ -119,6 +119,19 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """When the run saves all it needs to resume (see dmeta/checkpoint.py); 0 turns one off.
+
+    A checkpoint is also written on SIGTERM or SIGUSR1, after which the run exits with status 75.
+    """
+
+    every_iterations: int = 0
+    every_minutes: float = 15.0
+    # Iterations between the ranks' agreements on signals and on the clock (one tiny all-reduce).
+    poll_every: int = 10
+
+
+@dataclass
 class RuntimeConfig:
     """Where and how the run executes; none of this changes the numbers beyond rounding."""
 
@@ -150,6 +163,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_json(self) -> str:
@@ -246,6 +260,7 @@ def _check(config: Config) -> None:
         "validation.query_shots": config.validation.query_shots,
         "validation.stationarity_tasks": config.validation.stationarity_tasks,
         "output.flush_every": config.output.flush_every,
+        "checkpoint.poll_every": config.checkpoint.poll_every,
     }
     for key, value in positive.items():
         if value < 1:
@@ -256,6 +271,8 @@ def _check(config: Config) -> None:
         "validation.inner_steps": config.validation.inner_steps,
         "runtime.threads": config.runtime.threads,
         "log_every_iteration_until": config.log_every_iteration_until,
+        "checkpoint.every_iterations": config.checkpoint.every_iterations,
+        "checkpoint.every_minutes": config.checkpoint.every_minutes,
         "graph.grid_rows": config.graph.grid_rows,
     }
     for key, value in non_negative.items():

@@ -126,9 +126,33 @@ def _create_layout(file: h5py.File, num_agents: int, attributes: dict[str, Any])
             dataset.dims[1].label = "agent"
 
 
-def _prepare_path(path: Path) -> Path:
-    """Make the folder and move a finished file of the same name aside; returns the partial path."""
-    partial = path.with_name(path.name + ".partial")
+def partial_path(path: Path) -> Path:
+    """Where the run file `path` lives until the run completes."""
+    return path.with_name(path.name + ".partial")
+
+
+def _reopen(
+    partial: Path, rows: int, attributes: dict[str, Any], driver: dict[str, Any]
+) -> h5py.File:
+    """Open an unfinished run file to continue it: every series cut to `rows` rows (rows a
+    killed run wrote after its last checkpoint are written again), the attributes of this
+    launch (hosts, layout, versions) replacing the old ones, and the resume recorded."""
+    try:
+        file = h5py.File(partial, "a", **driver)
+    except OSError as error:
+        raise DmetaError(f"cannot reopen {partial} to resume: {error}") from None
+    for name in ["time/iteration", *SERIES]:
+        file[name].resize(rows, axis=0)
+    resumed = [int(r) for r in file.attrs.get("resumed_at_row", [])]
+    for key, value in attributes.items():
+        file.attrs[key] = value
+    file.attrs["resumed_at_row"] = np.array([*resumed, rows], dtype=np.int64)
+    return file
+
+
+def _prepare_path(path: Path) -> None:
+    """Make the folder and move a finished file of the same name aside."""
+    partial = partial_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
@@ -136,7 +160,6 @@ def _prepare_path(path: Path) -> Path:
             os.replace(path, path.with_name(path.name + ".previous"))
     except OSError as error:
         raise DmetaError(f"cannot create output file {partial}: {error}") from None
-    return partial
 
 
 PER_AGENT = [name for name, (per_agent, _, _) in SERIES.items() if per_agent]
@@ -187,6 +210,12 @@ class RunWriter(Protocol):
 
     def finish(self) -> None:
         """Write what is buffered, mark the run complete and give the file its final name."""
+
+    def flush(self) -> None:
+        """Write the buffered rows now (a collective call)."""
+
+    def close(self) -> None:
+        """Close the unfinished file after a flush, for a later resume (a collective call)."""
 
     def abandon(self) -> None:
         """Give up after a failure; the `.partial` file stays, never under the final name."""
@@ -241,18 +270,26 @@ class SerialWriter(_BufferedRows):
         num_local: int,
         attributes: dict[str, Any],
         flush_every: int,
+        resume_rows: int | None = None,
     ) -> None:
         super().__init__(num_local, flush_every)
         self.path = Path(path)
         self.collectives = collectives
         self.file: h5py.File | None = None
-        if collectives.rank == 0:
-            self.partial = _prepare_path(self.path)
+        self.partial = partial_path(self.path)
+        if collectives.rank != 0:
+            self.rows = resume_rows or 0
+            return
+        if resume_rows is None:
+            _prepare_path(self.path)
             try:
                 self.file = h5py.File(self.partial, "w")
             except OSError as error:
                 raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
             _create_layout(self.file, num_agents, attributes)
+        else:
+            self.file = _reopen(self.partial, resume_rows, attributes, {})
+            self.rows = resume_rows
 
     def _write_rows(self, start: int) -> None:
         # All ranks synchronise here: one gather of every buffered per-agent value.
@@ -279,6 +316,11 @@ class SerialWriter(_BufferedRows):
             self.file.close()
             os.replace(self.partial, self.path)
 
+    def close(self) -> None:
+        self.flush()
+        if self.file is not None:
+            self.file.close()
+
     def abandon(self) -> None:
         if self.file is not None and self.file.id.valid:
             self.file.close()
@@ -294,6 +336,7 @@ class ParallelWriter(_BufferedRows):
         layout: AgentLayout,
         attributes: dict[str, Any],
         flush_every: int,
+        resume_rows: int | None = None,
     ) -> None:
         rank = comm.Get_rank()
         super().__init__(int(layout.counts[rank]), flush_every)
@@ -302,6 +345,14 @@ class ParallelWriter(_BufferedRows):
         self.rank = rank
         first = int(layout.offsets[rank])
         self.mine = slice(first, first + self.buffer.num_local)
+        self.partial = partial_path(self.path)
+        if resume_rows is not None:
+            # Structural changes are collective: every rank makes the same calls in order.
+            self.file = _reopen(
+                self.partial, resume_rows, attributes, {"driver": "mpio", "comm": comm}
+            )
+            self.rows = resume_rows
+            return
         error = None
         if rank == 0:
             try:
@@ -312,9 +363,7 @@ class ParallelWriter(_BufferedRows):
         error = comm.bcast(error)
         if error:
             raise DmetaError(error)
-        self.partial = self.path.with_name(self.path.name + ".partial")
         self.file = h5py.File(self.partial, "w", driver="mpio", comm=comm)
-        # Structural changes are collective: every rank makes the same calls in the same order.
         _create_layout(self.file, layout.num_agents, attributes)
 
     def _write_rows(self, start: int) -> None:
@@ -352,6 +401,10 @@ class ParallelWriter(_BufferedRows):
         if self.rank == 0:
             os.replace(self.partial, self.path)
 
+    def close(self) -> None:
+        self.flush()
+        self.file.close()
+
     def abandon(self) -> None:
         """Nothing: closing is collective, and the failing job is about to be aborted."""
 
@@ -369,9 +422,16 @@ def open_writer(
     layout: AgentLayout,
     attributes: dict[str, Any],
     flush_every: int,
+    resume_rows: int | None = None,
 ) -> RunWriter:
-    """The writer `kind` ("serial" or "parallel"); a collective call on every rank."""
+    """The writer `kind` ("serial" or "parallel"); a collective call on every rank.
+
+    With `resume_rows`, reopen the unfinished `<path>.partial` and cut every series to that many
+    rows (those a checkpoint counts) instead of creating the file.
+    """
     if kind == "parallel":
-        return ParallelWriter(path, comm, layout, attributes, flush_every)
+        return ParallelWriter(path, comm, layout, attributes, flush_every, resume_rows)
     num_local = int(layout.counts[collectives.rank])
-    return SerialWriter(path, collectives, layout.num_agents, num_local, attributes, flush_every)
+    return SerialWriter(
+        path, collectives, layout.num_agents, num_local, attributes, flush_every, resume_rows
+    )

@@ -22,6 +22,7 @@ import torch
 
 import dmeta
 from dmeta import rng, topology
+from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
 from dmeta.combine import disagreement
 from dmeta.comm import (
     AgentLayout,
@@ -212,9 +213,9 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="it", dynamic_ncols=True)
 
-    def advance(self) -> None:
-        if self.bar is not None:
-            self.bar.update()
+    def advance(self, iterations: int = 1) -> None:
+        if self.bar is not None and iterations:
+            self.bar.update(iterations)
 
     def row(
         self, iteration: int, mean_train: float, mean_validation: float, scalars: dict[str, float]
@@ -250,9 +251,9 @@ class RowWindow:
     def reset(self, now: float) -> None:
         self.train_sum = torch.zeros(self.num_local, dtype=torch.float64, device=self.device)
         self.gradient_norm = torch.full_like(self.train_sum, math.nan)
+        self.comm_bytes = torch.zeros_like(self.train_sum)
         self.steps = 0
         self.comm_seconds = 0.0
-        self.comm_bytes = 0.0
         self.started = now
 
     def add(self, losses: torch.Tensor, gradients: torch.Tensor) -> None:
@@ -267,11 +268,62 @@ class RowWindow:
             return torch.full_like(self.train_sum, math.nan)
         return self.train_sum / self.steps
 
+    def rows(self) -> dict[str, np.ndarray]:
+        """The per-agent accumulators, for a checkpoint."""
+        names = ("train_sum", "gradient_norm", "comm_bytes")
+        return {name: getattr(self, name).cpu().numpy() for name in names}
 
-def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True) -> None:
+    def restore(self, rows: dict[str, np.ndarray], steps: int) -> None:
+        """Continue a window saved by `rows` after `steps` iterations."""
+        for name, values in rows.items():
+            setattr(self, name, torch.as_tensor(values, device=self.device))
+        self.steps = steps
+
+
+def optimizer_snapshot(
+    optimizer: torch.optim.Optimizer, parameter: torch.Tensor
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The outer optimizer's state: per-agent rows (Adam's moments) and shared scalars (step)."""
+    rows, shared = {}, {}
+    for name, value in optimizer.state.get(parameter, {}).items():
+        # A copy: the live state keeps changing after the snapshot is taken.
+        array = value.detach().cpu().numpy().copy() if torch.is_tensor(value) else np.array(value)
+        if array.ndim and array.shape[0] == parameter.shape[0]:
+            rows[name] = array
+        else:
+            shared[name] = array
+    return rows, shared
+
+
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer,
+    parameter: torch.Tensor,
+    rows: dict[str, np.ndarray],
+    shared: dict[str, np.ndarray],
+) -> None:
+    """Put the state saved by `optimizer_snapshot` back, on the parameter's device."""
+    state = {name: torch.tensor(array, device=parameter.device) for name, array in rows.items()}
+    # Scalars such as Adam's step stay where torch keeps them (on the CPU).
+    state |= {name: torch.tensor(array) for name, array in shared.items()}
+    if state:
+        optimizer.state[parameter] = state
+
+
+def execute(
+    plan: RunPlan,
+    comm: Any,
+    out_path: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    stop_requested: Any = None,
+) -> int | None:
     """Run Algorithm 1 (Dif-MAML) or a baseline and write the run file.
 
-    `comm` is the MPI communicator of the run, or None for the local backend.
+    `comm` is the MPI communicator of the run, or None for the local backend. With `resume`,
+    continue from the checkpoint next to `out_path` (checked by `check_checkpoint`).
+    `stop_requested()` says whether this process received SIGTERM or SIGUSR1; the ranks agree
+    on it every `checkpoint.poll_every` iterations, then checkpoint and stop. Returns None when
+    the run completed, or the iteration after which it stopped with a checkpoint.
     """
     config = plan.config
     torch.set_num_threads(plan.threads)
@@ -286,7 +338,8 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
         collectives = MPICollectives(comm, plan.layout)
         size = comm.Get_size()
     rank = collectives.rank
-    agents = torch.as_tensor(plan.layout.agents(rank), device=device)
+    agent_ids = plan.layout.agents(rank)
+    agents = torch.as_tensor(agent_ids, device=device)
 
     task = SineTask(config.task, config.agents, config.seed, dtype, device)
     model = build_mlp(config.model, task.in_features, task.out_features)
@@ -312,6 +365,18 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     launch_models = model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
     launch_models.requires_grad_(True)
     optimizer = build_optimizer(plan, launch_models)
+    window = RowWindow(len(agents), device)
+    checkpoint = checkpoint_path(out_path)
+    first_iteration, resumed_rows = 1, None
+    if resume:
+        snapshot = load_checkpoint(checkpoint, agent_ids)
+        with torch.no_grad():
+            launch_models.copy_(torch.as_tensor(snapshot.launch_models, device=device))
+        restore_optimizer(
+            optimizer, launch_models, snapshot.optimizer_rows, snapshot.optimizer_shared
+        )
+        window.restore(snapshot.window_rows, snapshot.window_steps)
+        first_iteration, resumed_rows = snapshot.iteration + 1, snapshot.rows
 
     # All ranks synchronise here: every rank learns where the others run, for the run file.
     hosts = collectives.allgather_object(platform.node())
@@ -319,6 +384,9 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
     attributes = collectives.allgather_object(
         run_attributes(plan, size, hosts, devices) if rank == 0 else None
     )[0]
+    if not resume and rank == 0:
+        # A checkpoint of an earlier run must never be taken for one of this run.
+        checkpoint.unlink(missing_ok=True)
     writer = open_writer(
         config.output.writer,
         out_path,
@@ -327,26 +395,28 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
         plan.layout,
         attributes,
         config.output.flush_every,
+        resumed_rows,
     )
     try:
-        writer.write_global(
-            "topology/A",
-            plan.matrix,
-            lambda2=plan.report.lambda2,
-            doubly_stochastic=plan.report.doubly_stochastic,
-            units="1",
-            description="a[l, k]: weight agent k gives agent l; columns sum to one",
-        )
-        writer.write_agents(
-            "params/initial",
-            launch_models.detach().cpu().numpy(),
-            units="parameter units",
-            description="launch models w_{k,0}, one flattened row per agent",
-        )
+        if not resume:
+            writer.write_global(
+                "topology/A",
+                plan.matrix,
+                lambda2=plan.report.lambda2,
+                doubly_stochastic=plan.report.doubly_stochastic,
+                units="1",
+                description="a[l, k]: weight agent k gives agent l; columns sum to one",
+            )
+            writer.write_agents(
+                "params/initial",
+                launch_models.detach().cpu().numpy(),
+                units="parameter units",
+                description="launch models w_{k,0}, one flattened row per agent",
+            )
         progress = Progress(config.iterations, enabled=rank == 0 and show_progress)
-        window = RowWindow(len(agents), device)
+        progress.advance(first_iteration - 1)
         model_bytes = launch_models.shape[1] * launch_models.element_size()
-        start = time.perf_counter()
+        start = last_checkpoint = time.perf_counter()
 
         def combine_in_place() -> None:
             began = time.perf_counter()
@@ -412,13 +482,39 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
                 "metrics/val_loss": validation,
                 "metrics/disagreement": spread,
                 "metrics/grad_norm": window.gradient_norm,
-                "comm/bytes": torch.full_like(train, window.comm_bytes),
+                "comm/bytes": window.comm_bytes,
             }
             writer.append(iteration, scalars, {k: v.cpu().numpy() for k, v in per_agent.items()})
             window.reset(time.perf_counter() - start)
 
-        log_row(0)
-        for iteration in range(1, config.iterations + 1):
+        def save(iteration: int) -> None:
+            # All ranks synchronise here: the run file is flushed to the rows the checkpoint
+            # counts, then every rank sends its agents' rows to rank 0.
+            writer.flush()
+            rows, shared = optimizer_snapshot(optimizer, launch_models)
+            snapshot = Snapshot(
+                iteration=iteration,
+                rows=writer.rows,
+                launch_models=launch_models.detach().cpu().numpy(),
+                optimizer_rows=rows,
+                optimizer_shared=shared,
+                window_rows=window.rows(),
+                window_steps=window.steps,
+            )
+            save_checkpoint(checkpoint, snapshot, collectives, config)
+
+        def poll() -> tuple[bool, bool]:
+            """(stop, clock due): the ranks agree on signals and on rank 0's clock."""
+            minutes = (time.perf_counter() - last_checkpoint) / 60
+            clock = rank == 0 and 0 < config.checkpoint.every_minutes <= minutes
+            signal = bool(stop_requested and stop_requested())
+            # All ranks synchronise here, every poll_every iterations: one 2-number all-reduce.
+            flags = collectives.allreduce_sum(torch.tensor([float(signal), float(clock)]))
+            return bool(flags[0] > 0), bool(flags[1] > 0)
+
+        if not resume:
+            log_row(0)
+        for iteration in range(first_iteration, config.iterations + 1):
             tasks = task.sample(agents, iteration, config.learner.tasks_per_agent)
             if config.strategy == "cta" and combiner is not None:
                 combine_in_place()
@@ -435,6 +531,18 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
                 or iteration == config.iterations
             ):
                 log_row(iteration)
+            every = config.checkpoint.every_iterations
+            due, stop = every > 0 and iteration % every == 0, False
+            if iteration % config.checkpoint.poll_every == 0:
+                stop, clock = poll()
+                due = due or clock
+            if iteration < config.iterations and (stop or due):
+                save(iteration)
+                last_checkpoint = time.perf_counter()
+            if stop:
+                progress.close()
+                writer.close()
+                return iteration
         progress.close()
         writer.write_agents(
             "params/final",
@@ -443,6 +551,9 @@ def execute(plan: RunPlan, comm: Any, out_path: Path, show_progress: bool = True
             description="launch models after the last iteration, one flattened row per agent",
         )
         writer.finish()
+        if rank == 0:
+            checkpoint.unlink(missing_ok=True)
     except BaseException:
         writer.abandon()
         raise
+    return None

@@ -1,0 +1,189 @@
+"""Checkpoints: all a run needs to continue exactly where it stopped, on any number of ranks.
+
+A checkpoint is one HDF5 file next to the run file, `<run file>.ckpt`. It holds every agent's
+launch model and outer-optimizer state (one row per agent, whatever rank held it), what the
+metrics window has accumulated since the last logged row, the iteration counter and the number
+of rows the run file holds. Random numbers need nothing more: they are a function of (seed,
+agent, iteration), so the iteration counter is every agent's generator state. Ranks send their
+rows to rank 0, which writes `<checkpoint>.tmp` and renames it over the old checkpoint, so a
+checkpoint on disk is always whole. On resume every rank reads only its own agents' rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dmeta.comm import Collectives
+from dmeta.config import Config
+from dmeta.errors import DmetaError
+from dmeta.output import partial_path
+
+FORMAT = 1
+# Config sections that do not change the numbers of a run: a run may resume with other values.
+FREE_SECTIONS = ("output", "checkpoint")
+FREE_RUNTIME_KEYS = ("backend", "device", "threads")
+
+
+def checkpoint_path(run_path: Path) -> Path:
+    """Where the checkpoint of the run file `run_path` lives."""
+    run_path = Path(run_path)
+    return run_path.with_name(run_path.name + ".ckpt")
+
+
+@dataclass
+class Snapshot:
+    """A rank's share of a checkpoint: its agents' rows and the run's counters."""
+
+    iteration: int
+    rows: int
+    launch_models: np.ndarray  # [local agents, M]
+    optimizer_rows: dict[str, np.ndarray] = field(default_factory=dict)  # [local agents, ...]
+    optimizer_shared: dict[str, np.ndarray] = field(default_factory=dict)  # same on all agents
+    window_rows: dict[str, np.ndarray] = field(default_factory=dict)  # [local agents]
+    window_steps: int = 0
+
+
+def _numbers_only(config_json: str) -> dict[str, Any]:
+    """The config without the keys a resumed run may change."""
+    config = json.loads(config_json)
+    for section in FREE_SECTIONS:
+        config.pop(section, None)
+    for key in FREE_RUNTIME_KEYS:
+        config.get("runtime", {}).pop(key, None)
+    return config
+
+
+def _differences(left: dict[str, Any], right: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(left.keys() | right.keys()):
+        a, b = left.get(key), right.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return keys
+
+
+def save_checkpoint(
+    path: Path, snapshot: Snapshot, collectives: Collectives, config: Config
+) -> None:
+    """Write the checkpoint (a collective call): gather every rank's rows, rank 0 writes."""
+    # All ranks synchronise here: one gather per per-agent array, in a fixed order.
+    gathered = {"launch_models": collectives.gather_rows(snapshot.launch_models)}
+    for name in sorted(snapshot.optimizer_rows):
+        gathered[f"optimizer/{name}"] = collectives.gather_rows(snapshot.optimizer_rows[name])
+    for name in sorted(snapshot.window_rows):
+        gathered[f"window/{name}"] = collectives.gather_rows(snapshot.window_rows[name])
+    if collectives.rank != 0:
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with h5py.File(temporary, "w") as file:
+            file.attrs.update(
+                {
+                    "format": FORMAT,
+                    "config": config.to_json(),
+                    "iteration": snapshot.iteration,
+                    "rows": snapshot.rows,
+                    "num_agents": config.agents,
+                    "window_steps": snapshot.window_steps,
+                }
+            )
+            for name, data in gathered.items():
+                file.create_dataset(name, data=data)
+            for name, value in snapshot.optimizer_shared.items():
+                file.create_dataset(f"optimizer_shared/{name}", data=value)
+        # The rename is the commit: a crash before it leaves the previous checkpoint intact.
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DmetaError(f"cannot write checkpoint {path}: {error}") from None
+
+
+def check_checkpoint(path: Path, config: Config) -> int:
+    """The iteration of a usable checkpoint for `config`; DmetaError if it is not usable."""
+    try:
+        with h5py.File(path, "r") as file:
+            attributes = dict(file.attrs)
+            names: list[str] = []
+            file.visititems(
+                lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None
+            )
+    except OSError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DmetaError(
+            f"checkpoint {path} is corrupt ({reason}); delete it or pass --restart"
+        ) from None
+    required = {"format", "config", "iteration", "rows", "num_agents", "window_steps"}
+    if not required <= attributes.keys() or "launch_models" not in names:
+        raise DmetaError(f"checkpoint {path} is incomplete; delete it or pass --restart")
+    if int(attributes["format"]) != FORMAT:
+        raise DmetaError(
+            f"checkpoint {path} has format {attributes['format']}, this dmeta reads {FORMAT}"
+        )
+    if int(attributes["num_agents"]) != config.agents:
+        raise DmetaError(
+            f"checkpoint {path} holds {attributes['num_agents']} agents but the config has "
+            f"{config.agents}; resume with the checkpoint's config or pass --restart"
+        )
+    saved = _numbers_only(str(attributes["config"]))
+    differing = _differences(saved, _numbers_only(config.to_json()))
+    if differing:
+        raise DmetaError(
+            f"checkpoint {path} was written with another config (differs in "
+            f"{', '.join(differing)}); resume with the same config or pass --restart"
+        )
+    iteration = int(attributes["iteration"])
+    if not 0 < iteration < config.iterations:
+        raise DmetaError(
+            f"checkpoint {path} is at iteration {iteration}, outside the run's 1..."
+            f"{config.iterations - 1}; delete it or pass --restart"
+        )
+    return iteration
+
+
+def load_checkpoint(path: Path, agents: np.ndarray) -> Snapshot:
+    """The rows of `agents` (global ids, contiguous) and the counters of a checked checkpoint."""
+    rows = slice(int(agents[0]), int(agents[-1]) + 1)
+    with h5py.File(path, "r") as file:
+        groups = {
+            group: {name: item for name, item in file[group].items()} if group in file else {}
+            for group in ("optimizer", "window", "optimizer_shared")
+        }
+        return Snapshot(
+            iteration=int(file.attrs["iteration"]),
+            rows=int(file.attrs["rows"]),
+            launch_models=file["launch_models"][rows],
+            optimizer_rows={name: item[rows] for name, item in groups["optimizer"].items()},
+            optimizer_shared={name: item[()] for name, item in groups["optimizer_shared"].items()},
+            window_rows={name: item[rows] for name, item in groups["window"].items()},
+            window_steps=int(file.attrs["window_steps"]),
+        )
+
+
+def decide_resume(run_path: Path, config: Config, mode: str) -> bool:
+    """Whether to resume the run writing `run_path`: mode "auto" resumes when a checkpoint and
+    the unfinished run file exist, "resume" insists on it, "restart" never resumes. Raises
+    DmetaError when the checkpoint cannot continue this run."""
+    checkpoint = checkpoint_path(run_path)
+    if mode == "restart":
+        return False
+    if not checkpoint.exists():
+        if mode == "resume":
+            raise DmetaError(f"--resume: there is no checkpoint {checkpoint}")
+        return False
+    partial = partial_path(Path(run_path))
+    if not partial.exists():
+        raise DmetaError(
+            f"checkpoint {checkpoint} exists but its run file {partial} does not; "
+            "pass --restart to start over"
+        )
+    check_checkpoint(checkpoint, config)
+    return True
