@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def analyse(run: Run, window: int) -> Stationarity:
     """Smooth the run's stationarity estimates and find their minimum."""
     values = run.series["centroid/stationarity"]
-    window = window or max(1, len(values) // 10)
+    if not np.isfinite(values).any():
+        raise RunFileError(f"{run.path}: /centroid/stationarity holds no finite value")
+    window = min(window or max(1, len(values) // 10), len(values))
     smoothed = moving_average(values, window)
     best_row = int(np.nanargmin(smoothed))
     middle = min(best_row + window // 2, len(values) - 1)

@@ -22,6 +22,8 @@ class LineFit:
 def fit_line(x: np.ndarray, y: np.ndarray) -> LineFit:
     """Least-squares line through (x, y); needs at least two distinct x."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("a fit needs finite values")
     if len(np.unique(x)) < 2:
         raise ValueError("a fit needs at least two distinct x values")
     slope, intercept = np.polyfit(x, y, 1)

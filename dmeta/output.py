@@ -33,7 +33,12 @@ SERIES = {
     "time/compute": (
         False,
         "s",
-        "seconds rank 0 spent outside the combination step since the previous row",
+        "seconds rank 0 spent iterating outside the combination step since the previous row",
+    ),
+    "time/log": (
+        False,
+        "s",
+        "seconds rank 0 spent evaluating this row's metrics (validation, centroid, stationarity)",
     ),
     "time/comm": (
         False,

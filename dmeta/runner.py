@@ -426,6 +426,7 @@ def execute(
             window.comm_bytes += combiner.bytes_per_agent(model_bytes)
 
         def log_row(iteration: int) -> None:
+            began = time.perf_counter() - start
             models = launch_models.detach()
             # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
             centroid = collectives.allreduce_sum(models.sum(dim=0)) / config.agents
@@ -469,13 +470,15 @@ def execute(
                 scalars |= {
                     "time/wall": wall,
                     "time/comm": window.comm_seconds,
-                    "time/compute": wall - window.started - window.comm_seconds,
+                    "time/compute": began - window.started - window.comm_seconds,
+                    "time/log": wall - began,
                     "centroid/val_loss": float(centroid_validation[0]),
                 }
                 progress.row(iteration, mean_train, mean_validation, scalars)
             else:
                 scalars |= dict.fromkeys(
-                    ("time/wall", "time/comm", "time/compute", "centroid/val_loss"), math.nan
+                    ("time/wall", "time/comm", "time/compute", "time/log", "centroid/val_loss"),
+                    math.nan,
                 )
             per_agent = {
                 "metrics/train_loss": train,

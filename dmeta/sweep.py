@@ -49,8 +49,8 @@ def load_sweep(
     if not isinstance(table.get("base"), str):
         raise DmetaError(f'sweep file {path}: base = "JOB.toml" (the job to vary) is missing')
     base = path.parent / table["base"]
-    vary = table.get("vary")
-    if not isinstance(vary, dict) or not vary:
+    vary = _flatten(table.get("vary"))
+    if not vary:
         raise DmetaError(f"sweep file {path}: [vary] must give at least one KEY = [values]")
     lengths = {key: len(values) if isinstance(values, list) else -1 for key, values in vary.items()}
     if min(lengths.values()) < 1 or len(set(lengths.values())) > 1:
@@ -70,6 +70,19 @@ def load_sweep(
     return base, runs
 
 
+def _flatten(table: object, prefix: str = "") -> dict[str, object]:
+    """Dotted keys of a TOML table: `optimizer.lr = [...]` unquoted is a nested table."""
+    if not isinstance(table, dict):
+        return {}
+    flat: dict[str, object] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def _toml_value(value: object) -> str:
     """A TOML value in `--set` form."""
     if isinstance(value, bool):
@@ -85,7 +98,11 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
     threads = max(1, cores // (parallel * max(1, ranks)))
     prefix = []
     if ranks > 1:
-        mpiexec = shutil.which(launcher) or str(Path(sys.executable).parent / launcher)
+        mpiexec = shutil.which(launcher) or shutil.which(
+            str(Path(sys.executable).parent / launcher)
+        )
+        if mpiexec is None:
+            raise DmetaError(f"--launcher {launcher} was not found on PATH nor next to Python")
         prefix = [mpiexec, "-n", str(ranks)]
 
     def one(run: SweepRun) -> tuple[SweepRun, int, float, str]:

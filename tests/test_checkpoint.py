@@ -21,7 +21,7 @@ JOB = Path(__file__).parent.parent / "jobs" / "sine_quick.toml"
 # Long enough to interrupt, short enough for CI: about 3 s per run on one core.
 SETTINGS = [*SMALL, "iterations=300", "log_every=10", "checkpoint.poll_every=2"]
 # Timing depends on the machine, and bytes sent on the rank layout.
-VARYING = ("time/wall", "time/compute", "time/comm", "comm/bytes")
+VARYING = ("time/wall", "time/compute", "time/comm", "time/log", "comm/bytes")
 
 
 def command(out: Path, *extra: str, ranks: int = 0) -> list[str]:

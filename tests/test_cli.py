@@ -151,7 +151,8 @@ def write_sweep(folder: Path, vary: str) -> Path:
 
 
 def test_sweep_runs_each_variation_into_its_own_file(tmp_path) -> None:
-    sweep = write_sweep(tmp_path, '"optimizer.lr" = [0.001, 0.002]\niterations = [4, 8]')
+    # Unquoted, optimizer.lr is a nested table in TOML: the same key.
+    sweep = write_sweep(tmp_path, "optimizer.lr = [0.001, 0.002]\niterations = [4, 8]")
     graph = ["--set", "graph.topology=ring", "--set", "model.hidden=[8]"]
     result = dmeta("sweep", str(sweep), *graph, "--parallel", "2", "--out-dir", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr

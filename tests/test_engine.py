@@ -66,7 +66,13 @@ def test_run_file_layout(tmp_path) -> None:
     assert data["time/wall"].shape == (rows,)
     for name in ("train_loss", "val_loss", "disagreement", "grad_norm"):
         assert data[f"metrics/{name}"].shape == (rows, agents)
-    for name in ("centroid/val_loss", "centroid/disagreement", "time/comm", "time/compute"):
+    for name in (
+        "centroid/val_loss",
+        "centroid/disagreement",
+        "time/comm",
+        "time/compute",
+        "time/log",
+    ):
         assert data[name].shape == (rows,)
     for name in ("metrics/train_loss", "metrics/grad_norm"):
         assert np.isnan(data[name][0]).all()
@@ -74,7 +80,10 @@ def test_run_file_layout(tmp_path) -> None:
     np.testing.assert_allclose(
         data["centroid/disagreement"], data["metrics/disagreement"].mean(axis=1)
     )
-    assert (data["time/comm"] >= 0).all() and (data["time/compute"] > 0).all()
+    assert (data["time/comm"] >= 0).all() and (data["time/compute"][1:] > 0).all()
+    assert (data["time/log"] > 0).all()
+    # The wall clock covers the iterations and the logging.
+    assert data["time/wall"][-1] >= data["time/compute"][1:].sum() + data["time/log"].sum()
     assert data["topology/A"].shape == (agents, agents)
     assert (
         data["params/initial"].shape

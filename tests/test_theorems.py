@@ -40,8 +40,8 @@ def write_sweep_run(path: Path, mu: float, **series: np.ndarray) -> Path:
 
 
 def disagreement_sweep(folder: Path, power: float, scale: float) -> list[Path]:
-    """Disagreement 0.5 lambda2^(2i) down to a steady state scale x mu^power; every agent's
-    gradient norm is 3 +- 1 (mean 3, variance 1)."""
+    """Disagreement 0.5 lambda2^(2i) down to a steady state scale x mu^power; the agents'
+    gradient norms are 2 and 4 (mean square 10)."""
     paths = []
     spread = np.tile([2.0, 4.0, 2.0, 4.0], (len(ITERATIONS), 1))
     for index, mu in enumerate(STEPS):
@@ -84,8 +84,8 @@ def test_theorem1_recovers_slope_two_agreement_times_and_the_bound(tmp_path, cap
     ]
     for r, mu in zip(results, STEPS, strict=True):
         assert r.steady == pytest.approx(0.5 * mu**2)
-        # Mean 3 and variance 1 of the norms: B^2 + C^2 = 10.
-        assert r.gradient_mean == pytest.approx(3.0) and r.gradient_variance == pytest.approx(1.0)
+        # Norms 2 and 4: mean square B^2 + C^2 = 10.
+        assert r.gradient_second_moment == pytest.approx(10.0)
         assert r.bound == pytest.approx(mu**2 * LAMBDA2**2 / (1 - LAMBDA2) ** 2 * 10)
         # 0.5 lambda2^(2i) <= 2 x 0.5 mu^2 first at i = ceil(ln(2 mu^2) / (2 ln lambda2)).
         expected = math.ceil(math.log(2 * mu**2) / (2 * math.log(LAMBDA2)))
@@ -155,3 +155,33 @@ def test_theorem_scripts_name_a_missing_series(tmp_path, capsys) -> None:
     assert "missing dataset /metrics/grad_norm" in capsys.readouterr().err
     assert theorem2.main([str(path)]) == 2
     assert "missing dataset /centroid/stationarity" in capsys.readouterr().err
+
+
+def test_theorem1_reports_no_agreement_for_a_rising_curve_and_refuses_nan(tmp_path, capsys) -> None:
+    spread = np.full((len(ITERATIONS), K), 3.0)
+    rising = 1e-4 * (1 - np.exp(-ITERATIONS / 30.0))
+    write_sweep_run(
+        tmp_path / "rising.h5",
+        0.01,
+        **{"centroid/disagreement": rising, "metrics/grad_norm": spread},
+    )
+    assert theorem1.main([str(tmp_path / "rising.h5"), "--out", str(tmp_path / "r.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "started within the band" in printed
+    assert "no slope: fewer than two step sizes" in printed
+    diverged = rising.copy()
+    diverged[-1] = np.nan
+    write_sweep_run(
+        tmp_path / "nan.h5",
+        0.01,
+        **{"centroid/disagreement": diverged, "metrics/grad_norm": spread},
+    )
+    assert theorem1.main([str(tmp_path / "nan.h5")]) == 2
+    assert "holds NaN or inf" in capsys.readouterr().err
+
+
+def test_theorem2_clamps_a_window_longer_than_the_run(tmp_path, capsys) -> None:
+    stationarity_sweep(tmp_path, power=1.0)
+    argv = [str(tmp_path / "run0.h5"), "--window", "5000", "--out", str(tmp_path / "w.png")]
+    assert theorem2.main(argv) == 0
+    assert f"{len(ITERATIONS):>6d}" in capsys.readouterr().out
