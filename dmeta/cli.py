@@ -67,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (default 1)")
     sweep.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
     sweep.add_argument("--launcher", default="mpiexec", help="MPI launcher when --ranks > 1")
+    only = sweep.add_mutually_exclusive_group()
+    only.add_argument(
+        "--index",
+        type=int,
+        metavar="I",
+        help="run only member I (0-based), in the foreground: one element of a SLURM array job",
+    )
+    only.add_argument(
+        "--status",
+        action="store_true",
+        help="say which members' run files are complete; exit 1 unless all are",
+    )
+    only.add_argument("--count", action="store_true", help="print the number of members")
 
     graph = commands.add_parser("graph", help="describe a config's graph and combination matrix")
     graph.add_argument("config")
@@ -180,12 +193,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from dmeta.sweep import load_sweep, run_sweep
+    from dmeta.sweep import exec_member, load_sweep, run_sweep, sweep_status
 
     if args.ranks < 1 or args.parallel < 1:
         raise DmetaError("--ranks and --parallel must be at least 1")
     out_dir = Path(args.out_dir) if args.out_dir else None
     base, runs = load_sweep(args.sweep, out_dir, args.overrides)
+    if args.count:
+        print(len(runs))
+        return 0
+    if args.status:
+        states = sweep_status(runs)
+        for run, state in states:
+            print(f"{state:>9}  {run.out}")
+        return 0 if all(state == "complete" for _, state in states) else 1
+    if args.index is not None:
+        if not 0 <= args.index < len(runs):
+            raise DmetaError(f"--index {args.index}: the sweep has members 0..{len(runs) - 1}")
+        exec_member(base, runs[args.index], args.ranks, args.launcher)
     print(
         f"sweep: {len(runs)} runs of {base}, {args.parallel} at a time, {args.ranks} rank(s) each"
     )

@@ -16,6 +16,7 @@ first one starts, so a bad value fails the sweep at once with one line.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -92,28 +93,60 @@ def _toml_value(value: object) -> str:
     return str(value)
 
 
+def _launch_prefix(ranks: int, launcher: str) -> list[str]:
+    """`LAUNCHER -n RANKS` for multi-rank runs (the launcher found on PATH or next to Python)."""
+    if ranks <= 1:
+        return []
+    program, *options = shlex.split(launcher)  # e.g. "srun --mpi=pmi2"
+    found = shutil.which(program) or shutil.which(str(Path(sys.executable).parent / program))
+    if found is None:
+        raise DmetaError(f"--launcher {program} was not found on PATH nor next to Python")
+    return [found, *options, "-n", str(ranks)]
+
+
+def run_command(base: Path, run: SweepRun, prefix: list[str], threads: int) -> list[str]:
+    """The `dmeta run` command line of one member of a sweep."""
+    overrides = list(run.overrides)
+    if threads and load_config(base, run.overrides).runtime.threads == 0:
+        overrides.append(f"runtime.threads={threads}")  # share the cores among the runs
+    command = [*prefix, sys.executable, "-m", "dmeta.cli", "run", str(base), "--quiet"]
+    command += [item for o in overrides for item in ("--set", o)]
+    return [*command, "--out", str(run.out)]
+
+
+def exec_member(base: Path, run: SweepRun, ranks: int, launcher: str) -> None:
+    """Become the member's `dmeta run` (one array element of a SLURM job): signals such as
+    SLURM's time-limit warning then reach the run itself, and its exit status is ours."""
+    command = run_command(base, run, _launch_prefix(ranks, launcher), threads=0)
+    sys.stdout.flush()
+    os.execv(command[0], command)
+
+
+def sweep_status(runs: list[SweepRun]) -> list[tuple[SweepRun, str]]:
+    """Each member's state: complete, resumable (a checkpoint exists), partial or missing."""
+    states = []
+    for run in runs:
+        if run.out.exists():
+            state = "complete"
+        elif run.out.with_name(run.out.name + ".ckpt").exists():
+            state = "resumable"
+        elif run.out.with_name(run.out.name + ".partial").exists():
+            state = "partial"
+        else:
+            state = "missing"
+        states.append((run, state))
+    return states
+
+
 def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launcher: str) -> int:
     """Run every member, `parallel` at a time; returns the number that failed."""
     cores = len(os.sched_getaffinity(0))
-    threads = max(1, cores // (parallel * max(1, ranks)))
-    prefix = []
-    if ranks > 1:
-        mpiexec = shutil.which(launcher) or shutil.which(
-            str(Path(sys.executable).parent / launcher)
-        )
-        if mpiexec is None:
-            raise DmetaError(f"--launcher {launcher} was not found on PATH nor next to Python")
-        prefix = [mpiexec, "-n", str(ranks)]
+    threads = max(1, cores // (parallel * ranks))
+    prefix = _launch_prefix(ranks, launcher)
 
     def one(run: SweepRun) -> tuple[SweepRun, int, float, str]:
-        config = load_config(base, run.overrides)
-        overrides = list(run.overrides)
-        if config.runtime.threads == 0:  # share the cores among the runs of the sweep
-            overrides.append(f"runtime.threads={threads}")
-        command = [*prefix, sys.executable, "-m", "dmeta.cli", "run", str(base), "--quiet"]
-        command += [item for o in overrides for item in ("--set", o)]
-        command += ["--out", str(run.out)]
         began = time.perf_counter()
+        command = run_command(base, run, prefix, threads)
         result = subprocess.run(command, capture_output=True, text=True)
         return run, result.returncode, time.perf_counter() - began, result.stderr
 

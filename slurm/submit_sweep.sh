@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Submit a sweep as a SLURM array (one element per member) and, after it, the collect step.
+# Run from the repository root:
+#   slurm/submit_sweep.sh SWEEP [OUT_DIR] [analysis/SCRIPT.py ...]
+# e.g. slurm/submit_sweep.sh jobs/theorems_mu_sweep.toml runs/mu analysis/theorem1.py analysis/theorem2.py
+set -euo pipefail
+sweep=${1:?usage: slurm/submit_sweep.sh SWEEP [OUT_DIR] [analysis/SCRIPT.py ...]}
+out_dir=${2:-runs/$(basename "$sweep" .toml)}
+shift $(( $# >= 2 ? 2 : 1 ))
+count=$(.venv/bin/dmeta sweep "$sweep" --count)
+array=$(sbatch --parsable --array=0-$((count - 1)) slurm/sweep_array.sbatch "$sweep" \
+  --out-dir "$out_dir")
+collect=$(sbatch --parsable --dependency=afterok:"$array" slurm/collect.sbatch "$sweep" \
+  "$out_dir" "$@")
+echo "array job $array ($count runs into $out_dir), collect job $collect"

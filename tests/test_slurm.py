@@ -1,0 +1,258 @@
+"""The sbatch scripts of slurm/ against a real SLURM: slurmctld and slurmd on this machine.
+
+The fixture starts both daemons from a temporary folder (no munge: auth/none) when they are
+installed (Debian's slurm-wlm; .ci/run installs it) and this process may run them (root);
+otherwise every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import SMALL, read_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SETTINGS = [*SMALL, "iterations=600", "log_every=10", "checkpoint.poll_every=2"]
+VARYING = ("time/wall", "time/compute", "time/comm", "time/log")
+
+SLURM_CONF = """\
+ClusterName=dmeta-test
+SlurmctldHost=localhost
+AuthType=auth/none
+CredType=cred/none
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={folder}/state
+SlurmdSpoolDir={folder}/spool
+SlurmctldPidFile={folder}/slurmctld.pid
+SlurmdPidFile={folder}/slurmd.pid
+SlurmctldLogFile={folder}/slurmctld.log
+SlurmdLogFile={folder}/slurmd.log
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MailProg=/bin/true
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """Environment variables under which sbatch, squeue and scontrol reach the test cluster."""
+    missing = [name for name in ("slurmctld", "slurmd", "sbatch") if shutil.which(name) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} not found; apt slurm-wlm)")
+    if os.geteuid() != 0:
+        pytest.skip("slurmd must run as root to start jobs, and this test is not root")
+    folder = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (folder / sub).mkdir()
+    config = folder / "slurm.conf"
+    config.write_text(
+        SLURM_CONF.format(
+            folder=folder,
+            ctld_port=_free_port(),
+            d_port=_free_port(),
+            cpus=max(2, os.cpu_count() or 2),
+        )
+    )
+    env = {**os.environ, "SLURM_CONF": str(config)}
+    daemons = [
+        subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(config)], env=env),
+        subprocess.Popen(["slurmd", "-D", "-N", "localhost", "-f", str(config)], env=env),
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True
+            ).stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the test SLURM did not come up; see {folder}/*.log")
+        yield env
+    finally:
+        for daemon in daemons:
+            daemon.terminate()
+        for daemon in daemons:
+            daemon.wait(timeout=30)
+
+
+def sbatch(env: dict, *args: str) -> str:
+    result = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_state(env: dict, job: str) -> str:
+    """PENDING, RUNNING, ... or "" once the job has left the queue."""
+    result = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True
+    )
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def settings(*extra: str) -> list[str]:
+    return [item for o in [*SETTINGS, *extra] for item in ("--set", o)]
+
+
+def test_one_node_job_checkpoints_on_the_warning_requeues_and_resumes(slurm, tmp_path) -> None:
+    out, log = tmp_path / "run.h5", tmp_path / "job.out"
+    job = sbatch(
+        slurm,
+        f"--output={log}",
+        "slurm/one_node.sbatch",
+        "jobs/sine_quick.toml",
+        *settings(),
+        "--out",
+        str(out),
+    )
+    # Progress lines reach the job's output; warn the job as SLURM's --signal would.
+    wait_until(lambda: log.exists() and log.read_text().count("iteration") >= 4, 120, "progress")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    wait_until(lambda: "requeueing job" in log.read_text(), 60, "the requeue")
+    wait_until(lambda: job_state(slurm, job) == "PENDING", 60, "the requeued job")
+    # A requeued job waits before it may start again; let it start now.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+    wait_until(lambda: job_state(slurm, job) == "", 180, "the job to finish")
+    assert f"run file: {out}" in log.read_text(), log.read_text()
+    # The same launch line outside SLURM, uninterrupted: the same numbers, to the bit.
+    reference = tmp_path / "reference.h5"
+    direct = subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            *("-n", "2", str(BIN / "dmeta"), "run", "jobs/sine_quick.toml"),
+            *settings(),
+            *("--out", str(reference), "--quiet"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert direct.returncode == 0, direct.stderr
+    resumed, expected = read_datasets(out), read_datasets(reference)
+    for name in expected:
+        if name not in VARYING:
+            np.testing.assert_array_equal(resumed[name], expected[name], err_msg=name)
+    with h5py.File(out) as f:
+        assert f.attrs["complete"] and len(f.attrs["resumed_at_row"]) == 1
+
+
+def test_sweep_array_writes_one_file_per_element_and_collects_them(slurm, tmp_path) -> None:
+    (tmp_path / "small.toml").write_text(
+        "\n".join(line.replace("=", " = ", 1) for line in SMALL if "." not in line)
+    )
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('base = "small.toml"\n[vary]\n"optimizer.lr" = [0.001, 0.002, 0.004]\n')
+    out_dir = tmp_path / "runs"
+    result = subprocess.run(
+        ["slurm/submit_sweep.sh", str(sweep), str(out_dir), "analysis/theorem1.py"],
+        cwd=ROOT,
+        env=slurm,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.split()
+    array, collect = words[2], words[-1]
+    wait_until(
+        lambda: job_state(slurm, array) == "" and job_state(slurm, collect) == "", 240, "the sweep"
+    )
+    files = sorted(out_dir.glob("*.h5"))
+    assert [f.name for f in files] == ["00_lr0.001.h5", "01_lr0.002.h5", "02_lr0.004.h5"]
+    for path in files:
+        with h5py.File(path) as f:
+            assert f.attrs["complete"]
+    assert (out_dir / "theorem1.png").is_file(), "the collect step did not run its analysis"
+
+
+def test_multi_node_script_runs_with_srun(slurm, tmp_path) -> None:
+    out, log = tmp_path / "run.h5", tmp_path / "job.out"
+    job = sbatch(
+        {**slurm, "DMETA_LAUNCHER": "srun"},
+        f"--output={log}",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "slurm/multi_node.sbatch",
+        "jobs/sine_quick.toml",
+        *settings("iterations=20"),
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    wait_until(lambda: job_state(slurm, job) == "", 180, "the job")
+    assert out.exists(), log.read_text()
+    with h5py.File(out) as f:
+        assert list(f.attrs["agent_counts_per_rank"]) == [4, 3]
+
+
+def test_gpu_script_asks_srun_for_one_rank_per_gpu(tmp_path) -> None:
+    """No GPU node here: run the script under a fake SLURM environment with a recording srun."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/srun.args\n')
+    (fake / "srun").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_ID": "1",
+        "SLURM_CPUS_PER_TASK": "4",
+    }
+    result = subprocess.run(
+        ["bash", "slurm/multi_node_gpu.sbatch", "jobs/sine_quick.toml", "--set", "agents=16"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    arguments = (tmp_path / "srun.args").read_text().split()
+    assert arguments[:3] == ["--mpi=pmi2", "-n", "8"]
+    assert arguments[3:] == [
+        "dmeta",
+        "run",
+        "jobs/sine_quick.toml",
+        "--set",
+        "runtime.device=auto",
+        "--set",
+        "agents=16",
+    ]
+    header = (ROOT / "slurm/multi_node_gpu.sbatch").read_text()
+    assert "#SBATCH --gpus-per-task=1" in header and "#SBATCH --gpu-bind=single:1" in header
