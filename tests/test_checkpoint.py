@@ -181,3 +181,23 @@ def test_adam_state_round_trips_through_a_snapshot() -> None:
     optimizer.step()
     restored.step()
     torch.testing.assert_close(copy, parameter, rtol=0, atol=0)
+
+
+def test_in_process_stop_and_clock_checkpoints(tmp_path) -> None:
+    from conftest import run_local, small_config
+
+    from dmeta.runner import execute, plan_run
+
+    config = small_config(
+        "iterations=40", "checkpoint.poll_every=3", "checkpoint.every_minutes=1e-9"
+    )
+    plan = plan_run(config, 1, 0, 0, 1)
+    out = tmp_path / "run.h5"
+    # Stop when asked at the first poll that sees the request: iteration 6.
+    asked = iter([False, True])
+    stopped = execute(plan, None, out, show_progress=False, stop_requested=lambda: next(asked))
+    assert stopped == 6
+    with h5py.File(f"{out}.ckpt") as f:
+        assert f.attrs["iteration"] == 6
+    assert execute(plan, None, out, show_progress=False, resume=True) is None
+    assert_same_run(out, run_local(config, tmp_path / "reference.h5"))
