@@ -32,12 +32,15 @@ launch_ranks() {
 
 # supervise COMMAND...: run COMMAND with SLURM's warning signals (SIGUSR1 from --signal=B:,
 # SIGTERM from scancel) passed on to it. dmeta then writes a checkpoint and exits with 75; the
-# job is then requeued, and its next start resumes from the checkpoint.
+# job is then requeued, and its next start resumes from the checkpoint. Some launchers (Open
+# MPI's mpirun) report 1 instead of the ranks' 75, so any failure after a warning requeues too:
+# the next start resumes from the newest checkpoint.
 supervise() {
   "$@" &
   local pid=$! status=0
-  trap 'kill -USR1 "$pid" 2>/dev/null' USR1
-  trap 'kill -TERM "$pid" 2>/dev/null' TERM
+  DMETA_WARNED=0
+  trap 'DMETA_WARNED=1; kill -USR1 "$pid" 2>/dev/null' USR1
+  trap 'DMETA_WARNED=1; kill -TERM "$pid" 2>/dev/null' TERM
   wait "$pid" || status=$?
   # A trapped signal ends `wait` early; wait again until COMMAND itself has ended.
   while kill -0 "$pid" 2>/dev/null; do
@@ -45,8 +48,8 @@ supervise() {
     wait "$pid" || status=$?
   done
   trap - USR1 TERM
-  if [ "$status" -eq 75 ]; then
-    echo "dmeta: checkpoint written; requeueing job $SLURM_JOB_ID to resume" >&2
+  if [ "$status" -eq 75 ] || { [ "$DMETA_WARNED" -eq 1 ] && [ "$status" -ne 0 ]; }; then
+    echo "dmeta: stopped with a checkpoint (status $status); requeueing job $SLURM_JOB_ID" >&2
     scontrol requeue "$SLURM_JOB_ID"
     return 0
   fi
