@@ -72,12 +72,20 @@ class ModelConfig:
 
 @dataclass
 class LearnerConfig:
-    """The meta-gradient of eq. (4)."""
+    """The meta-gradient of eq. (4) or a relative (dmeta/meta.py).
 
-    name: Literal["maml", "fomaml"] = "maml"
+    maml, fomaml; anil, foanil (the inner loop adapts only the last layer); metasgd (learned
+    per-parameter inner step sizes, part of the launch model and combined with it); reptile;
+    arm (average risk minimization: no inner step, the joint-training baseline).
+    """
+
+    name: Literal["maml", "fomaml", "anil", "foanil", "metasgd", "reptile", "arm"] = "maml"
     inner_lr: float = 0.01
     inner_steps: int = 1
     tasks_per_agent: int = 5
+    # Outer steps each agent takes between two combinations (FedAvg-style local updates); 1 is
+    # Algorithm 1. With arm, 1 is D-SGD and 2 or more decentralized FedAvg.
+    local_steps: int = 1
 
 
 @dataclass
@@ -253,6 +261,7 @@ def _check(config: Config) -> None:
         "iterations": config.iterations,
         "log_every": config.log_every,
         "learner.tasks_per_agent": config.learner.tasks_per_agent,
+        "learner.local_steps": config.learner.local_steps,
         "task.support_shots": config.task.support_shots,
         "task.query_shots": config.task.query_shots,
         "validation.tasks": config.validation.tasks,
@@ -278,6 +287,8 @@ def _check(config: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise DmetaError(f"{key} = {value} must not be negative")
+    if config.learner.name == "reptile" and config.learner.inner_steps < 1:
+        raise DmetaError("learner.name = 'reptile' needs learner.inner_steps >= 1")
     if config.validation.stationarity_tasks % 2:
         raise DmetaError(
             f"validation.stationarity_tasks = {config.validation.stationarity_tasks} must be even "

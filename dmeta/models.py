@@ -48,6 +48,15 @@ class FlatModel:
         self.slots = tuple(slots)
         self.num_parameters = offset
 
+    def head_mask(self) -> torch.Tensor:
+        """[M] ones on the last layer's parameters (the head that ANIL adapts), zeros elsewhere."""
+        last_layer = self.slots[-1].name.rsplit(".", 1)[0]
+        mask = torch.zeros(self.num_parameters)
+        for slot in self.slots:
+            if slot.name.rsplit(".", 1)[0] == last_layer:
+                mask[slot.offset : slot.offset + slot.size] = 1.0
+        return mask
+
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named parameter views of one flat vector [M]."""
         return {

@@ -33,10 +33,10 @@ from dmeta.comm import (
     NeighborCombiner,
     SerialCollectives,
 )
-from dmeta.config import Config
+from dmeta.config import Config, LearnerConfig
 from dmeta.errors import DmetaError
-from dmeta.meta import MAML
-from dmeta.models import build_mlp
+from dmeta.meta import MAML, Reptile
+from dmeta.models import FlatModel, build_mlp
 from dmeta.output import open_writer, parallel_hdf5_available
 from dmeta.tasks import SineTask, TaskBatch
 
@@ -138,6 +138,22 @@ def build_combiner(plan: RunPlan, comm: Any, collectives: Collectives, dtype: to
     if plan.backend == "local":
         return MatrixCombiner(plan.matrix, dtype, plan.device)
     return NeighborCombiner(comm, plan.matrix, plan.layout, dtype, plan.device)
+
+
+def build_learner(settings: LearnerConfig, model: FlatModel, loss: Any) -> MAML:
+    """The meta-learner `learner.name` on `model` (see dmeta/meta.py)."""
+    name = settings.name
+    if name == "reptile":
+        return Reptile(model.forward, loss, settings.inner_lr, settings.inner_steps)
+    return MAML(
+        model.forward,
+        loss,
+        settings.inner_lr,
+        0 if name == "arm" else settings.inner_steps,
+        first_order=name in ("fomaml", "foanil"),
+        inner_mask=model.head_mask() if name in ("anil", "foanil") else None,
+        learned_inner_lr=name == "metasgd",
+    )
 
 
 def build_optimizer(plan: RunPlan, launch_models: torch.Tensor) -> torch.optim.Optimizer:
@@ -343,13 +359,7 @@ def execute(
 
     task = SineTask(config.task, config.agents, config.seed, dtype, device)
     model = build_mlp(config.model, task.in_features, task.out_features)
-    learner = MAML(
-        model.forward,
-        task.loss,
-        config.learner.inner_lr,
-        config.learner.inner_steps,
-        first_order=config.learner.name == "fomaml",
-    )
+    learner = build_learner(config.learner, model, task.loss)
     validation_tasks = task.validation_set(config.validation)
     validation_steps = config.validation.inner_steps or config.learner.inner_steps
     stationarity_tasks = task.sample(
@@ -362,7 +372,9 @@ def execute(
     ]
     combiner = build_combiner(plan, comm, collectives, dtype)
 
-    launch_models = model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
+    launch_models = learner.initial_state(
+        model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
+    )
     launch_models.requires_grad_(True)
     optimizer = build_optimizer(plan, launch_models)
     window = RowWindow(len(agents), device)
@@ -517,16 +529,20 @@ def execute(
 
         if not resume:
             log_row(0)
+        local_steps = config.learner.local_steps
         for iteration in range(first_iteration, config.iterations + 1):
-            tasks = task.sample(agents, iteration, config.learner.tasks_per_agent)
             if config.strategy == "cta" and combiner is not None:
                 combine_in_place()
-            gradients, losses = learner.meta_gradients(launch_models.detach(), tasks)
-            launch_models.grad = gradients
-            optimizer.step()  # launch_models now holds the intermediate states phi_{k,i}
+            for step in range(local_steps):
+                # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
+                draw = (iteration - 1) * local_steps + step + 1
+                tasks = task.sample(agents, draw, config.learner.tasks_per_agent)
+                gradients, losses = learner.meta_gradients(launch_models.detach(), tasks)
+                launch_models.grad = gradients
+                optimizer.step()  # launch_models now holds the intermediate states phi_{k,i}
+                window.add(losses, gradients)
             if config.strategy != "cta" and combiner is not None:
                 combine_in_place()
-            window.add(losses, gradients)
             progress.advance()
             if (
                 iteration % config.log_every == 0

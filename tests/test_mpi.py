@@ -143,6 +143,26 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
     _verdict(comm, check)
 
 
+@pytest.mark.parametrize(
+    "learner",
+    ["fomaml", "anil", "foanil", "metasgd", "reptile", "arm", "arm local_steps=2"],
+)
+def test_every_learner_runs_the_same_under_mpi(comm, learner) -> None:
+    name, _, local = learner.partition(" ")
+    extra = [f"learner.{local}"] if local else []
+    config = _diffusion_config(f"learner.name={name}", "runtime.dtype=float64", *extra)
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        for name in ("metrics/val_loss", "centroid/stationarity", "params/final"):
+            scale = np.nanmax(np.abs(local_run[name]))
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-12, atol=1e-12 * scale, err_msg=name
+            )
+
+    _verdict(comm, check)
+
+
 @pytest.mark.parametrize("strategy", ["atc", "centralized", "noncooperative"])
 def test_comm_bytes_count_what_each_rank_sends(comm, strategy) -> None:
     config = _diffusion_config(f"strategy={strategy}", "runtime.dtype=float64")
