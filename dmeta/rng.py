@@ -86,3 +86,20 @@ def uniform(
     # 2^-32 * bits lies in [0, 1); float64 first keeps all 32 bits before rounding to dtype.
     unit = (bits.to(torch.float64) * (1.0 / 4294967296.0)).to(dtype)
     return low + (high - low) * unit
+
+
+def normal(
+    seed: int,
+    agents: torch.Tensor,
+    stream: int,
+    iteration: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Standard normal samples of shape [len(agents), *shape], keyed per agent (Box-Muller from
+    two uniform words per element)."""
+    bits = random_bits(seed, agents, stream, iteration, (2, *shape)).to(torch.float64)
+    # (bits + 0.5) / 2^32 lies in (0, 1): the logarithm stays finite.
+    unit = (bits + 0.5) * (1.0 / 4294967296.0)
+    radius = torch.sqrt(-2.0 * torch.log(unit[:, 0]))
+    return (radius * torch.cos(2.0 * math.pi * unit[:, 1])).to(dtype)
