@@ -61,6 +61,34 @@ class SineTaskConfig:
 
 
 @dataclass
+class LinearTaskConfig:
+    """Linear representation tasks y = <B* w*, x> + z (problem = "linear_representation").
+
+    The model is a representation B (dim x rank) and a head w (rank); see dmeta/linrep.py.
+    """
+
+    dim: int = 20
+    rank: int = 3
+    noise_std: float = 0.1
+    # Heads w* ~ N(head_mean (1, ..., 1) / sqrt(rank), Sigma), Sigma's eigenvalues from 1 down
+    # to 1 / head_condition_number (task diversity).
+    head_mean: float = 0.0
+    head_condition_number: float = 1.0
+    # samples: support and query sets of `samples` points each; population: exact expected
+    # losses and gradients, no sampling.
+    mode: Literal["samples", "population"] = "samples"
+    samples: int = 20
+    # fresh: new heads every iteration; fixed: `heads_per_agent` heads drawn once per agent
+    # (in population mode every iteration then uses all of them: full batch).
+    heads: Literal["fresh", "fixed"] = "fresh"
+    heads_per_agent: int = 10
+    # random: the model's default initialization; distance: B at principal-angle distance
+    # `init_distance` from B* (needs dim >= 2 rank) and w = 0.
+    init: Literal["random", "distance"] = "random"
+    init_distance: float = 0.5
+
+
+@dataclass
 class ModelConfig:
     """A fully connected network; input and output sizes come from the task."""
 
@@ -158,6 +186,8 @@ class Config:
 
     agents: int = 40
     strategy: Strategy = "atc"
+    # The task family: sine regression ([task], [model]) or linear representations ([linear]).
+    problem: Literal["sine", "linear_representation"] = "sine"
     seed: int = 0
     iterations: int = 10000
     # Metrics (training loss, validation, disagreement) are logged every this many iterations,
@@ -166,6 +196,7 @@ class Config:
     log_every_iteration_until: int = 0
     graph: GraphConfig = field(default_factory=GraphConfig)
     task: SineTaskConfig = field(default_factory=SineTaskConfig)
+    linear: LinearTaskConfig = field(default_factory=LinearTaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -269,6 +300,10 @@ def _check(config: Config) -> None:
         "validation.query_shots": config.validation.query_shots,
         "validation.stationarity_tasks": config.validation.stationarity_tasks,
         "output.flush_every": config.output.flush_every,
+        "linear.dim": config.linear.dim,
+        "linear.rank": config.linear.rank,
+        "linear.samples": config.linear.samples,
+        "linear.heads_per_agent": config.linear.heads_per_agent,
         "checkpoint.poll_every": config.checkpoint.poll_every,
     }
     for key, value in positive.items():
@@ -287,6 +322,16 @@ def _check(config: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise DmetaError(f"{key} = {value} must not be negative")
+    linear = config.linear
+    if linear.noise_std < 0 or linear.head_condition_number < 1:
+        raise DmetaError("linear.noise_std must be >= 0 and linear.head_condition_number >= 1")
+    if linear.init == "distance":
+        if not 0 <= linear.init_distance <= 1:
+            raise DmetaError(f"linear.init_distance = {linear.init_distance} must lie in [0, 1]")
+        if linear.dim < 2 * linear.rank:
+            raise DmetaError("linear.init = 'distance' needs linear.dim >= 2 linear.rank")
+    if linear.heads == "fixed" and linear.heads_per_agent < 2:
+        raise DmetaError("linear.heads_per_agent must be at least 2 (the stationarity halves)")
     if config.learner.name == "reptile" and config.learner.inner_steps < 1:
         raise DmetaError("learner.name = 'reptile' needs learner.inner_steps >= 1")
     if config.validation.stationarity_tasks % 2:

@@ -102,7 +102,9 @@ SERIES = {
 }
 
 
-def _create_layout(file: h5py.File, num_agents: int, attributes: dict[str, Any]) -> None:
+def _create_layout(
+    file: h5py.File, num_agents: int, attributes: dict[str, Any], schema: RowSchema
+) -> None:
     """The root attributes and every empty row-wise dataset, with /time/iteration as scale."""
     for key, value in attributes.items():
         file.attrs[key] = value
@@ -114,7 +116,7 @@ def _create_layout(file: h5py.File, num_agents: int, attributes: dict[str, Any])
     iteration.attrs["description"] = "iteration index i of each logged row"
     iteration.make_scale("iteration")
     chunk_rows = max(1, min(256, 65536 // max(1, num_agents)))
-    for name, (per_agent, unit, meaning) in SERIES.items():
+    for name, (per_agent, unit, meaning) in schema.series.items():
         shape = (0, num_agents) if per_agent else (0,)
         dataset = file.create_dataset(
             name,
@@ -137,7 +139,11 @@ def partial_path(path: Path) -> Path:
 
 
 def _reopen(
-    partial: Path, rows: int, attributes: dict[str, Any], driver: dict[str, Any]
+    partial: Path,
+    rows: int,
+    attributes: dict[str, Any],
+    schema: RowSchema,
+    driver: dict[str, Any],
 ) -> h5py.File:
     """Open an unfinished run file to continue it: every series cut to `rows` rows (rows a
     killed run wrote after its last checkpoint are written again), the attributes of this
@@ -146,7 +152,10 @@ def _reopen(
         file = h5py.File(partial, "a", **driver)
     except OSError as error:
         raise DmetaError(f"cannot reopen {partial} to resume: {error}") from None
-    for name in ["time/iteration", *SERIES]:
+    for name in ["time/iteration", *schema.series]:
+        if name not in file:
+            file.close()
+            raise DmetaError(f"{partial} has no /{name}: it was not written by this run's task")
         file[name].resize(rows, axis=0)
     resumed = [int(r) for r in file.attrs.get("resumed_at_row", [])]
     for key, value in attributes.items():
@@ -167,27 +176,37 @@ def _prepare_path(path: Path) -> None:
         raise DmetaError(f"cannot create output file {partial}: {error}") from None
 
 
-PER_AGENT = [name for name, (per_agent, _, _) in SERIES.items() if per_agent]
-SCALAR = [name for name, (per_agent, _, _) in SERIES.items() if not per_agent]
+class RowSchema:
+    """The row-wise series of one run: the common `SERIES` and a task's own (e.g. the linear
+    representation task's distance to B*), split into per-agent and scalar ones."""
+
+    def __init__(self, extra: dict[str, tuple[bool, str, str]] | None = None) -> None:
+        self.series = {**SERIES, **(extra or {})}
+        self.per_agent = [name for name, (per_agent, _, _) in self.series.items() if per_agent]
+        self.scalar = [name for name, (per_agent, _, _) in self.series.items() if not per_agent]
 
 
 class RowBuffer:
     """Logged rows held in memory until the next flush: rank 0's scalars, a rank's agents."""
 
-    def __init__(self, num_local: int) -> None:
+    def __init__(self, num_local: int, schema: RowSchema) -> None:
         self.num_local = num_local
+        self.schema = schema
         self.iterations: list[int] = []
         self.scalars: list[list[float]] = []
         self.agents: list[np.ndarray] = []
 
     def add(self, iteration: int, scalars: dict[str, float], agents: dict[str, Any]) -> None:
-        missing = (set(SCALAR) - scalars.keys()) | (set(PER_AGENT) - agents.keys())
+        schema = self.schema
+        missing = (set(schema.scalar) - scalars.keys()) | (set(schema.per_agent) - agents.keys())
         if missing:
             raise ValueError(f"row of iteration {iteration} lacks {sorted(missing)}")
         self.iterations.append(iteration)
-        self.scalars.append([float(scalars[name]) for name in SCALAR])
+        self.scalars.append([float(scalars[name]) for name in schema.scalar])
         self.agents.append(
-            np.stack([np.asarray(agents[name], dtype=np.float64) for name in PER_AGENT], axis=1)
+            np.stack(
+                [np.asarray(agents[name], dtype=np.float64) for name in schema.per_agent], axis=1
+            )
         )
 
     def __len__(self) -> int:
@@ -229,8 +248,9 @@ class RunWriter(Protocol):
 class _BufferedRows:
     """Appending: rows go to a `RowBuffer` and are written out every `flush_every` rows."""
 
-    def __init__(self, num_local: int, flush_every: int) -> None:
-        self.buffer = RowBuffer(num_local)
+    def __init__(self, num_local: int, flush_every: int, schema: RowSchema) -> None:
+        self.schema = schema
+        self.buffer = RowBuffer(num_local, schema)
         self.flush_every = flush_every
         self.rows = 0
 
@@ -250,17 +270,20 @@ class _BufferedRows:
         raise NotImplementedError
 
 
-def _extend(file: h5py.File, start: int, iterations: list[int], scalars: np.ndarray) -> None:
+def _extend(
+    file: h5py.File,
+    schema: RowSchema,
+    start: int,
+    iterations: list[int],
+    scalars: np.ndarray | None,
+) -> None:
     """Grow every series to `start + rows` rows; write the iterations and scalar series."""
     rows = len(iterations)
-    file["time/iteration"].resize(start + rows, axis=0)
-    for name in PER_AGENT:
-        file[name].resize(start + rows, axis=0)
-    for name in SCALAR:
+    for name in ["time/iteration", *schema.series]:
         file[name].resize(start + rows, axis=0)
     if scalars is not None:
         file["time/iteration"][start:] = iterations
-        for column, name in enumerate(SCALAR):
+        for column, name in enumerate(schema.scalar):
             file[name][start:] = scalars[:, column]
 
 
@@ -275,9 +298,10 @@ class SerialWriter(_BufferedRows):
         num_local: int,
         attributes: dict[str, Any],
         flush_every: int,
+        schema: RowSchema,
         resume_rows: int | None = None,
     ) -> None:
-        super().__init__(num_local, flush_every)
+        super().__init__(num_local, flush_every, schema)
         self.path = Path(path)
         self.collectives = collectives
         self.file: h5py.File | None = None
@@ -291,17 +315,18 @@ class SerialWriter(_BufferedRows):
                 self.file = h5py.File(self.partial, "w")
             except OSError as error:
                 raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
-            _create_layout(self.file, num_agents, attributes)
+            _create_layout(self.file, num_agents, attributes, schema)
         else:
-            self.file = _reopen(self.partial, resume_rows, attributes, {})
+            self.file = _reopen(self.partial, resume_rows, attributes, schema, {})
             self.rows = resume_rows
 
     def _write_rows(self, start: int) -> None:
         # All ranks synchronise here: one gather of every buffered per-agent value.
         block = self.collectives.gather_rows(self.buffer.agent_block())
         if self.file is not None:
-            _extend(self.file, start, self.buffer.iterations, np.array(self.buffer.scalars))
-            for column, name in enumerate(PER_AGENT):
+            scalars = np.array(self.buffer.scalars)
+            _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
+            for column, name in enumerate(self.schema.per_agent):
                 self.file[name][start:] = block[:, :, column].T
             self.file.flush()
 
@@ -341,10 +366,11 @@ class ParallelWriter(_BufferedRows):
         layout: AgentLayout,
         attributes: dict[str, Any],
         flush_every: int,
+        schema: RowSchema,
         resume_rows: int | None = None,
     ) -> None:
         rank = comm.Get_rank()
-        super().__init__(int(layout.counts[rank]), flush_every)
+        super().__init__(int(layout.counts[rank]), flush_every, schema)
         self.path = Path(path)
         self.comm = comm
         self.rank = rank
@@ -354,7 +380,7 @@ class ParallelWriter(_BufferedRows):
         if resume_rows is not None:
             # Structural changes are collective: every rank makes the same calls in order.
             self.file = _reopen(
-                self.partial, resume_rows, attributes, {"driver": "mpio", "comm": comm}
+                self.partial, resume_rows, attributes, schema, {"driver": "mpio", "comm": comm}
             )
             self.rows = resume_rows
             return
@@ -369,14 +395,14 @@ class ParallelWriter(_BufferedRows):
         if error:
             raise DmetaError(error)
         self.file = h5py.File(self.partial, "w", driver="mpio", comm=comm)
-        _create_layout(self.file, layout.num_agents, attributes)
+        _create_layout(self.file, layout.num_agents, attributes, schema)
 
     def _write_rows(self, start: int) -> None:
         scalars = np.array(self.buffer.scalars) if self.rank == 0 else None
         # All ranks synchronise here: resizing is collective; rank 0 writes the scalar series.
-        _extend(self.file, start, self.buffer.iterations, scalars)
+        _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
         block = self.buffer.agent_block()
-        for column, name in enumerate(PER_AGENT):
+        for column, name in enumerate(self.schema.per_agent):
             dataset = self.file[name]
             with dataset.collective:
                 dataset[start:, self.mine] = block[:, :, column].T
@@ -427,16 +453,26 @@ def open_writer(
     layout: AgentLayout,
     attributes: dict[str, Any],
     flush_every: int,
+    schema: RowSchema | None = None,
     resume_rows: int | None = None,
 ) -> RunWriter:
     """The writer `kind` ("serial" or "parallel"); a collective call on every rank.
 
-    With `resume_rows`, reopen the unfinished `<path>.partial` and cut every series to that many
-    rows (those a checkpoint counts) instead of creating the file.
+    `schema` names the row-wise series (default: the common `SERIES`). With `resume_rows`,
+    reopen the unfinished `<path>.partial` and cut every series to that many rows (those a
+    checkpoint counts) instead of creating the file.
     """
+    schema = schema or RowSchema()
     if kind == "parallel":
-        return ParallelWriter(path, comm, layout, attributes, flush_every, resume_rows)
+        return ParallelWriter(path, comm, layout, attributes, flush_every, schema, resume_rows)
     num_local = int(layout.counts[collectives.rank])
     return SerialWriter(
-        path, collectives, layout.num_agents, num_local, attributes, flush_every, resume_rows
+        path,
+        collectives,
+        layout.num_agents,
+        num_local,
+        attributes,
+        flush_every,
+        schema,
+        resume_rows,
     )

@@ -36,9 +36,11 @@ from dmeta.comm import (
 from dmeta.config import Config, LearnerConfig
 from dmeta.errors import DmetaError
 from dmeta.meta import MAML, Reptile
-from dmeta.models import FlatModel, build_mlp
-from dmeta.output import open_writer, parallel_hdf5_available
-from dmeta.tasks import SineTask, TaskBatch
+from dmeta.models import FlatModel
+from dmeta.output import RowSchema, open_writer, parallel_hdf5_available
+from dmeta.tasks import LinearRepresentationTask, SineTask, TaskBatch
+
+Task = SineTask | LinearRepresentationTask
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -140,13 +142,21 @@ def build_combiner(plan: RunPlan, comm: Any, collectives: Collectives, dtype: to
     return NeighborCombiner(comm, plan.matrix, plan.layout, dtype, plan.device)
 
 
-def build_learner(settings: LearnerConfig, model: FlatModel, loss: Any) -> MAML:
-    """The meta-learner `learner.name` on `model` (see dmeta/meta.py)."""
+def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> Task:
+    """The task family of `problem`, seeded by the run."""
+    if config.problem == "linear_representation":
+        return LinearRepresentationTask(config.linear, config.agents, config.seed, dtype, device)
+    return SineTask(config.task, config.agents, config.seed, dtype, device)
+
+
+def build_learner(settings: LearnerConfig, model: FlatModel, task: Task) -> MAML:
+    """The meta-learner `learner.name` on `model` and `task` (see dmeta/meta.py)."""
     name = settings.name
+    forward, loss = task.learner_functions(model)
     if name == "reptile":
-        return Reptile(model.forward, loss, settings.inner_lr, settings.inner_steps)
+        return Reptile(forward, loss, settings.inner_lr, settings.inner_steps)
     return MAML(
-        model.forward,
+        forward,
         loss,
         settings.inner_lr,
         0 if name == "arm" else settings.inner_steps,
@@ -357,15 +367,16 @@ def execute(
     agent_ids = plan.layout.agents(rank)
     agents = torch.as_tensor(agent_ids, device=device)
 
-    task = SineTask(config.task, config.agents, config.seed, dtype, device)
-    model = build_mlp(config.model, task.in_features, task.out_features)
-    learner = build_learner(config.learner, model, task.loss)
+    task = build_task(config, dtype, device)
+    model = task.build_model(config.model)
+    learner = build_learner(config.learner, model, task)
     validation_tasks = task.validation_set(config.validation)
     validation_steps = config.validation.inner_steps or config.learner.inner_steps
     stationarity_tasks = task.sample(
         agents, 0, config.validation.stationarity_tasks, stream=rng.STREAM_STATIONARITY
     )
-    half = config.validation.stationarity_tasks // 2
+    # Population mode with fixed heads draws all of an agent's heads, whatever was asked.
+    half = stationarity_tasks.support_x.shape[1] // 2
     stationarity_halves = [
         TaskBatch(*(part[:, :half] for part in stationarity_tasks)),
         TaskBatch(*(part[:, half:] for part in stationarity_tasks)),
@@ -373,7 +384,7 @@ def execute(
     combiner = build_combiner(plan, comm, collectives, dtype)
 
     launch_models = learner.initial_state(
-        model.initial_parameters(config.seed, agents, config.model.same_init, dtype)
+        task.initial_parameters(model, agents, config.model.same_init, dtype)
     )
     launch_models.requires_grad_(True)
     optimizer = build_optimizer(plan, launch_models)
@@ -407,6 +418,7 @@ def execute(
         plan.layout,
         attributes,
         config.output.flush_every,
+        RowSchema(task.series),
         resumed_rows,
     )
     try:
@@ -419,6 +431,8 @@ def execute(
                 units="1",
                 description="a[l, k]: weight agent k gives agent l; columns sum to one",
             )
+            for name, array in task.arrays().items():
+                writer.write_global(name, array.cpu().numpy())
             writer.write_agents(
                 "params/initial",
                 launch_models.detach().cpu().numpy(),
@@ -492,7 +506,10 @@ def execute(
                     ("time/wall", "time/comm", "time/compute", "time/log", "centroid/val_loss"),
                     math.nan,
                 )
+            task_rows, task_scalars = task.row_metrics(models, centroid)
+            scalars |= task_scalars
             per_agent = {
+                **task_rows,
                 "metrics/train_loss": train,
                 "metrics/val_loss": validation,
                 "metrics/disagreement": spread,

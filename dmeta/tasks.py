@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
-from dmeta import rng
-from dmeta.config import SineTaskConfig, ValidationConfig
+from dmeta import linrep, rng
+from dmeta.config import LinearTaskConfig, ModelConfig, SineTaskConfig, ValidationConfig
+from dmeta.models import FlatModel, build_mlp
 
 
 class TaskBatch(NamedTuple):
@@ -37,6 +40,7 @@ class SineTask:
     in_features = 1
     out_features = 1
     loss = staticmethod(mse_loss)
+    series: dict[str, tuple[bool, str, str]] = {}
 
     def __init__(
         self,
@@ -128,3 +132,208 @@ class SineTask:
             high,
         )
         return TaskBatch(*(part[0] for part in batch))
+
+    def tasks_per_iteration(self, requested: int) -> int:
+        return requested
+
+    def build_model(self, config: ModelConfig) -> FlatModel:
+        """The fully connected network of `model` (1 input, 1 output)."""
+        return build_mlp(config, self.in_features, self.out_features)
+
+    def learner_functions(self, model: FlatModel):
+        return model.forward, mse_loss
+
+    def initial_parameters(
+        self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return model.initial_parameters(self.seed, agents, same_init, dtype)
+
+    def row_metrics(
+        self, models: torch.Tensor, centroid: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return {}, {}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class LinearRepresentationTask:
+    """Tasks y = <B* w*, x> + z of seed 001 for the model (B, w) (dmeta/linrep.py).
+
+    In `samples` mode a task is a support and a query set of `linear.samples` points each,
+    x ~ N(0, I), y = <B* w*, x> + sigma z. In `population` mode a task is its head alone
+    (TaskBatch fields [..., 1, rank]) and the loss is the exact expectation
+    (1/2)||B w - B* w*||^2 + sigma^2 / 2, so the run draws no samples at all. B* comes from the
+    run's seed; heads are drawn per agent and iteration (`fresh`) or once per agent (`fixed`).
+    """
+
+    def __init__(
+        self,
+        config: LinearTaskConfig,
+        num_agents: int,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.config = config
+        self.num_agents = num_agents
+        self.seed = seed
+        self.dtype = dtype
+        self.device = device
+        dim, rank = config.dim, config.rank
+        key = torch.zeros(1, dtype=torch.int64, device=device)
+        gaussian = rng.normal(seed, key, rng.STREAM_TRUTH, 0, (dim, rank), torch.float64)[0]
+        self.truth = linrep.orthonormal_basis(gaussian).to(dtype)
+        self.head_mean = torch.full((rank,), config.head_mean / math.sqrt(rank), dtype=dtype)
+        self.head_root = linrep.head_covariance_root(rank, config.head_condition_number, dtype).to(
+            device
+        )
+        self.head_mean = self.head_mean.to(device)
+        self.fixed_heads: torch.Tensor | None = None
+        if config.heads == "fixed":
+            agents = torch.arange(num_agents, device=device)
+            self.fixed_heads = self._heads(agents, rng.STREAM_HEADS, 0, config.heads_per_agent)
+
+    # Extra row-wise series of this task: path -> (per agent?, units, meaning).
+    series = {
+        "metrics/rep_distance": (
+            True,
+            "1",
+            "principal-angle distance ||B_perp^T B*||_2 of the agent's representation to B*",
+        ),
+        "centroid/rep_distance": (
+            False,
+            "1",
+            "principal-angle distance of the centroid's representation to B*",
+        ),
+    }
+
+    def _heads(self, agents: torch.Tensor, stream: int, iteration: int, count: int) -> torch.Tensor:
+        """Heads w* [len(agents), count, rank] from the head distribution."""
+        gaussian = rng.normal(
+            self.seed, agents, stream, iteration, (count, self.config.rank), self.dtype
+        )
+        return self.head_mean + gaussian @ self.head_root.T
+
+    def tasks_per_iteration(self, requested: int) -> int:
+        """Population mode with a fixed head set uses every head each iteration (full batch)."""
+        c = self.config
+        if c.mode == "population" and c.heads == "fixed":
+            return c.heads_per_agent
+        return requested
+
+    def _batch(self, heads: torch.Tensor, agents: torch.Tensor, stream: int, iteration: int):
+        """Support and query sets for heads [A, T, rank]."""
+        c = self.config
+        if c.mode == "population":
+            tasks = heads[..., None, :]
+            return TaskBatch(tasks, tasks, tasks, tasks)
+        # One draw holds every number: the dim inputs and the noise of each point.
+        draws = rng.normal(
+            self.seed,
+            agents,
+            stream,
+            iteration,
+            (heads.shape[1], 2 * c.samples, c.dim + 1),
+            self.dtype,
+        )
+        x, noise = draws[..., : c.dim], draws[..., c.dim]
+        signal = heads @ self.truth.T  # [A, T, dim]: B* w*
+        y = torch.einsum("atsd,atd->ats", x, signal) + c.noise_std * noise
+        y = y[..., None]
+        return TaskBatch(
+            x[:, :, : c.samples], y[:, :, : c.samples], x[:, :, c.samples :], y[:, :, c.samples :]
+        )
+
+    def sample(
+        self, agents: torch.Tensor, iteration: int, tasks: int, stream: int = rng.STREAM_TASKS
+    ) -> TaskBatch:
+        """Each agent's tasks at `iteration`: [agents, tasks, samples, dim] (or heads)."""
+        tasks = self.tasks_per_iteration(tasks)
+        if self.fixed_heads is None:
+            heads = self._heads(agents, stream, iteration, tasks)
+        elif tasks == self.config.heads_per_agent and self.config.mode == "population":
+            heads = self.fixed_heads[agents]
+        else:
+            unit = rng.uniform(self.seed, agents, stream, iteration, (tasks,), dtype=torch.float64)
+            picks = (unit * self.config.heads_per_agent).long()
+            heads = torch.gather(
+                self.fixed_heads[agents], 1, picks[..., None].expand(-1, -1, self.config.rank)
+            )
+        return self._batch(heads, agents, stream, iteration)
+
+    def validation_set(self, config: ValidationConfig) -> TaskBatch:
+        """Fixed validation tasks from the head distribution, the same for every agent."""
+        key = torch.zeros(1, dtype=torch.int64, device=self.device)
+        heads = self._heads(key, rng.STREAM_VALIDATION, 0, config.tasks)
+        return TaskBatch(*(part[0] for part in self._batch(heads, key, rng.STREAM_VALIDATION, 0)))
+
+    def build_model(self, config: ModelConfig) -> FlatModel:
+        """(B, w) as one flat vector, B row-major then w."""
+        return FlatModel(LinearRepresentation(self.config.dim, self.config.rank))
+
+    def learner_functions(self, model: FlatModel):
+        """(forward, loss) for the learners: sampled predictions, or the population residual."""
+        dim, rank = self.config.dim, self.config.rank
+        if self.config.mode == "samples":
+            return model.forward, linrep.sample_loss
+        truth, noise_std = self.truth, self.config.noise_std
+
+        def residual(theta: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+            representation, head = linrep.split(theta, dim, rank)
+            return (representation @ head)[None, :] - heads @ truth.T
+
+        def loss(residuals: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (residuals**2).sum(dim=-1).mean() + 0.5 * noise_std**2
+
+        return residual, loss
+
+    def initial_parameters(
+        self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Random, or B at the configured distance from B* (per-agent direction) and w = 0."""
+        if self.config.init == "random":
+            return model.initial_parameters(self.seed, agents, same_init, dtype)
+        keys = torch.zeros_like(agents) if same_init else agents
+        dim, rank = self.config.dim, self.config.rank
+        directions = rng.normal(self.seed, keys, rng.STREAM_INIT, 1, (dim, rank), torch.float64)
+        truth = self.truth.to(torch.float64)
+        rows = [
+            linrep.flatten(
+                linrep.at_distance(truth, self.config.init_distance, direction),
+                torch.zeros(rank, dtype=torch.float64, device=direction.device),
+            )
+            for direction in directions
+        ]
+        return torch.stack(rows).to(dtype)
+
+    def row_metrics(
+        self, models: torch.Tensor, centroid: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """dist(B, B*) of every agent [local agents] and of the centroid, for `series`."""
+        dim, rank = self.config.dim, self.config.rank
+        size = dim * rank  # B comes first in every learner's launch row (Meta-SGD appends)
+        agents = linrep.principal_angle_distance(
+            models[:, :size].reshape(-1, dim, rank), self.truth
+        )
+        center = linrep.principal_angle_distance(centroid[:size].reshape(dim, rank), self.truth)
+        return {"metrics/rep_distance": agents}, {"centroid/rep_distance": float(center)}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Datasets of the run file that describe the tasks."""
+        arrays = {"tasks/B_star": self.truth}
+        if self.fixed_heads is not None:
+            arrays["tasks/heads"] = self.fixed_heads
+        return arrays
+
+
+class LinearRepresentation(nn.Module):
+    """The model of seed 001: prediction <B w, x>, parameters named B and w (the head)."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.B = nn.Parameter(torch.empty(dim, rank))  # noqa: N815 - the papers' name
+        self.w = nn.Parameter(torch.empty(rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ (self.B @ self.w))[..., None]

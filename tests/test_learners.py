@@ -134,9 +134,9 @@ def test_metasgd_step_sizes_are_combined_with_the_model(tmp_path) -> None:
         "learner.name=metasgd", "iterations=1", "optimizer.name=sgd", "runtime.dtype=float64"
     )
     data = run_local(config, tmp_path / "r.h5")
-    model = build_mlp(config.model, 1, 1)
-    learner = build_learner(config.learner, model, torch.nn.functional.mse_loss)
     task = SineTask(config.task, config.agents, config.seed, F64, torch.device("cpu"))
+    model = task.build_model(config.model)
+    learner = build_learner(config.learner, model, task)
     theta = torch.as_tensor(data["params/initial"])
     half = theta.shape[1] // 2
     assert theta.shape[1] == 2 * model.num_parameters

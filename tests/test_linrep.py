@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +108,67 @@ def test_head_covariance_has_the_requested_condition_number() -> None:
     eigenvalues = torch.diagonal(root @ root.T)
     assert float(eigenvalues.max() / eigenvalues.min()) == pytest.approx(10.0)
     assert math.isclose(float(eigenvalues.max()), 1.0)
+
+
+def linear_config(*extra: str):
+    from conftest import small_config
+
+    return small_config(
+        "problem=linear_representation",
+        "linear.dim=6",
+        "linear.rank=2",
+        "optimizer.name=sgd",
+        "optimizer.lr=0.05",
+        "runtime.dtype=float64",
+        *extra,
+    )
+
+
+def test_linear_run_logs_distances_and_describes_its_tasks(tmp_path) -> None:
+    from conftest import run_local
+
+    config = linear_config(
+        "linear.init=distance",
+        "linear.init_distance=0.6",
+        "linear.heads=fixed",
+        "linear.heads_per_agent=4",
+        "learner.name=anil",
+    )
+    data = run_local(config, tmp_path / "r.h5")
+    np.testing.assert_allclose(data["metrics/rep_distance"][0], 0.6, atol=1e-12)
+    assert data["centroid/rep_distance"].shape == data["time/iteration"].shape
+    b_star = data["tasks/B_star"]
+    np.testing.assert_allclose(b_star.T @ b_star, np.eye(2), atol=1e-12)
+    assert data["tasks/heads"].shape == (7, 4, 2)
+    # B row-major then w: the initial heads are zero.
+    np.testing.assert_array_equal(data["params/initial"][:, 12:], 0.0)
+
+
+def test_population_meta_gradient_with_fixed_heads_is_the_full_batch_closed_form() -> None:
+    from dmeta.runner import build_learner
+    from dmeta.tasks import LinearRepresentationTask
+
+    config = linear_config(
+        "linear.mode=population",
+        "linear.heads=fixed",
+        "linear.heads_per_agent=3",
+        "learner.name=arm",
+    )
+    task = LinearRepresentationTask(config.linear, 7, 0, F64, torch.device("cpu"))
+    model = task.build_model(config.model)
+    learner = build_learner(config.learner, model, task)
+    agents = torch.arange(2, 4)
+    theta = torch.randn(2, model.num_parameters, generator=generator, dtype=F64)
+    tasks = task.sample(agents, 5, tasks=1)  # population + fixed: all 3 heads every time
+    assert tasks.support_x.shape == (2, 3, 1, 2)
+    gradients, losses = learner.meta_gradients(theta, tasks)
+    for row, agent in enumerate(agents):
+        heads = task.fixed_heads[agent]
+        expected = torch.stack(
+            [linrep.population_gradient(theta[row], h, task.truth) for h in heads]
+        ).mean(dim=0)
+        torch.testing.assert_close(gradients[row], expected, rtol=1e-12, atol=1e-12)
+        loss = torch.stack(
+            [linrep.population_loss(theta[row], h, task.truth, 0.1) for h in heads]
+        ).mean()
+        torch.testing.assert_close(losses[row], loss, rtol=1e-12, atol=1e-12)

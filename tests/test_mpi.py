@@ -163,6 +163,35 @@ def test_every_learner_runs_the_same_under_mpi(comm, learner) -> None:
     _verdict(comm, check)
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        ("learner.name=metasgd", "linear.mode=samples"),
+        ("learner.name=anil", "linear.mode=population", "linear.heads=fixed"),
+    ],
+)
+def test_linear_representation_runs_the_same_under_mpi(comm, setting) -> None:
+    config = _diffusion_config(
+        "problem=linear_representation",
+        "linear.dim=6",
+        "linear.rank=2",
+        "optimizer.name=sgd",
+        "optimizer.lr=0.05",
+        "runtime.dtype=float64",
+        *setting,
+    )
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        for name in ("metrics/rep_distance", "centroid/rep_distance", "params/final"):
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-10, atol=1e-12, err_msg=name
+            )
+        np.testing.assert_array_equal(parallel["tasks/B_star"], local_run["tasks/B_star"])
+
+    _verdict(comm, check)
+
+
 @pytest.mark.parametrize("strategy", ["atc", "centralized", "noncooperative"])
 def test_comm_bytes_count_what_each_rank_sends(comm, strategy) -> None:
     config = _diffusion_config(f"strategy={strategy}", "runtime.dtype=float64")

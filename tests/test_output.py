@@ -14,7 +14,9 @@ import pytest
 from conftest import SMALL
 
 from dmeta.comm import AgentLayout, SerialCollectives
-from dmeta.output import PER_AGENT, SCALAR, SERIES, open_writer
+from dmeta.output import SERIES, RowSchema, open_writer
+
+PER_AGENT, SCALAR = RowSchema().per_agent, RowSchema().scalar
 
 BIN = Path(sys.executable).parent
 JOB = Path(__file__).parent.parent / "jobs" / "sine_quick.toml"
