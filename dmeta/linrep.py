@@ -67,10 +67,15 @@ def orthonormal_basis(matrix: torch.Tensor) -> torch.Tensor:
 def principal_angle_distance(representation: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """dist(B, B*) = ||B_perp^T B*||_2 with B orthonormalized: the sine of the largest
     principal angle between the column spaces (0: the same space, 1: orthogonal ones).
-    Batched over leading dimensions of B [..., d, k]."""
+    Batched over leading dimensions of B [..., d, k]; NaN for a B that is not finite (a
+    diverged run), where the decomposition would fail."""
+    finite = torch.isfinite(representation).all(dim=-1).all(dim=-1)
+    # Stand-ins keep the decomposition defined; their distances are replaced below.
+    representation = torch.where(finite[..., None, None], representation, truth)
     basis = orthonormal_basis(representation)
     outside = truth - basis @ (basis.transpose(-1, -2) @ truth)
-    return torch.linalg.matrix_norm(outside, ord=2)
+    distance = torch.linalg.matrix_norm(outside, ord=2)
+    return torch.where(finite, distance, torch.full_like(distance, math.nan))
 
 
 def at_distance(truth: torch.Tensor, distance: float, direction: torch.Tensor) -> torch.Tensor:

@@ -456,6 +456,12 @@ def execute(
             models = launch_models.detach()
             # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
             centroid = collectives.allreduce_sum(models.sum(dim=0)) / config.agents
+            # Every rank sees the same centroid, so all stop together on a diverged run.
+            if not torch.isfinite(centroid).all():
+                raise DmetaError(
+                    f"the run diverged by iteration {iteration} (non-finite launch models); "
+                    "lower optimizer.lr or learner.inner_lr"
+                )
             with torch.no_grad():
                 validation = learner.adapted_losses(models, validation_tasks, validation_steps)
             spread = disagreement(models, centroid)

@@ -203,3 +203,10 @@ def test_centroid_stationarity_pairs_two_halves_of_the_network_meta_gradient(tmp
 def test_config_rejects_an_odd_number_of_stationarity_tasks() -> None:
     with pytest.raises(DmetaError, match="stationarity_tasks = 5 must be even"):
         small_config("validation.stationarity_tasks=5")
+
+
+def test_a_diverging_run_stops_with_a_clear_error(tmp_path) -> None:
+    config = small_config("optimizer.name=sgd", "optimizer.lr=1e6", "iterations=40")
+    with pytest.raises(DmetaError, match="diverged by iteration .* lower optimizer.lr"):
+        run_local(config, tmp_path / "r.h5")
+    assert not (tmp_path / "r.h5").exists()

@@ -172,3 +172,10 @@ def test_population_meta_gradient_with_fixed_heads_is_the_full_batch_closed_form
             [linrep.population_loss(theta[row], h, task.truth, 0.1) for h in heads]
         ).mean()
         torch.testing.assert_close(losses[row], loss, rtol=1e-12, atol=1e-12)
+
+
+def test_distance_of_a_diverged_representation_is_nan() -> None:
+    b_star = truth()
+    broken = torch.full((DIM, RANK), math.nan, dtype=F64)
+    distances = linrep.principal_angle_distance(torch.stack([b_star, broken]), b_star)
+    assert float(distances[0]) < 1e-12 and math.isnan(float(distances[1]))
