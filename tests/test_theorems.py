@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 
+import representation  # noqa: E402, F401
 import theorem1  # noqa: E402
 import theorem2  # noqa: E402
 from runfile import open_run  # noqa: E402
@@ -185,3 +186,21 @@ def test_theorem2_clamps_a_window_longer_than_the_run(tmp_path, capsys) -> None:
     argv = [str(tmp_path / "run0.h5"), "--window", "5000", "--out", str(tmp_path / "w.png")]
     assert theorem2.main(argv) == 0
     assert f"{len(ITERATIONS):>6d}" in capsys.readouterr().out
+
+
+def test_representation_script_fits_a_known_geometric_rate(tmp_path, capsys) -> None:
+
+    for name, factor, learner, steps in [("fast", 0.99, "anil", 1), ("stuck", 1.0, "arm", 5)]:
+        distance = 0.5 * factor ** ITERATIONS.astype(float)
+        path = write_sweep_run(tmp_path / f"{name}.h5", 0.01, **{"centroid/rep_distance": distance})
+        with h5py.File(path, "a") as f:
+            config = json.loads(f.attrs["config"])
+            config["learner"] = {"name": learner, "local_steps": steps}
+            config["linear"] = {"head_mean": 0.0}
+            f.attrs["config"] = json.dumps(config)
+    out = tmp_path / "rep.png"
+    assert representation.main([str(tmp_path / "*.h5"), "--out", str(out)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["anil"][-2] == "0.9900" and rows["anil"][-1] == "yes"
+    assert rows["arm"][1] == "tau=5" and rows["arm"][-2] == "1.0000" and rows["arm"][-1] == "no"
+    assert out.is_file()
