@@ -1,0 +1,190 @@
+"""Omniglot characters from the standard on-disk layout, and N-way K-shot episodes over them.
+
+Reads `<root>/<Alphabet>/<character>/<image>.png` (the `images_background` and
+`images_evaluation` folders of the Omniglot release) from folders or from zip archives that
+hold such a folder, in place: nothing is downloaded or copied. Images are inverted (ink = 1),
+resized to `size` x `size` and stored as float32 in [0, 1]. A character present in several
+sources (the small background subsets share Greek and Latin) is read once.
+
+Episodes are drawn with the counter-based generator of dmeta.rng, keyed by (seed, agent,
+stream, iteration), so every layout of ranks sees the same tasks, and vectorized: no Python
+loop over agents or tasks.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmeta import rng
+from dmeta.errors import DmetaError
+
+LAYOUT = (
+    "an Omniglot folder or zip in the standard layout: <root>/<Alphabet>/<character>/<id>.png "
+    "(e.g. images_background/Greek/character01/0394_01.png)"
+)
+
+
+@dataclass
+class CharacterSet:
+    """Characters as classes: images [classes, drawings, size, size] and their names."""
+
+    images: np.ndarray
+    alphabets: list[str]
+    names: list[str]  # "<Alphabet>/<character>"
+
+
+def _png_to_array(data: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        ink = Image.eval(image.convert("L"), lambda v: 255 - v)  # white background -> 0
+        return np.asarray(ink.resize((size, size), Image.Resampling.BOX), dtype=np.float32) / 255
+
+
+def _entries(source: Path) -> list[tuple[str, str, str, bytes]]:
+    """(alphabet, character, image name, PNG bytes) of every image under `source`."""
+    entries = []
+    if source.is_dir():
+        for png in sorted(source.rglob("*.png")):
+            parts = png.relative_to(source).parts
+            if len(parts) >= 3:
+                entries.append((parts[-3], parts[-2], parts[-1], png.read_bytes()))
+        return entries
+    try:
+        archive = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DmetaError(
+            f"{source} is not a readable zip archive ({error}); expected {LAYOUT}"
+        ) from None
+    with archive:
+        for name in sorted(archive.namelist()):
+            parts = name.split("/")
+            if name.endswith(".png") and len(parts) >= 4:
+                entries.append((parts[-3], parts[-2], parts[-1], archive.read(name)))
+    return entries
+
+
+def load_characters(sources: list[str | Path], size: int = 28) -> CharacterSet:
+    """Every character of the given folders or zips; DmetaError naming the layout if none."""
+    drawings: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for source in map(Path, sources):
+        if not source.exists():
+            raise DmetaError(f"Omniglot source {source} does not exist; expected {LAYOUT}")
+        seen_here: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for alphabet, character, image, data in _entries(source):
+            seen_here.setdefault(f"{alphabet}/{character}", []).append(
+                (image, _png_to_array(data, size))
+            )
+        if not seen_here:
+            raise DmetaError(f"Omniglot source {source} holds no images; expected {LAYOUT}")
+        for name, images in seen_here.items():
+            drawings.setdefault(name, images)  # a character shared by two sources counts once
+    names = sorted(drawings)
+    counts = {len(drawings[name]) for name in names}
+    if len(counts) != 1:
+        raise DmetaError(f"Omniglot characters have different numbers of drawings: {counts}")
+    images = np.stack([np.stack([a for _, a in sorted(drawings[name])]) for name in names])
+    return CharacterSet(images, [name.split("/")[0] for name in names], names)
+
+
+def split_by_alphabet(
+    characters: CharacterSet, validation: list[str], test: list[str]
+) -> dict[str, np.ndarray]:
+    """Class indices of the meta-train, meta-validation and meta-test splits: whole alphabets,
+    never shared between splits."""
+    known = set(characters.alphabets)
+    for alphabet in [*validation, *test]:
+        if alphabet not in known:
+            raise DmetaError(f"alphabet {alphabet!r} is not among {sorted(known)}")
+    if set(validation) & set(test):
+        raise DmetaError(f"alphabets {sorted(set(validation) & set(test))} are in two splits")
+    alphabets = np.array(characters.alphabets)
+    in_validation = np.isin(alphabets, validation)
+    in_test = np.isin(alphabets, test)
+    return {
+        "train": np.flatnonzero(~in_validation & ~in_test),
+        "validation": np.flatnonzero(in_validation),
+        "test": np.flatnonzero(in_test),
+    }
+
+
+def with_rotations(images: np.ndarray) -> np.ndarray:
+    """Each class and its rotations by 90, 180 and 270 degrees as four classes: [4 C, ...]."""
+    return np.concatenate([np.rot90(images, turns, axes=(-2, -1)) for turns in range(4)])
+
+
+def _first_of_random_order(uniform: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` smallest keys along the last axis: a uniform random subset."""
+    return torch.argsort(uniform, dim=-1)[..., :count]
+
+
+def episode_indices(
+    classes: torch.Tensor,
+    drawings: int,
+    seed: int,
+    agents: torch.Tensor,
+    stream: int,
+    iteration: int,
+    tasks: int,
+    ways: int,
+    samples: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which classes and drawings make each episode: class ids [A, T, N] from `classes`, all
+    distinct, and drawing ids [A, T, N, samples], distinct within a class."""
+    if ways > len(classes) or samples > drawings:
+        raise DmetaError(
+            f"an episode of {ways} classes with {samples} drawings each needs {ways} classes "
+            f"and {samples} drawings per class; the split has {len(classes)} and {drawings}"
+        )
+    keys = rng.uniform(
+        seed,
+        agents,
+        stream,
+        iteration,
+        (tasks, len(classes) + ways * drawings),
+        dtype=torch.float64,
+    )
+    chosen = classes[_first_of_random_order(keys[..., : len(classes)], ways)]
+    per_class = keys[..., len(classes) :].reshape(len(agents), tasks, ways, drawings)
+    return chosen, _first_of_random_order(per_class, samples)
+
+
+def sample_episodes(
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    seed: int,
+    agents: torch.Tensor,
+    stream: int,
+    iteration: int,
+    tasks: int,
+    ways: int,
+    shots: int,
+    queries: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N-way K-shot episodes from the classes `classes` (indices into `images`).
+
+    Returns support_x [A, T, N K, 1, H, W], support_y [A, T, N K] (labels 0..N-1, class by
+    class), query_x [A, T, N Q, 1, H, W] and query_y [A, T, N Q]. The N classes of an episode
+    are distinct and each contributes K + Q distinct drawings (`episode_indices`).
+    """
+    chosen, picks = episode_indices(
+        classes, images.shape[1], seed, agents, stream, iteration, tasks, ways, shots + queries
+    )
+    selected = images[chosen[..., None], picks]  # [A, T, N, K + Q, H, W]
+    # [A, T, N, K + Q]: a drawing's label is its class's position in the episode.
+    labels = torch.arange(ways, device=images.device)[:, None].expand(*picks.shape)
+
+    def flatten(part: torch.Tensor) -> torch.Tensor:
+        return part.reshape(len(agents), tasks, -1, *part.shape[4:])
+
+    support_x = flatten(selected[..., :shots, :, :])[:, :, :, None]
+    query_x = flatten(selected[..., shots:, :, :])[:, :, :, None]
+    support_y = flatten(labels[..., :shots].contiguous())
+    query_y = flatten(labels[..., shots:].contiguous())
+    return support_x, support_y, query_x, query_y
