@@ -26,7 +26,8 @@ class ParameterSlot:
     shape: tuple[int, ...]
     offset: int
     size: int
-    init_bound: float
+    init_bound: float  # U(-bound, bound); 0 with init_value for normalization layers
+    init_value: float = 0.0
 
 
 class FlatModel:
@@ -37,14 +38,27 @@ class FlatModel:
         slots = []
         offset = 0
         fan_in = 1
+        norms = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+        normalized = {
+            f"{prefix}.{kind}"
+            for prefix, layer in self.module.named_modules()
+            if isinstance(layer, norms)
+            for kind in ("weight", "bias")
+        }
         for name, parameter in self.module.named_parameters():
             shape = tuple(parameter.shape)
-            if len(shape) >= 2:
-                fan_in = math.prod(shape[1:])
-            # torch.nn's default: weights and the biases that follow them drawn from
-            # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of their layer.
-            slots.append(ParameterSlot(name, shape, offset, math.prod(shape), fan_in**-0.5))
-            offset += math.prod(shape)
+            size = math.prod(shape)
+            if name in normalized:
+                # torch.nn's default for normalization: scale 1, shift 0.
+                value = 1.0 if name.endswith("weight") else 0.0
+                slots.append(ParameterSlot(name, shape, offset, size, 0.0, value))
+            else:
+                if len(shape) >= 2:
+                    fan_in = math.prod(shape[1:])
+                # torch.nn's default: weights and the biases that follow them drawn from
+                # U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of their layer.
+                slots.append(ParameterSlot(name, shape, offset, size, fan_in**-0.5))
+            offset += size
         self.slots = tuple(slots)
         self.num_parameters = offset
 
@@ -81,7 +95,10 @@ class FlatModel:
         bounds = torch.cat(
             [torch.full((slot.size,), slot.init_bound, dtype=dtype) for slot in self.slots]
         ).to(agents.device)
-        return unit * bounds
+        values = torch.cat(
+            [torch.full((slot.size,), slot.init_value, dtype=dtype) for slot in self.slots]
+        ).to(agents.device)
+        return values + unit * bounds
 
 
 def build_mlp(config: ModelConfig, in_features: int, out_features: int) -> FlatModel:
@@ -93,4 +110,32 @@ def build_mlp(config: ModelConfig, in_features: int, out_features: int) -> FlatM
         layers += [nn.Linear(width, hidden), activation()]
         width = hidden
     layers.append(nn.Linear(width, out_features))
+    return FlatModel(nn.Sequential(*layers))
+
+
+def build_convnet(
+    in_channels: int, size: int, outputs: int, filters: int, blocks: int, norm: str
+) -> FlatModel:
+    """MAML's few-shot classifier: `blocks` x (3x3 conv, norm, ReLU, 2x2 max-pool), then a
+    linear head. Normalization uses the statistics of the batch it sees, as MAML does, and
+    keeps no running statistics: there is nothing but parameters to combine, and the norm's
+    scale and shift are combined like every other parameter. `norm` is "batch" or "group"
+    (GroupNorm with 8 groups, independent of the batch)."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for _ in range(blocks):
+        normalization = (
+            nn.BatchNorm2d(filters, track_running_stats=False)
+            if norm == "batch"
+            else nn.GroupNorm(min(8, filters), filters)
+        )
+        layers += [
+            nn.Conv2d(channels, filters, 3, padding=1),
+            normalization,
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+        channels = filters
+        size //= 2
+    layers += [nn.Flatten(), nn.Linear(filters * size * size, outputs)]
     return FlatModel(nn.Sequential(*layers))
