@@ -13,11 +13,20 @@ import torch
 from dmeta import omniglot, rng
 from dmeta.errors import DmetaError
 
-DATA = Path(
-    os.environ.get(
-        "DMETA_OMNIGLOT", Path(__file__).resolve().parents[2] / "shared/datasets/omniglot"
-    )
-)
+
+def _data_folder() -> Path:
+    """DMETA_OMNIGLOT, else the first shared/datasets/omniglot beside a folder above the tests."""
+    if "DMETA_OMNIGLOT" in os.environ:
+        return Path(os.environ["DMETA_OMNIGLOT"])
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "shared" / "datasets" / "omniglot"
+        if candidate.is_dir():
+            return candidate
+    return here.parents[2] / "shared" / "datasets" / "omniglot"
+
+
+DATA = _data_folder()
 SOURCES = [DATA / "images_background_small1.zip", DATA / "images_background_small2.zip"]
 
 
