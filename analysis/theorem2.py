@@ -173,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             series=("centroid/stationarity", "centroid/stationarity_noise"),
             allow_partial=args.allow_partial,
         )
+        results = [analyse(run, args.window) for run in runs]
     except RunFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    results = sorted((analyse(run, args.window) for run in runs), key=lambda r: r.run.step_size)
+    results.sort(key=lambda r: r.run.step_size)
     fit = sweep_fit(results)
     print(table(results, fit))
     out = figure_path(args.out, runs, "theorem2.png")

@@ -204,3 +204,14 @@ def test_representation_script_fits_a_known_geometric_rate(tmp_path, capsys) -> 
     assert rows["anil"][-2] == "0.9900" and rows["anil"][-1] == "yes"
     assert rows["arm"][1] == "tau=5" and rows["arm"][-2] == "1.0000" and rows["arm"][-1] == "no"
     assert out.is_file()
+
+
+def test_theorem2_names_a_run_without_a_finite_estimate(tmp_path, capsys) -> None:
+    nothing = np.full(len(ITERATIONS), np.nan)
+    path = write_sweep_run(
+        tmp_path / "nan.h5",
+        0.01,
+        **{"centroid/stationarity": nothing, "centroid/stationarity_noise": nothing},
+    )
+    assert theorem2.main([str(path)]) == 2
+    assert "holds no finite value" in capsys.readouterr().err
