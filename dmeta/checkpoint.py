@@ -112,17 +112,14 @@ def check_checkpoint(path: Path, config: Config) -> int:
     try:
         with h5py.File(path, "r") as file:
             attributes = dict(file.attrs)
-            names: list[str] = []
-            file.visititems(
-                lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None
-            )
+            has_models = isinstance(file.get("launch_models"), h5py.Dataset)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DmetaError(
             f"checkpoint {path} is corrupt ({reason}); delete it or pass --restart"
         ) from None
     required = {"format", "config", "iteration", "rows", "num_agents", "window_steps"}
-    if not required <= attributes.keys() or "launch_models" not in names:
+    if not required <= attributes.keys() or not has_models:
         raise DmetaError(f"checkpoint {path} is incomplete; delete it or pass --restart")
     if int(attributes["format"]) != FORMAT:
         raise DmetaError(

@@ -25,16 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmeta.config import load_config, read_toml
+from dmeta.checkpoint import checkpoint_path
+from dmeta.config import Config, load_config, read_toml
 from dmeta.errors import DmetaError
+from dmeta.output import partial_path
 
 
 @dataclass
 class SweepRun:
-    """One member of a sweep: its overrides and its run file."""
+    """One member of a sweep: its overrides, its checked config and its run file."""
 
     label: str
     overrides: list[str]
+    config: Config
     out: Path
 
 
@@ -64,10 +67,11 @@ def load_sweep(
     runs = []
     for index in range(next(iter(lengths.values()))):
         overrides = [f"{key}={_toml_value(values[index])}" for key, values in vary.items()]
-        load_config(base, [*extra, *overrides])  # every run is checked before any starts
+        # Every run is checked before any starts.
+        config = load_config(base, [*extra, *overrides])
         label = f"{first_key.rsplit('.', 1)[-1]}={vary[first_key][index]}"
         name = f"{index:02d}_{label.replace('=', '')}.h5"
-        runs.append(SweepRun(label, [*extra, *overrides], out_dir / name))
+        runs.append(SweepRun(label, [*extra, *overrides], config, out_dir / name))
     return base, runs
 
 
@@ -107,7 +111,7 @@ def _launch_prefix(ranks: int, launcher: str) -> list[str]:
 def run_command(base: Path, run: SweepRun, prefix: list[str], threads: int) -> list[str]:
     """The `dmeta run` command line of one member of a sweep."""
     overrides = list(run.overrides)
-    if threads and load_config(base, run.overrides).runtime.threads == 0:
+    if threads and run.config.runtime.threads == 0:
         overrides.append(f"runtime.threads={threads}")  # share the cores among the runs
     command = [*prefix, sys.executable, "-m", "dmeta.cli", "run", str(base), "--quiet"]
     command += [item for o in overrides for item in ("--set", o)]
@@ -128,9 +132,9 @@ def sweep_status(runs: list[SweepRun]) -> list[tuple[SweepRun, str]]:
     for run in runs:
         if run.out.exists():
             state = "complete"
-        elif run.out.with_name(run.out.name + ".ckpt").exists():
+        elif checkpoint_path(run.out).exists():
             state = "resumable"
-        elif run.out.with_name(run.out.name + ".partial").exists():
+        elif partial_path(run.out).exists():
             state = "partial"
         else:
             state = "missing"

@@ -184,11 +184,12 @@ class LinearRepresentationTask:
         key = torch.zeros(1, dtype=torch.int64, device=device)
         gaussian = rng.normal(seed, key, rng.STREAM_TRUTH, 0, (dim, rank), torch.float64)[0]
         self.truth = linrep.orthonormal_basis(gaussian).to(dtype)
-        self.head_mean = torch.full((rank,), config.head_mean / math.sqrt(rank), dtype=dtype)
+        self.head_mean = torch.full(
+            (rank,), config.head_mean / math.sqrt(rank), dtype=dtype, device=device
+        )
         self.head_root = linrep.head_covariance_root(rank, config.head_condition_number, dtype).to(
             device
         )
-        self.head_mean = self.head_mean.to(device)
         self.fixed_heads: torch.Tensor | None = None
         if config.heads == "fixed":
             agents = torch.arange(num_agents, device=device)

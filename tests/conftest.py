@@ -23,6 +23,17 @@ SMALL = [
 ]
 
 
+# A small linear representation problem (seed 001), on top of SMALL.
+LINEAR = [
+    "problem=linear_representation",
+    "linear.dim=6",
+    "linear.rank=2",
+    "optimizer.name=sgd",
+    "optimizer.lr=0.05",
+    "runtime.dtype=float64",
+]
+
+
 def small_config(*overrides: str) -> Config:
     """A 7-agent sine run of a dozen iterations."""
     return load_config(None, [*SMALL, *overrides])

@@ -111,17 +111,9 @@ def test_head_covariance_has_the_requested_condition_number() -> None:
 
 
 def linear_config(*extra: str):
-    from conftest import small_config
+    from conftest import LINEAR, small_config
 
-    return small_config(
-        "problem=linear_representation",
-        "linear.dim=6",
-        "linear.rank=2",
-        "optimizer.name=sgd",
-        "optimizer.lr=0.05",
-        "runtime.dtype=float64",
-        *extra,
-    )
+    return small_config(*LINEAR, *extra)
 
 
 def test_linear_run_logs_distances_and_describes_its_tasks(tmp_path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_datasets, run_local, small_config
+from conftest import LINEAR, read_datasets, run_local, small_config
 
 from dmeta.comm import (
     AgentLayout,
@@ -171,15 +171,7 @@ def test_every_learner_runs_the_same_under_mpi(comm, learner) -> None:
     ],
 )
 def test_linear_representation_runs_the_same_under_mpi(comm, setting) -> None:
-    config = _diffusion_config(
-        "problem=linear_representation",
-        "linear.dim=6",
-        "linear.rank=2",
-        "optimizer.name=sgd",
-        "optimizer.lr=0.05",
-        "runtime.dtype=float64",
-        *setting,
-    )
+    config = _diffusion_config(*LINEAR, *setting)
     parallel, local_run = _run_here_and_locally(comm, config)
 
     def check() -> None:
