@@ -25,6 +25,16 @@ class RunFileError(Exception):
 
 
 @dataclass
+class FinalResult:
+    """A final evaluation /final/<name> [K] with its 95% interval and the network's mean."""
+
+    values: np.ndarray  # [K], one per agent
+    ci95: np.ndarray  # [K], half-widths of the per-agent 95% confidence intervals
+    network_mean: float  # mean over agents and tasks
+    network_ci95: float  # half-width over tasks of the agent-averaged score
+
+
+@dataclass
 class Run:
     """One run file, loaded eagerly: config, strategy, logged iterations and metrics."""
 
@@ -37,6 +47,7 @@ class Run:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T, K]
     series: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. centroid/... -> [T]
     lambda2: float | None = None  # mixing rate of the combination matrix (/topology/A)
+    finals: dict[str, FinalResult] = field(default_factory=dict)  # e.g. test_accuracy
 
     @property
     def step_size(self) -> float:
@@ -93,12 +104,30 @@ def _attribute_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _final(file: h5py.File, path: str, name: str) -> FinalResult:
+    """/final/<name>, /final/<name>_ci95 and the network attributes, or RunFileError."""
+    values = _read_dataset(file, path, f"final/{name}")
+    ci95 = _read_dataset(file, path, f"final/{name}_ci95")
+    attributes = file[f"final/{name}"].attrs
+    if values.ndim != 1 or values.shape != ci95.shape:
+        raise RunFileError(f"{path}: /final/{name} and its _ci95 are not two [K] arrays")
+    if "network_mean" not in attributes or "network_ci95" not in attributes:
+        raise RunFileError(f"{path}: /final/{name} lacks its network_mean/network_ci95")
+    return FinalResult(
+        np.asarray(values, dtype=float),
+        np.asarray(ci95, dtype=float),
+        float(attributes["network_mean"]),
+        float(attributes["network_ci95"]),
+    )
+
+
 def _load(
     file: h5py.File,
     path: str,
     metrics: tuple[str, ...],
     series: tuple[str, ...],
     allow_partial: bool,
+    finals: tuple[str, ...] = (),
 ) -> Run:
     """Build a `Run` from an open file (see `open_run`)."""
     complete = bool(file.attrs.get("complete", False))
@@ -138,6 +167,8 @@ def _load(
         raise RunFileError(f"{path}: datasets disagree on the number of rows ({sorted(lengths)})")
     if rows == 0:
         raise RunFileError(f"{path}: no logged rows")
+    if finals and not complete:
+        raise RunFileError(f"{path}: run is not complete, so it has no final evaluation")
     return Run(
         path=path,
         config=config,
@@ -148,6 +179,7 @@ def _load(
         metrics={name: np.asarray(a[:rows], dtype=float) for name, a in arrays.items()},
         series={name: np.asarray(a[:rows], dtype=float) for name, a in columns.items()},
         lambda2=lambda2,
+        finals={name: _final(file, path, name) for name in finals},
     )
 
 
@@ -157,9 +189,11 @@ def open_run(
     metrics: tuple[str, ...] = METRICS,
     series: tuple[str, ...] = (),
     allow_partial: bool = False,
+    finals: tuple[str, ...] = (),
 ) -> Run:
-    """Load a run file: config, strategy, /time, the requested /metrics datasets ([T, K]) and
-    row-wise `series` given by full path (e.g. "centroid/disagreement", [T]).
+    """Load a run file: config, strategy, /time, the requested /metrics datasets ([T, K]),
+    row-wise `series` given by full path (e.g. "centroid/disagreement", [T]) and final
+    evaluations by name (e.g. "test_accuracy": /final/test_accuracy and its _ci95).
 
     A run whose root attribute `complete` is not True (a `.partial` file) is refused unless
     `allow_partial`; it is then cut to the rows that every loaded dataset holds.
@@ -171,7 +205,7 @@ def open_run(
         raise RunFileError(f"{path}: not a regular file")
     try:
         with h5py.File(path, "r") as file:
-            return _load(file, path, metrics, series, allow_partial)
+            return _load(file, path, metrics, series, allow_partial, finals)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RunFileError(f"{path}: not an HDF5 file or corrupt ({reason})") from None
@@ -183,10 +217,11 @@ def load_runs(
     metrics: tuple[str, ...] = METRICS,
     series: tuple[str, ...] = (),
     allow_partial: bool = False,
+    finals: tuple[str, ...] = (),
 ) -> list[Run]:
     """`open_run` on every file the paths and globs name, in order."""
     return [
-        open_run(path, metrics=metrics, series=series, allow_partial=allow_partial)
+        open_run(path, metrics=metrics, series=series, allow_partial=allow_partial, finals=finals)
         for path in expand_paths(patterns)
     ]
 

@@ -89,11 +89,57 @@ class LinearTaskConfig:
 
 
 @dataclass
+class FewShotConfig:
+    """N-way K-shot image classification (problem = "fewshot"; dmeta/fewshot.py).
+
+    Classes are split into meta-train, meta-validation and meta-test sets that never share a
+    class; training tasks come from meta-train, the logged validation accuracy from a fixed set
+    of meta-validation tasks, and the final accuracy from `test_tasks` meta-test tasks.
+    """
+
+    dataset: Literal["omniglot", "miniimagenet"] = "omniglot"
+    # Omniglot: folders or zips in the images_background layout (<Alphabet>/<character>/*.png).
+    # MiniImagenet: one folder holding train.csv, val.csv, test.csv and images/ (Ravi-Larochelle)
+    # or mini-imagenet-cache-{train,val,test}.pkl. Relative paths start at the working folder;
+    # $VARIABLES are expanded.
+    paths: list[str] = field(default_factory=list)
+    # Images are resized to image_size x image_size (0: 28 for Omniglot, 84 for MiniImagenet).
+    image_size: int = 0
+    ways: int = 5
+    shots: int = 1
+    # Query examples per class of every task (training, validation and test).
+    queries: int = 5
+    # Omniglot: split by whole alphabets (the lists below) or by characters (the fractions below,
+    # after a shuffle keyed by the run seed). MiniImagenet uses its files' split.
+    split: Literal["alphabet", "character"] = "alphabet"
+    validation_alphabets: list[str] = field(default_factory=lambda: ["Greek"])
+    test_alphabets: list[str] = field(default_factory=lambda: ["Korean", "Tagalog"])
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.25
+    # Omniglot: each character turned by 90, 180 and 270 degrees is three more classes of its split.
+    rotations: bool = True
+    # shared: every agent draws tasks from all meta-train classes (Dif-MAML's setting);
+    # disjoint: agent k only from its own share of them (shuffled by the run seed).
+    partition: Literal["shared", "disjoint"] = "shared"
+    # Meta-test tasks of the final evaluation (the same for every agent).
+    test_tasks: int = 600
+
+
+@dataclass
 class ModelConfig:
-    """A fully connected network; input and output sizes come from the task."""
+    """The network; input and output sizes come from the task.
+
+    Regression problems use a fully connected network (hidden, activation); few-shot image
+    problems MAML's convolutional network (filters, blocks, norm).
+    """
 
     hidden: list[int] = field(default_factory=lambda: [40, 40])
     activation: Literal["relu", "tanh"] = "relu"
+    # Blocks of 3x3 convolution, normalization, ReLU and 2x2 max-pool, then a linear head.
+    filters: int = 32
+    blocks: int = 4
+    # batch: batch statistics of each forward pass, no running statistics; group: 8 groups.
+    norm: Literal["batch", "group"] = "batch"
     # Every agent starts from its own random launch model (Algorithm 1, line 0) unless True.
     same_init: bool = False
 
@@ -134,8 +180,10 @@ class ValidationConfig:
     tasks: int = 100
     support_shots: int = 10
     query_shots: int = 10
-    # Inner steps at validation; 0 means the learner's inner_steps.
+    # Inner steps at validation and at the final meta-test; 0 means the learner's inner_steps.
     inner_steps: int = 0
+    # Evaluation tasks adapted at once per agent (bounds memory for large models); 0: all.
+    tasks_at_once: int = 0
     # Stationarity of the centroid (Theorem 2): a fixed set of this many tasks per agent (even),
     # drawn from each agent's own task distribution, split in two halves whose averaged
     # meta-gradients give an unbiased estimate of ||grad J(w_c)||^2.
@@ -186,8 +234,9 @@ class Config:
 
     agents: int = 40
     strategy: Strategy = "atc"
-    # The task family: sine regression ([task], [model]) or linear representations ([linear]).
-    problem: Literal["sine", "linear_representation"] = "sine"
+    # The task family: sine regression ([task], [model]), linear representations ([linear]) or
+    # few-shot image classification ([fewshot], [model]).
+    problem: Literal["sine", "linear_representation", "fewshot"] = "sine"
     seed: int = 0
     iterations: int = 10000
     # Metrics (training loss, validation, disagreement) are logged every this many iterations,
@@ -197,6 +246,7 @@ class Config:
     graph: GraphConfig = field(default_factory=GraphConfig)
     task: SineTaskConfig = field(default_factory=SineTaskConfig)
     linear: LinearTaskConfig = field(default_factory=LinearTaskConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -305,6 +355,12 @@ def _check(config: Config) -> None:
         "linear.samples": config.linear.samples,
         "linear.heads_per_agent": config.linear.heads_per_agent,
         "checkpoint.poll_every": config.checkpoint.poll_every,
+        "fewshot.ways": config.fewshot.ways,
+        "fewshot.shots": config.fewshot.shots,
+        "fewshot.queries": config.fewshot.queries,
+        "fewshot.test_tasks": config.fewshot.test_tasks,
+        "model.filters": config.model.filters,
+        "model.blocks": config.model.blocks,
     }
     for key, value in positive.items():
         if value < 1:
@@ -318,6 +374,8 @@ def _check(config: Config) -> None:
         "checkpoint.every_iterations": config.checkpoint.every_iterations,
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
         "graph.grid_rows": config.graph.grid_rows,
+        "validation.tasks_at_once": config.validation.tasks_at_once,
+        "fewshot.image_size": config.fewshot.image_size,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -347,6 +405,23 @@ def _check(config: Config) -> None:
         )
     if config.task.amplitude_min > config.task.amplitude_max:
         raise DmetaError("task.amplitude_min must not exceed task.amplitude_max")
+    fewshot = config.fewshot
+    if config.problem == "fewshot":
+        if not fewshot.paths:
+            raise DmetaError(
+                "problem = 'fewshot' needs fewshot.paths: the data set's folders or files "
+                "(see the [fewshot] section of the README)"
+            )
+        if fewshot.ways < 2:
+            raise DmetaError(f"fewshot.ways = {fewshot.ways} must be at least 2")
+        if fewshot.test_tasks < 2:
+            raise DmetaError(f"fewshot.test_tasks = {fewshot.test_tasks} must be at least 2")
+    fractions = fewshot.validation_fraction + fewshot.test_fraction
+    if min(fewshot.validation_fraction, fewshot.test_fraction) <= 0 or fractions >= 1:
+        raise DmetaError(
+            "fewshot.validation_fraction and fewshot.test_fraction must be positive and sum to "
+            f"less than 1 (they are {fewshot.validation_fraction} and {fewshot.test_fraction})"
+        )
     if any(width < 1 for width in config.model.hidden):
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
 

@@ -107,12 +107,19 @@ class MAML:
         """
         return vmap(grad_and_value(self.agent_meta_loss))(launch_models, tasks)
 
-    def adapted_losses(
-        self, launch_models: torch.Tensor, tasks: TaskBatch, steps: int
+    def evaluate(
+        self,
+        launch_models: torch.Tensor,
+        tasks: TaskBatch,
+        steps: int,
+        scores: tuple[Loss, ...] = (),
+        tasks_at_once: int = 0,
     ) -> torch.Tensor:
-        """Mean query loss after `steps` inner steps on each support set, per agent: [agents].
+        """Query loss and `scores` after `steps` inner steps on each support set.
 
-        The same tasks [tasks, shots, ...] for every agent (validation).
+        The same tasks [tasks, shots, ...] for every agent (validation, meta-test). Returns
+        [agents, tasks, 1 + len(scores)]: the loss, then each score(prediction, target).
+        `tasks_at_once` > 0 adapts that many tasks at a time, bounding memory.
         """
 
         def one_task(
@@ -122,10 +129,13 @@ class MAML:
             qx: torch.Tensor,
             qy: torch.Tensor,
         ) -> torch.Tensor:
-            return self.loss(self.forward(self.adapt(theta, sx, sy, steps), qx), qy)
+            prediction = self.forward(self.adapt(theta, sx, sy, steps), qx)
+            return torch.stack([measure(prediction, qy) for measure in (self.loss, *scores)])
 
         def one_agent(theta: torch.Tensor) -> torch.Tensor:
-            return vmap(one_task, in_dims=(None, 0, 0, 0, 0))(theta, *tasks).mean()
+            return vmap(one_task, in_dims=(None, 0, 0, 0, 0), chunk_size=tasks_at_once or None)(
+                theta, *tasks
+            )
 
         return vmap(one_agent)(launch_models)
 

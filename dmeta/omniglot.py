@@ -1,4 +1,4 @@
-"""Omniglot characters from the standard on-disk layout, and N-way K-shot episodes over them.
+"""Omniglot characters from the standard on-disk layout, and their meta-train/val/test splits.
 
 Reads `<root>/<Alphabet>/<character>/<image>.png` (the `images_background` and
 `images_evaluation` folders of the Omniglot release) from folders or from zip archives that
@@ -6,9 +6,7 @@ hold such a folder, in place: nothing is downloaded or copied. Images are invert
 resized to `size` x `size` and stored as float32 in [0, 1]. A character present in several
 sources (the small background subsets share Greek and Latin) is read once.
 
-Episodes are drawn with the counter-based generator of dmeta.rng, keyed by (seed, agent,
-stream, iteration), so every layout of ranks sees the same tasks, and vectorized: no Python
-loop over agents or tasks.
+Episodes over these classes are drawn by dmeta.fewshot.
 """
 
 from __future__ import annotations
@@ -19,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dmeta import rng
 from dmeta.errors import DmetaError
 
 LAYOUT = (
@@ -114,77 +110,24 @@ def split_by_alphabet(
     }
 
 
+def split_by_character(
+    order: np.ndarray, validation_fraction: float, test_fraction: float
+) -> dict[str, np.ndarray]:
+    """Class indices of the three splits: the first test_fraction of the classes in `order` (a
+    permutation) are meta-test, the next validation_fraction meta-validation, the rest
+    meta-train. Each split gets at least one class."""
+    count = len(order)
+    test = max(1, round(test_fraction * count))
+    validation = max(1, round(validation_fraction * count))
+    if test + validation >= count:
+        raise DmetaError(f"{count} characters are too few to split into three non-empty sets")
+    return {
+        "train": np.sort(order[test + validation :]),
+        "validation": np.sort(order[test : test + validation]),
+        "test": np.sort(order[:test]),
+    }
+
+
 def with_rotations(images: np.ndarray) -> np.ndarray:
     """Each class and its rotations by 90, 180 and 270 degrees as four classes: [4 C, ...]."""
     return np.concatenate([np.rot90(images, turns, axes=(-2, -1)) for turns in range(4)])
-
-
-def _first_of_random_order(uniform: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the `count` smallest keys along the last axis: a uniform random subset."""
-    return torch.argsort(uniform, dim=-1)[..., :count]
-
-
-def episode_indices(
-    classes: torch.Tensor,
-    drawings: int,
-    seed: int,
-    agents: torch.Tensor,
-    stream: int,
-    iteration: int,
-    tasks: int,
-    ways: int,
-    samples: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which classes and drawings make each episode: class ids [A, T, N] from `classes`, all
-    distinct, and drawing ids [A, T, N, samples], distinct within a class."""
-    if ways > len(classes) or samples > drawings:
-        raise DmetaError(
-            f"an episode of {ways} classes with {samples} drawings each needs {ways} classes "
-            f"and {samples} drawings per class; the split has {len(classes)} and {drawings}"
-        )
-    keys = rng.uniform(
-        seed,
-        agents,
-        stream,
-        iteration,
-        (tasks, len(classes) + ways * drawings),
-        dtype=torch.float64,
-    )
-    chosen = classes[_first_of_random_order(keys[..., : len(classes)], ways)]
-    per_class = keys[..., len(classes) :].reshape(len(agents), tasks, ways, drawings)
-    return chosen, _first_of_random_order(per_class, samples)
-
-
-def sample_episodes(
-    images: torch.Tensor,
-    classes: torch.Tensor,
-    seed: int,
-    agents: torch.Tensor,
-    stream: int,
-    iteration: int,
-    tasks: int,
-    ways: int,
-    shots: int,
-    queries: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """N-way K-shot episodes from the classes `classes` (indices into `images`).
-
-    Returns support_x [A, T, N K, 1, H, W], support_y [A, T, N K] (labels 0..N-1, class by
-    class), query_x [A, T, N Q, 1, H, W] and query_y [A, T, N Q]. The N classes of an episode
-    are distinct and each contributes K + Q distinct drawings (`episode_indices`).
-    """
-    chosen, picks = episode_indices(
-        classes, images.shape[1], seed, agents, stream, iteration, tasks, ways, shots + queries
-    )
-    selected = images[chosen[..., None], picks]  # [A, T, N, K + Q, H, W]
-    # [A, T, N, K + Q]: a drawing's label is its class's position in the episode.
-    labels = torch.arange(ways, device=images.device)[:, None].expand(*picks.shape)
-
-    def flatten(part: torch.Tensor) -> torch.Tensor:
-        return part.reshape(len(agents), tasks, -1, *part.shape[4:])
-
-    support_x = flatten(selected[..., :shots, :, :])[:, :, :, None]
-    query_x = flatten(selected[..., shots:, :, :])[:, :, :, None]
-    support_y = flatten(labels[..., :shots].contiguous())
-    query_y = flatten(labels[..., shots:].contiguous())
-    return support_x, support_y, query_x, query_y

@@ -35,12 +35,11 @@ from dmeta.comm import (
 )
 from dmeta.config import Config, LearnerConfig
 from dmeta.errors import DmetaError
+from dmeta.fewshot import FewShotTask, check_sources, confidence_interval_95
 from dmeta.meta import MAML, Reptile
 from dmeta.models import FlatModel
 from dmeta.output import RowSchema, open_writer, parallel_hdf5_available
-from dmeta.tasks import LinearRepresentationTask, SineTask, TaskBatch
-
-Task = SineTask | LinearRepresentationTask
+from dmeta.tasks import LinearRepresentationTask, SineTask, TaskBatch, TaskFamily
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -122,6 +121,8 @@ def plan_run(config: Config, size: int, rank: int, local_rank: int, local_size: 
                 "output.writer = 'parallel' needs the mpi backend: launch with mpiexec and "
                 "runtime.backend=mpi (or auto with more than one rank)"
             )
+    if config.problem == "fewshot":
+        check_sources(config.fewshot)
     layout = AgentLayout(config.agents, size)
     matrix = strategy_matrix(config)
     report = topology.describe(matrix)
@@ -142,14 +143,16 @@ def build_combiner(plan: RunPlan, comm: Any, collectives: Collectives, dtype: to
     return NeighborCombiner(comm, plan.matrix, plan.layout, dtype, plan.device)
 
 
-def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> Task:
+def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> TaskFamily:
     """The task family of `problem`, seeded by the run."""
     if config.problem == "linear_representation":
         return LinearRepresentationTask(config.linear, config.agents, config.seed, dtype, device)
+    if config.problem == "fewshot":
+        return FewShotTask(config.fewshot, config.agents, config.seed, dtype, device)
     return SineTask(config.task, config.agents, config.seed, dtype, device)
 
 
-def build_learner(settings: LearnerConfig, model: FlatModel, task: Task) -> MAML:
+def build_learner(settings: LearnerConfig, model: FlatModel, task: TaskFamily) -> MAML:
     """The meta-learner `learner.name` on `model` and `task` (see dmeta/meta.py)."""
     name = settings.name
     forward, loss = task.learner_functions(model)
@@ -253,7 +256,12 @@ class Progress:
         line = (
             f"iteration {iteration:>7d}  train {train_text:>7}  val {mean_validation:.4f}  "
             f"centroid val {scalars['centroid/val_loss']:.4f}  "
-            f"disagreement {scalars['centroid/disagreement']:.3e}  "
+            + (
+                f"centroid acc {scalars['centroid/val_accuracy']:.3f}  "
+                if "centroid/val_accuracy" in scalars
+                else ""
+            )
+            + f"disagreement {scalars['centroid/disagreement']:.3e}  "
             f"stationarity {scalars['centroid/stationarity']:.3e}"
         )
         if self.bar is not None:
@@ -372,6 +380,8 @@ def execute(
     learner = build_learner(config.learner, model, task)
     validation_tasks = task.validation_set(config.validation)
     validation_steps = config.validation.inner_steps or config.learner.inner_steps
+    scores = tuple(task.scores.values())
+    tasks_at_once = config.validation.tasks_at_once
     stationarity_tasks = task.sample(
         agents, 0, config.validation.stationarity_tasks, stream=rng.STREAM_STATIONARITY
     )
@@ -463,7 +473,11 @@ def execute(
                     "lower optimizer.lr or learner.inner_lr"
                 )
             with torch.no_grad():
-                validation = learner.adapted_losses(models, validation_tasks, validation_steps)
+                # [agents, 1 + scores]: the loss, then the task's scores (e.g. accuracy).
+                evaluation = learner.evaluate(
+                    models, validation_tasks, validation_steps, scores, tasks_at_once
+                ).mean(dim=1)
+            validation = evaluation[:, 0]
             spread = disagreement(models, centroid)
             train = window.mean_train_loss()
             expanded = centroid.expand(len(agents), -1)
@@ -495,21 +509,32 @@ def execute(
             }
             if rank == 0:
                 with torch.no_grad():
-                    centroid_validation = learner.adapted_losses(
-                        centroid[None], validation_tasks, validation_steps
-                    )
+                    centroid_evaluation = learner.evaluate(
+                        centroid[None], validation_tasks, validation_steps, scores, tasks_at_once
+                    ).mean(dim=1)[0]
                 wall = time.perf_counter() - start
                 scalars |= {
                     "time/wall": wall,
                     "time/comm": window.comm_seconds,
                     "time/compute": began - window.started - window.comm_seconds,
                     "time/log": wall - began,
-                    "centroid/val_loss": float(centroid_validation[0]),
+                    "centroid/val_loss": float(centroid_evaluation[0]),
+                }
+                scalars |= {
+                    f"centroid/val_{name}": float(value)
+                    for name, value in zip(task.scores, centroid_evaluation[1:], strict=True)
                 }
                 progress.row(iteration, mean_train, mean_validation, scalars)
             else:
                 scalars |= dict.fromkeys(
-                    ("time/wall", "time/comm", "time/compute", "time/log", "centroid/val_loss"),
+                    (
+                        "time/wall",
+                        "time/comm",
+                        "time/compute",
+                        "time/log",
+                        "centroid/val_loss",
+                        *(f"centroid/val_{name}" for name in task.scores),
+                    ),
                     math.nan,
                 )
             task_rows, task_scalars = task.row_metrics(models, centroid)
@@ -518,6 +543,10 @@ def execute(
                 **task_rows,
                 "metrics/train_loss": train,
                 "metrics/val_loss": validation,
+                **{
+                    f"metrics/val_{name}": evaluation[:, 1 + j]
+                    for j, name in enumerate(task.scores)
+                },
                 "metrics/disagreement": spread,
                 "metrics/grad_norm": window.gradient_norm,
                 "comm/bytes": window.comm_bytes,
@@ -586,6 +615,35 @@ def execute(
                 writer.close()
                 return iteration
         progress.close()
+        test_tasks = task.test_set()
+        if test_tasks is not None:
+            with torch.no_grad():
+                outcome = learner.evaluate(
+                    launch_models.detach(), test_tasks, validation_steps, scores, tasks_at_once
+                ).to(torch.float64)
+            # All ranks synchronise here: per-task sums over agents for the network's interval.
+            network = collectives.allreduce_sum(outcome.sum(dim=0)) / config.agents
+            for j, name in enumerate(("loss", *task.scores)):
+                per_task = outcome[..., j]
+                writer.write_agents(
+                    f"final/test_{name}",
+                    per_task.mean(dim=1).cpu().numpy(),
+                    units="1" if name != "loss" else "loss units",
+                    description=(
+                        f"query {name} after {validation_steps} inner steps, mean over "
+                        f"{per_task.shape[1]} fixed meta-test tasks, one value per agent"
+                    ),
+                    network_mean=float(network[:, j].mean()),
+                    network_ci95=float(confidence_interval_95(network[:, j])),
+                )
+                writer.write_agents(
+                    f"final/test_{name}_ci95",
+                    confidence_interval_95(per_task).cpu().numpy(),
+                    units="1" if name != "loss" else "loss units",
+                    description=(
+                        f"half-width of the 95% normal confidence interval of final/test_{name}"
+                    ),
+                )
         writer.write_agents(
             "params/final",
             launch_models.detach().cpu().numpy(),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from dmeta import linrep, rng
-from dmeta.config import LinearTaskConfig, ModelConfig, SineTaskConfig, ValidationConfig
+from dmeta.config import LinearTaskConfig, ModelConfig, ValidationConfig
 from dmeta.models import FlatModel, build_mlp
 
 
@@ -30,7 +31,50 @@ def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((prediction - target) ** 2).mean()
 
 
-class SineTask:
+class TaskFamily:
+    """What the runner asks of a task family, with the defaults of a plain one.
+
+    A family also has `sample`, `validation_set`, `build_model` and `learner_functions`.
+    `series` lists extra row-wise datasets (path -> (per agent?, units, meaning)), `scores`
+    extra validation measures (name -> score(prediction, target)) logged as
+    /metrics/val_<name>; `test_set` gives the fixed meta-test tasks of the final evaluation.
+    """
+
+    series: dict[str, tuple[bool, str, str]] = {}
+    scores: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+    def __init__(
+        self, config: Any, num_agents: int, seed: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        """`config` is the family's config section; numbers are drawn from `seed`."""
+        self.config = config
+        self.num_agents = num_agents
+        self.seed = seed
+        self.dtype = dtype
+        self.device = device
+
+    def tasks_per_iteration(self, requested: int) -> int:
+        return requested
+
+    def test_set(self) -> TaskBatch | None:
+        """No held-out meta-test split by default: the final evaluation is skipped."""
+        return None
+
+    def initial_parameters(
+        self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        return model.initial_parameters(self.seed, agents, same_init, dtype)
+
+    def row_metrics(
+        self, models: torch.Tensor, centroid: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return {}, {}
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class SineTask(TaskFamily):
     """y = A sin(x - phase) with agent k's amplitudes from the k-th of K equal intervals.
 
     Paper, Sec. IV-A: the amplitude range [0.1, 5.0] is split evenly over K agents, the phase
@@ -40,21 +84,6 @@ class SineTask:
     in_features = 1
     out_features = 1
     loss = staticmethod(mse_loss)
-    series: dict[str, tuple[bool, str, str]] = {}
-
-    def __init__(
-        self,
-        config: SineTaskConfig,
-        num_agents: int,
-        seed: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self.config = config
-        self.num_agents = num_agents
-        self.seed = seed
-        self.dtype = dtype
-        self.device = device
 
     def _amplitude_bounds(self, agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.config.amplitude_min, self.config.amplitude_max
@@ -133,9 +162,6 @@ class SineTask:
         )
         return TaskBatch(*(part[0] for part in batch))
 
-    def tasks_per_iteration(self, requested: int) -> int:
-        return requested
-
     def build_model(self, config: ModelConfig) -> FlatModel:
         """The fully connected network of `model` (1 input, 1 output)."""
         return build_mlp(config, self.in_features, self.out_features)
@@ -143,21 +169,8 @@ class SineTask:
     def learner_functions(self, model: FlatModel):
         return model.forward, mse_loss
 
-    def initial_parameters(
-        self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype
-    ) -> torch.Tensor:
-        return model.initial_parameters(self.seed, agents, same_init, dtype)
 
-    def row_metrics(
-        self, models: torch.Tensor, centroid: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        return {}, {}
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {}
-
-
-class LinearRepresentationTask:
+class LinearRepresentationTask(TaskFamily):
     """Tasks y = <B* w*, x> + z of seed 001 for the model (B, w) (dmeta/linrep.py).
 
     In `samples` mode a task is a support and a query set of `linear.samples` points each,
@@ -175,11 +188,7 @@ class LinearRepresentationTask:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.config = config
-        self.num_agents = num_agents
-        self.seed = seed
-        self.dtype = dtype
-        self.device = device
+        super().__init__(config, num_agents, seed, dtype, device)
         dim, rank = config.dim, config.rank
         key = torch.zeros(1, dtype=torch.int64, device=device)
         gaussian = rng.normal(seed, key, rng.STREAM_TRUTH, 0, (dim, rank), torch.float64)[0]
@@ -195,7 +204,6 @@ class LinearRepresentationTask:
             agents = torch.arange(num_agents, device=device)
             self.fixed_heads = self._heads(agents, rng.STREAM_HEADS, 0, config.heads_per_agent)
 
-    # Extra row-wise series of this task: path -> (per agent?, units, meaning).
     series = {
         "metrics/rep_distance": (
             True,

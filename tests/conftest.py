@@ -60,3 +60,68 @@ def read_datasets(path: Path) -> dict[str, np.ndarray]:
 @pytest.fixture
 def small() -> Config:
     return small_config()
+
+
+def write_miniimagenet(
+    root: Path, form: str, classes: int = 5, images: int = 6, size: int = 12
+) -> Path:
+    """A tiny MiniImagenet in the CSV ("csv") or pickle ("pickle") form: `classes` classes per
+    split of `images` random RGB images, each class with its own mean colour."""
+    import pickle
+
+    from PIL import Image
+
+    state = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val", "test"):
+        labels = [f"n{split}{c:03d}" for c in range(classes)]
+        pixels = [
+            np.clip(
+                state.integers(0, 256, 3)[None, None, :]
+                + state.normal(0, 40, (images, size, size, 3))[..., :],
+                0,
+                255,
+            ).astype(np.uint8)
+            for _ in labels
+        ]
+        if form == "pickle":
+            data = {
+                "image_data": np.concatenate(pixels),
+                "class_dict": {
+                    label: list(range(c * images, (c + 1) * images))
+                    for c, label in enumerate(labels)
+                },
+            }
+            with (root / f"mini-imagenet-cache-{split}.pkl").open("wb") as handle:
+                pickle.dump(data, handle)
+            continue
+        (root / "images").mkdir(exist_ok=True)
+        lines = ["filename,label"]
+        for label, block in zip(labels, pixels, strict=True):
+            for i, image in enumerate(block):
+                # PNG, lossless, so both forms hold the same pixels (the real files are JPEG).
+                name = f"{label}{i:08d}.png"
+                Image.fromarray(image).save(root / "images" / name)
+                lines.append(f"{name},{label}")
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# A few-shot run on a tiny synthetic MiniImagenet (fewshot.paths is added by the caller).
+FEWSHOT = [
+    "problem=fewshot",
+    "fewshot.dataset=miniimagenet",
+    "fewshot.image_size=8",
+    "fewshot.ways=3",
+    "fewshot.shots=1",
+    "fewshot.queries=2",
+    "fewshot.test_tasks=7",
+    "model.filters=4",
+    "model.blocks=2",
+    "learner.inner_lr=0.1",
+    "learner.tasks_per_agent=2",
+    "validation.tasks=4",
+    "validation.stationarity_tasks=2",
+    "optimizer.name=sgd",
+    "optimizer.lr=0.1",
+]

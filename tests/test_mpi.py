@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LINEAR, read_datasets, run_local, small_config
+from conftest import FEWSHOT, LINEAR, read_datasets, run_local, small_config, write_miniimagenet
 
 from dmeta.comm import (
     AgentLayout,
@@ -180,6 +180,37 @@ def test_linear_representation_runs_the_same_under_mpi(comm, setting) -> None:
                 parallel[name], local_run[name], rtol=1e-10, atol=1e-12, err_msg=name
             )
         np.testing.assert_array_equal(parallel["tasks/B_star"], local_run["tasks/B_star"])
+
+    _verdict(comm, check)
+
+
+@pytest.mark.parametrize("strategy", ["atc", "centralized"])
+def test_conv_net_few_shot_run_is_the_same_under_mpi(comm, strategy) -> None:
+    """MAML's conv net with batch norm on (tiny, synthetic) MiniImagenet files: accuracies,
+    the final meta-test and the combined parameters match the in-process run."""
+    rank = comm.Get_rank()
+    root = Path(comm.bcast(tempfile.mkdtemp() if rank == 0 else None)) / "mini"
+    if rank == 0:
+        write_miniimagenet(root, "pickle", classes=5, images=4, size=8)
+    comm.Barrier()
+    config = _diffusion_config(
+        *FEWSHOT, f"fewshot.paths=[{root}]", f"strategy={strategy}", "runtime.dtype=float64"
+    )
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        names = (
+            "metrics/val_accuracy",
+            "metrics/val_loss",
+            "centroid/val_accuracy",
+            "final/test_accuracy",
+            "final/test_accuracy_ci95",
+            "params/final",
+        )
+        for name in names:
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-10, atol=1e-12, err_msg=name
+            )
 
     _verdict(comm, check)
 

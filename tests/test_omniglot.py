@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmeta import omniglot, rng
+from dmeta import fewshot, omniglot, rng
 from dmeta.errors import DmetaError
 
 
@@ -64,7 +64,7 @@ def test_episodes_have_n_distinct_classes_of_distinct_drawings_from_one_split(
     splits = omniglot.split_by_alphabet(characters, ["Greek"], ["Korean"])
     # Rotations are further classes of the same split: class c + 242 r for each rotation r.
     train = torch.as_tensor(np.concatenate([splits["train"] + 242 * r for r in range(4)]))
-    chosen, picks = omniglot.episode_indices(
+    chosen, picks = fewshot.episode_indices(
         train, 20, 0, torch.arange(3), rng.STREAM_TASKS, 7, 50, ways, samples
     )
     assert chosen.shape == (3, 50, ways) and picks.shape == (3, 50, ways, samples)
@@ -75,35 +75,45 @@ def test_episodes_have_n_distinct_classes_of_distinct_drawings_from_one_split(
 
 
 def test_episode_images_and_labels_follow_the_indices(characters) -> None:
-    images = torch.as_tensor(omniglot.with_rotations(characters.images))
+    images = torch.as_tensor(omniglot.with_rotations(characters.images))[:, :, None]
     classes = torch.arange(len(images))
     agents = torch.arange(2)
-    sx, sy, qx, qy = omniglot.sample_episodes(images, classes, 0, agents, 2, 5, 3, 5, 1, 15)
+    sx, sy, qx, qy = fewshot.sample_episodes(images, classes, 0, agents, 2, 5, 3, 5, 1, 15)
     assert sx.shape == (2, 3, 5, 1, 28, 28) and qx.shape == (2, 3, 75, 1, 28, 28)
     assert sy[0, 0].tolist() == [0, 1, 2, 3, 4] and qy[0, 0].tolist() == sorted(
         [0, 1, 2, 3, 4] * 15
     )
-    chosen, picks = omniglot.episode_indices(classes, 20, 0, agents, 2, 5, 3, 5, 16)
+    chosen, picks = fewshot.episode_indices(classes, 20, 0, agents, 2, 5, 3, 5, 16)
     for n in range(5):
-        assert torch.equal(sx[1, 2, n, 0], images[chosen[1, 2, n], picks[1, 2, n, 0]])
-        assert torch.equal(qx[1, 2, 15 * n + 3, 0], images[chosen[1, 2, n], picks[1, 2, n, 4]])
+        assert torch.equal(sx[1, 2, n], images[chosen[1, 2, n], picks[1, 2, n, 0]])
+        assert torch.equal(qx[1, 2, 15 * n + 3], images[chosen[1, 2, n], picks[1, 2, n, 4]])
     # A rotated class is the same character turned by 90 degrees.
     assert torch.equal(images[242 + 7, 3], torch.rot90(images[7, 3], 1, dims=(-2, -1)))
 
 
+def test_per_agent_class_lists_give_each_agent_its_own_classes(characters) -> None:
+    lists = torch.arange(60).reshape(3, 20)  # agent a draws from classes 20 a .. 20 a + 19
+    chosen, _ = fewshot.episode_indices(lists, 20, 0, torch.arange(3), 2, 1, 40, 5, 2)
+    for agent in range(3):
+        assert set(chosen[agent].flatten().tolist()) <= set(lists[agent].tolist())
+        assert (torch.sort(chosen[agent], dim=-1).values.diff(dim=-1) > 0).all()
+        # Every class of the agent's list turns up over 40 tasks of 5.
+        assert len(set(chosen[agent].flatten().tolist())) == 20
+
+
 def test_episodes_are_keyed_per_agent(characters) -> None:
-    images = torch.as_tensor(characters.images)
+    images = torch.as_tensor(characters.images)[:, :, None]
     classes = torch.arange(100)
-    together = omniglot.sample_episodes(images, classes, 1, torch.arange(4), 2, 3, 2, 5, 1, 1)
-    alone = omniglot.sample_episodes(images, classes, 1, torch.tensor([2]), 2, 3, 2, 5, 1, 1)
+    together = fewshot.sample_episodes(images, classes, 1, torch.arange(4), 2, 3, 2, 5, 1, 1)
+    alone = fewshot.sample_episodes(images, classes, 1, torch.tensor([2]), 2, 3, 2, 5, 1, 1)
     for a, b in zip(together, alone, strict=True):
         assert torch.equal(a[2], b[0])
 
 
 def test_an_episode_larger_than_the_split_is_refused(characters) -> None:
-    images = torch.as_tensor(characters.images)
-    with pytest.raises(DmetaError, match="needs 5 classes and 2 drawings"):
-        omniglot.sample_episodes(images, torch.arange(3), 0, torch.arange(1), 2, 0, 1, 5, 1, 1)
+    images = torch.as_tensor(characters.images)[:, :, None]
+    with pytest.raises(DmetaError, match="needs 5 classes and 2 images"):
+        fewshot.sample_episodes(images, torch.arange(3), 0, torch.arange(1), 2, 0, 1, 5, 1, 1)
 
 
 def test_a_wrong_path_names_the_expected_layout(tmp_path) -> None:
