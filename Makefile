@@ -10,7 +10,7 @@ MPI_TIMEOUT := timeout --signal=KILL 600
 RUNS := runs
 STRATEGIES := atc centralized noncooperative
 
-.PHONY: install run test lint figure theorems clean
+.PHONY: install run test lint figure theorems fewshot bench clean
 
 install: $(STAMP)
 
@@ -34,7 +34,7 @@ run: $(STAMP)
 	@echo "plot: $(RUNS)/sine_quick_fig1b.png"
 
 lint: $(STAMP)
-	$(BIN)/ruff check dmeta analysis tests
+	$(BIN)/ruff check dmeta analysis tests benchmarks
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
@@ -55,6 +55,19 @@ theorems: $(STAMP)
 	$(BIN)/dmeta sweep jobs/theorems_mu_sweep.toml --parallel 2 --out-dir $(RUNS)/theorems_mu_sweep
 	$(BIN)/python analysis/theorem1.py '$(RUNS)/theorems_mu_sweep/*.h5' --out docs/theorem1.png
 	$(BIN)/python analysis/theorem2.py '$(RUNS)/theorems_mu_sweep/*.h5' --out docs/theorem2.png
+
+# The few-shot demo: Omniglot subsets, 3 strategies x 1 and 5 shots (see README for the time).
+fewshot: $(STAMP)
+	$(BIN)/dmeta sweep jobs/omniglot_demo_sweep.toml --out-dir $(RUNS)/omniglot_demo_sweep
+	$(BIN)/python analysis/fig2b.py '$(RUNS)/omniglot_demo_sweep/*.h5' --check \
+	  --out docs/fig2b_omniglot.png
+
+# Benchmarks (issue 7): each prints a table; see BENCHMARKS.md for results and times.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_sine.py
+	$(BIN)/python benchmarks/bench_agents.py
+	$(BIN)/python benchmarks/bench_comm.py
+	$(BIN)/python benchmarks/bench_fig1b.py --out-dir $(RUNS)/bench_fig1b
 
 clean:
 	rm -rf $(VENV) $(RUNS) *.egg-info

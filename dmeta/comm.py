@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dmeta.combine import combine
+from dmeta.combine import Combination
 from dmeta.errors import DmetaError
 
 
@@ -121,10 +121,10 @@ class MatrixCombiner:
     """In-process diffusion: every agent in one tensor, w = A^T phi (eq. 6b)."""
 
     def __init__(self, matrix: np.ndarray, dtype: torch.dtype, device: torch.device) -> None:
-        self.weights = torch.as_tensor(matrix, dtype=dtype, device=device)
+        self.combination = Combination(torch.as_tensor(matrix, dtype=dtype, device=device))
 
     def __call__(self, states: torch.Tensor) -> torch.Tensor:
-        return combine(self.weights, states)
+        return self.combination(states)
 
     def bytes_per_agent(self, model_bytes: int) -> float:
         """Bytes sent to other ranks per agent and combination: none, all agents are here."""
@@ -179,8 +179,8 @@ class NeighborCombiner:
         # reorder=False keeps rank numbers, so blocks arrive in the order of `self.sources`.
         self.graph_comm = comm.Create_dist_graph_adjacent(self.sources, destinations, reorder=False)
         source_agents = np.concatenate([mine] + [layout.agents(r) for r in self.sources])
-        self.weights = torch.as_tensor(
-            matrix[np.ix_(source_agents, mine)], dtype=dtype, device=device
+        self.combination = Combination(
+            torch.as_tensor(matrix[np.ix_(source_agents, mine)], dtype=dtype, device=device)
         )
         self.num_local = len(mine)
         self.num_destinations = len(destinations)
@@ -207,7 +207,7 @@ class NeighborCombiner:
         # Ranks synchronise with their graph neighbours here.
         self.graph_comm.Neighbor_allgatherv(host, [buffer[self.num_local :], (counts, offsets)])
         gathered = torch.from_numpy(buffer).to(states.device)
-        return combine(self.weights, gathered)
+        return self.combination(gathered)
 
     def bytes_per_agent(self, model_bytes: int) -> float:
         """Each agent's row of the rank block goes once to every neighbour rank."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,18 @@ class ImageClasses:
 
 
 def source_paths(config: FewShotConfig) -> list[Path]:
-    """fewshot.paths with $VARIABLES and ~ expanded."""
-    return [Path(os.path.expanduser(os.path.expandvars(path))) for path in config.paths]
+    """fewshot.paths with $VARIABLES and ~ expanded; DmetaError for an unset variable."""
+    paths = []
+    for path in config.paths:
+        expanded = os.path.expandvars(path)
+        unset = re.search(r"\$\{?(\w+)", expanded)
+        if unset:
+            raise DmetaError(
+                f"fewshot.paths entry {path!r} uses ${unset.group(1)}, which is not set: "
+                f"export {unset.group(1)}=/path/to/the/data or give the path itself"
+            )
+        paths.append(Path(os.path.expanduser(expanded)))
+    return paths
 
 
 def check_sources(config: FewShotConfig) -> None:

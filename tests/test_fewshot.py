@@ -75,6 +75,9 @@ def test_a_missing_data_path_fails_when_the_run_is_planned(tmp_path) -> None:
     config = load_config(None, ["problem=fewshot", f"fewshot.paths=[{tmp_path / 'absent.zip'}]"])
     with pytest.raises(DmetaError, match="absent.zip does not exist; expected an Omniglot"):
         plan_run(config, 1, 0, 0, 1)
+    config = load_config(None, [*FEWSHOT, "fewshot.paths=[$DMETA_NOT_SET_ANYWHERE/mini]"])
+    with pytest.raises(DmetaError, match=r"uses \$DMETA_NOT_SET_ANYWHERE, which is not set"):
+        plan_run(config, 1, 0, 0, 1)
     with pytest.raises(DmetaError, match="needs fewshot.paths"):
         load_config(None, ["problem=fewshot"])
 

@@ -1,0 +1,63 @@
+"""End to end: the wall time of the paper's full Fig. 1b reproduction.
+
+    python benchmarks/bench_fig1b.py [--out-dir runs/bench_fig1b] [--ranks 1]
+
+Runs jobs/sine_diffusion.toml (40 agents, 10000 iterations, validation every 200) for Dif-MAML,
+centralized and non-cooperative one after another, as `make figure` does, each under
+`mpiexec -n RANKS` when RANKS > 1, then draws the figure; prints each run's wall time (process
+start to exit, so imports and file writing count) and the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine, print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("atc", "centralized", "noncooperative")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", default="runs/bench_fig1b")
+    parser.add_argument("--ranks", type=int, default=1)
+    args = parser.parse_args(argv)
+    print(f"# bench_fig1b: {machine()}")
+    print(f"# command: python benchmarks/bench_fig1b.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    bin_dir = Path(sys.executable).parent
+    out = Path(args.out_dir)
+    rows, total = [], 0.0
+    for strategy in STRATEGIES:
+        command = [str(bin_dir / "dmeta"), "run", str(ROOT / "jobs" / "sine_diffusion.toml")]
+        command += ["--set", f"strategy={strategy}", "--out", str(out / f"{strategy}.h5")]
+        command += ["--quiet"]
+        if args.ranks > 1:
+            command = [str(bin_dir / "mpiexec"), "-n", str(args.ranks), *command]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        seconds = time.perf_counter() - start
+        if result.returncode:
+            print(result.stderr, file=sys.stderr)
+            return 1
+        total += seconds
+        rows.append([strategy, str(args.ranks), f"{seconds:.1f}"])
+    figure = [sys.executable, str(ROOT / "analysis" / "fig1b.py")]
+    figure += [str(out / f"{s}.h5") for s in STRATEGIES] + ["--last", "5"]
+    figure += ["--out", str(out / "fig1b.png")]
+    start = time.perf_counter()
+    subprocess.run(figure, check=True, capture_output=True)
+    total += time.perf_counter() - start
+    rows.append(["figure (analysis/fig1b.py)", "-", f"{time.perf_counter() - start:.1f}"])
+    rows.append(["total", "-", f"{total:.1f}"])
+    print_table(["run", "ranks", "wall seconds"], rows)
+    print(f"# target: under 900 s; {'met' if total < 900 else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Shared helpers of the benchmark scripts: the machine line and table printing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+
+def machine() -> str:
+    """One line saying where and when the benchmark ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if "model name" in line]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    today = datetime.date.today().isoformat()
+    return f"{today}, {platform.node()}: {cpu}, {cores} cores, {gpu}, torch {torch.__version__}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A plain-text table, columns padded to their widest cell."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for index, row in enumerate([header, *rows]):
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
