@@ -66,10 +66,18 @@ def setting(run: Run) -> str:
 
 
 def groups(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs by setting, in the order settings first appear."""
+    """Runs by setting, in the order settings first appear; RunFileError when a setting has two
+    runs of one strategy (which of them to compare would be a guess)."""
     grouped: dict[str, list[Run]] = {}
     for run in runs:
-        grouped.setdefault(setting(run), []).append(run)
+        members = grouped.setdefault(setting(run), [])
+        twin = next((other for other in members if other.strategy == run.strategy), None)
+        if twin is not None:
+            raise RunFileError(
+                f"{run.path} and {twin.path} are both {run.strategy} runs of {setting(run)}; "
+                "give one run per strategy and setting"
+            )
+        members.append(run)
     return grouped
 
 
@@ -162,13 +170,15 @@ def check(grouped: dict[str, list[Run]], tolerance: float, margin: float) -> lis
     """The claims that fail: one line each (empty when all hold)."""
     failures = []
     found = comparisons(grouped)
-    for name in grouped:
-        baselines = {baseline for setting_name, baseline, _, _ in found if setting_name == name}
-        missing = {"centralized", "noncooperative"} - baselines
+    for name, members in grouped.items():
+        present = {run.strategy for run in members}
+        missing = [
+            LABELS[strategy]
+            for strategy in ("atc", "centralized", "noncooperative")
+            if strategy not in present and not (strategy == "atc" and "cta" in present)
+        ]
         if missing:
-            failures.append(
-                f"{name}: needs a Dif-MAML run and {' and '.join(sorted(missing))} run(s)"
-            )
+            failures.append(f"{name}: no {' and no '.join(missing)} run to compare")
     for name, baseline, difference, _ in found:
         if baseline == "centralized" and abs(difference) > tolerance:
             failures.append(
@@ -188,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         runs = load_runs(args.runs, metrics=("val_accuracy",), finals=("test_accuracy",))
+        grouped = groups(runs)
     except RunFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    grouped = groups(runs)
     out = figure_path(args.out, runs, "fig2b.png")
     try:
         plot(grouped, out, args.title)

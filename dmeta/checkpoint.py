@@ -29,6 +29,8 @@ FORMAT = 1
 # Config sections that do not change the numbers of a run: a run may resume with other values.
 FREE_SECTIONS = ("output", "checkpoint")
 FREE_RUNTIME_KEYS = ("backend", "device", "threads")
+# How many evaluation tasks are adapted at once changes memory, not numbers.
+FREE_VALIDATION_KEYS = ("tasks_at_once",)
 
 
 def checkpoint_path(run_path: Path) -> Path:
@@ -57,6 +59,8 @@ def _numbers_only(config_json: str) -> dict[str, Any]:
         config.pop(section, None)
     for key in FREE_RUNTIME_KEYS:
         config.get("runtime", {}).pop(key, None)
+    for key in FREE_VALIDATION_KEYS:
+        config.get("validation", {}).pop(key, None)
     return config
 
 

@@ -88,6 +88,10 @@ class LinearTaskConfig:
     init_distance: float = 0.5
 
 
+# Image side of each few-shot data set when fewshot.image_size is 0.
+DEFAULT_IMAGE_SIZE = {"omniglot": 28, "miniimagenet": 84}
+
+
 @dataclass
 class FewShotConfig:
     """N-way K-shot image classification (problem = "fewshot"; dmeta/fewshot.py).
@@ -416,6 +420,18 @@ def _check(config: Config) -> None:
             raise DmetaError(f"fewshot.ways = {fewshot.ways} must be at least 2")
         if fewshot.test_tasks < 2:
             raise DmetaError(f"fewshot.test_tasks = {fewshot.test_tasks} must be at least 2")
+        size = fewshot.image_size or DEFAULT_IMAGE_SIZE[fewshot.dataset]
+        if size >> config.model.blocks < 1:
+            raise DmetaError(
+                f"model.blocks = {config.model.blocks} max-pools halve a {size}x{size} image to "
+                "nothing; use fewer blocks or a larger fewshot.image_size"
+            )
+        model = config.model
+        if model.norm == "group" and model.filters % min(8, model.filters):
+            raise DmetaError(
+                f"model.norm = 'group' uses 8 groups: model.filters = {model.filters} must be a "
+                "multiple of 8 (or at most 8)"
+            )
     fractions = fewshot.validation_fraction + fewshot.test_fraction
     if min(fewshot.validation_fraction, fewshot.test_fraction) <= 0 or fractions >= 1:
         raise DmetaError(

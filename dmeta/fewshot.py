@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +21,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from dmeta import miniimagenet, omniglot, rng
-from dmeta.config import FewShotConfig, ModelConfig, ValidationConfig
+from dmeta.config import DEFAULT_IMAGE_SIZE, FewShotConfig, ModelConfig, ValidationConfig
 from dmeta.errors import DmetaError
 from dmeta.models import FlatModel, build_convnet
 from dmeta.tasks import TaskBatch, TaskFamily
-
-DEFAULT_SIZE = {"omniglot": 28, "miniimagenet": 84}
 
 
 @dataclass
@@ -78,7 +77,7 @@ def shuffled(count: int, seed: int, purpose: int) -> np.ndarray:
 
 def load_image_classes(config: FewShotConfig, seed: int) -> ImageClasses:
     """The data set of `config` with its three class splits."""
-    size = config.image_size or DEFAULT_SIZE[config.dataset]
+    size = config.image_size or DEFAULT_IMAGE_SIZE[config.dataset]
     paths = source_paths(config)
     check_sources(config)
     if config.dataset == "miniimagenet":
@@ -148,6 +147,30 @@ def episode_indices(
     return chosen, _first_of_random_order(per_class, samples)
 
 
+def gather_episodes(
+    images: torch.Tensor, chosen: torch.Tensor, picks: torch.Tensor, shots: int
+) -> TaskBatch:
+    """The images and labels of the episodes that `episode_indices` chose.
+
+    Returns support_x [A, T, N K, channels, H, W], support_y [A, T, N K] (labels 0..N-1, class
+    by class), query_x [A, T, N Q, channels, H, W] and query_y [A, T, N Q], in the images' type.
+    """
+    agents, tasks, ways, _ = picks.shape
+    selected = images[chosen[..., None], picks]  # [A, T, N, K + Q, channels, H, W]
+    # A label is its class's position in the episode: [A, T, N, K + Q].
+    labels = torch.arange(ways, device=images.device)[:, None].expand(*picks.shape)
+
+    def flatten(part: torch.Tensor) -> torch.Tensor:
+        return part.reshape(agents, tasks, -1, *part.shape[4:])
+
+    return TaskBatch(
+        flatten(selected[:, :, :, :shots]),
+        flatten(labels[..., :shots].contiguous()),
+        flatten(selected[:, :, :, shots:]),
+        flatten(labels[..., shots:].contiguous()),
+    )
+
+
 def sample_episodes(
     images: torch.Tensor,
     classes: torch.Tensor,
@@ -160,28 +183,13 @@ def sample_episodes(
     shots: int,
     queries: int,
 ) -> TaskBatch:
-    """N-way K-shot episodes from `classes` (ids into images [C, D, channels, H, W]).
-
-    Returns support_x [A, T, N K, channels, H, W], support_y [A, T, N K] (labels 0..N-1, class
-    by class), query_x [A, T, N Q, channels, H, W] and query_y [A, T, N Q]. The N classes of an
-    episode are distinct and each gives K + Q distinct images (`episode_indices`).
-    """
+    """N-way K-shot episodes from `classes` (ids into images [C, D, channels, H, W]): the N
+    classes of an episode are distinct and each gives K + Q distinct images
+    (`episode_indices`, `gather_episodes`)."""
     chosen, picks = episode_indices(
         classes, images.shape[1], seed, agents, stream, iteration, tasks, ways, shots + queries
     )
-    selected = images[chosen[..., None], picks]  # [A, T, N, K + Q, channels, H, W]
-    # A label is its class's position in the episode: [A, T, N, K + Q].
-    labels = torch.arange(ways, device=images.device)[:, None].expand(*picks.shape)
-
-    def flatten(part: torch.Tensor) -> torch.Tensor:
-        return part.reshape(len(agents), tasks, -1, *part.shape[4:])
-
-    return TaskBatch(
-        flatten(selected[:, :, :, :shots]),
-        flatten(labels[..., :shots].contiguous()),
-        flatten(selected[:, :, :, shots:]),
-        flatten(labels[..., shots:].contiguous()),
-    )
+    return gather_episodes(images, chosen, picks, shots)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,6 +207,7 @@ class FewShotTask(TaskFamily):
     """
 
     scores = {"accuracy": accuracy}
+    final_evaluation = True
     series = {
         "metrics/val_accuracy": (
             True,
@@ -253,34 +262,48 @@ class FewShotTask(TaskFamily):
                 device=device,
             )
 
-    def _episodes(
-        self, classes: torch.Tensor, agents: torch.Tensor, stream: int, iteration: int, tasks: int
-    ) -> TaskBatch:
-        c = self.config
-        batch = sample_episodes(
-            self.images,
-            classes,
-            self.seed,
-            agents,
-            stream,
-            iteration,
-            tasks,
-            c.ways,
-            c.shots,
-            c.queries,
-        )
-        # uint8 images (MiniImagenet) become [0, 1] here, one episode batch at a time.
+    def _as_float(self, batch: TaskBatch) -> TaskBatch:
+        """Episode images in the run's dtype: uint8 images (MiniImagenet) scaled to [0, 1]."""
         scale = 255.0 if self.images.dtype == torch.uint8 else 1.0
         return batch._replace(
             support_x=batch.support_x.to(self.dtype) / scale,
             query_x=batch.query_x.to(self.dtype) / scale,
         )
 
-    def _fixed(self, split: str, stream: int, tasks: int) -> TaskBatch:
-        """`tasks` episodes of a split, the same for every agent: [tasks, ...]."""
+    def _episodes(
+        self, classes: torch.Tensor, agents: torch.Tensor, stream: int, iteration: int, tasks: int
+    ) -> TaskBatch:
+        c = self.config
+        return self._as_float(
+            sample_episodes(
+                self.images,
+                classes,
+                self.seed,
+                agents,
+                stream,
+                iteration,
+                tasks,
+                c.ways,
+                c.shots,
+                c.queries,
+            )
+        )
+
+    def _fixed_indices(self, split: str, stream: int, tasks: int):
+        """Classes and images of `tasks` episodes of a split, the same for every agent."""
+        c = self.config
         key = torch.zeros(1, dtype=torch.int64, device=self.device)
-        batch = self._episodes(self.classes[split], key, stream, 0, tasks)
-        return TaskBatch(*(part[0] for part in batch))
+        return episode_indices(
+            self.classes[split],
+            self.images.shape[1],
+            self.seed,
+            key,
+            stream,
+            0,
+            tasks,
+            c.ways,
+            c.shots + c.queries,
+        )
 
     def sample(
         self, agents: torch.Tensor, iteration: int, tasks: int, stream: int = rng.STREAM_TASKS
@@ -293,11 +316,20 @@ class FewShotTask(TaskFamily):
 
     def validation_set(self, config: ValidationConfig) -> TaskBatch:
         """validation.tasks fixed meta-validation episodes: [tasks, ...]."""
-        return self._fixed("validation", rng.STREAM_VALIDATION, config.tasks)
+        chosen, picks = self._fixed_indices("validation", rng.STREAM_VALIDATION, config.tasks)
+        batch = self._as_float(gather_episodes(self.images, chosen, picks, self.config.shots))
+        return TaskBatch(*(part[0] for part in batch))
 
-    def test_set(self) -> TaskBatch:
-        """fewshot.test_tasks fixed meta-test episodes for the final evaluation: [tasks, ...]."""
-        return self._fixed("test", rng.STREAM_TEST, self.config.test_tasks)
+    def test_batches(self, tasks_at_once: int) -> Iterator[TaskBatch]:
+        """The fewshot.test_tasks fixed meta-test episodes, `tasks_at_once` at a time (0: all):
+        only one group of episodes is held as floats at a time."""
+        tasks = self.config.test_tasks
+        chosen, picks = self._fixed_indices("test", rng.STREAM_TEST, tasks)
+        step = tasks_at_once or tasks
+        for start in range(0, tasks, step):
+            part = slice(start, start + step)
+            batch = gather_episodes(self.images, chosen[:, part], picks[:, part], self.config.shots)
+            yield TaskBatch(*(piece[0] for piece in self._as_float(batch)))
 
     def build_model(self, config: ModelConfig) -> FlatModel:
         """MAML's conv net for images of this data set and `ways` outputs."""

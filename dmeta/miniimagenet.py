@@ -69,9 +69,12 @@ def _read_csv_split(root: Path, split: str, size: int) -> tuple[np.ndarray, list
     table = root / f"{SPLITS[split]}.csv"
     files: dict[str, list[str]] = {}
     with table.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            if "filename" not in row or "label" not in row:
-                raise DmetaError(f"{table} must have the header 'filename,label'")
+        for number, row in enumerate(csv.DictReader(handle), start=2):
+            if not row.get("filename") or not row.get("label"):
+                raise DmetaError(
+                    f"{table}, line {number}: expected the header 'filename,label' and two "
+                    "fields on every line"
+                )
             files.setdefault(row["label"], []).append(row["filename"])
     if not files:
         raise DmetaError(f"{table} lists no images; expected {LAYOUT}")
@@ -84,8 +87,11 @@ def _read_csv_split(root: Path, split: str, size: int) -> tuple[np.ndarray, list
             path = root / "images" / name
             if not path.is_file():
                 raise DmetaError(f"{table} lists {name}, which is not in {root / 'images'}")
-            with Image.open(path) as image:
-                per_class.append(_resize(np.asarray(image.convert("RGB")), size))
+            try:
+                with Image.open(path) as image:
+                    per_class.append(_resize(np.asarray(image.convert("RGB")), size))
+            except OSError as error:  # PIL's UnidentifiedImageError is an OSError
+                raise DmetaError(f"{path} is not a readable image ({error})") from None
         images.append(np.stack(per_class))
     return np.stack(images), labels
 
@@ -93,23 +99,34 @@ def _read_csv_split(root: Path, split: str, size: int) -> tuple[np.ndarray, list
 def _read_pickle_split(root: Path, split: str, size: int) -> tuple[np.ndarray, list[str]]:
     path = _pickle_path(root, split)
     try:
-        with path.open("rb") as handle:
-            data = pickle.load(handle)  # noqa: S301 - the user's own data file
+        data = _unpickle(path)
         image_data, class_dict = data["image_data"], data["class_dict"]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as error:
+        _equal_counts(class_dict, str(path))
+        labels = sorted(class_dict)
+        images = np.stack(
+            [
+                np.stack([_resize(np.asarray(image_data[i]), size) for i in class_dict[label]])
+                for label in labels
+            ]
+        )
+    except DmetaError:
+        raise
+    except Exception as error:  # any malformed pickle: one line naming the file
         raise DmetaError(
-            f"{path} is not a MiniImagenet cache (a dict with image_data and class_dict): "
-            f"{type(error).__name__}: {error}"
+            f"{path} is not a MiniImagenet cache (a dict with image_data [N, H, W, 3] uint8 "
+            f"and class_dict {{label: [row indices]}}): {type(error).__name__}: {error}"
         ) from None
-    _equal_counts(class_dict, str(path))
-    labels = sorted(class_dict)
-    images = np.stack(
-        [
-            np.stack([_resize(np.asarray(image_data[i]), size) for i in class_dict[label]])
-            for label in labels
-        ]
-    )
-    return images, labels
+    return images, [str(label) for label in labels]
+
+
+def _unpickle(path: Path) -> object:
+    """The pickled object; caches written by Python 2 need latin-1 for their byte strings."""
+    with path.open("rb") as handle:
+        try:
+            return pickle.load(handle)  # noqa: S301 - the user's own data file
+        except UnicodeDecodeError:
+            handle.seek(0)
+            return pickle.load(handle, encoding="latin1")  # noqa: S301
 
 
 def load_splits(root: str | Path, size: int = 84) -> dict[str, tuple[np.ndarray, list[str]]]:

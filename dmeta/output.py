@@ -157,6 +157,10 @@ def _reopen(
             file.close()
             raise DmetaError(f"{partial} has no /{name}: it was not written by this run's task")
         file[name].resize(rows, axis=0)
+    # A run killed during its final writes resumes at its last checkpoint: those come again.
+    for name in ("final", "params/final"):
+        if name in file:
+            del file[name]
     resumed = [int(r) for r in file.attrs.get("resumed_at_row", [])]
     for key, value in attributes.items():
         file.attrs[key] = value

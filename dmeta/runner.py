@@ -607,7 +607,11 @@ def execute(
             if iteration % config.checkpoint.poll_every == 0:
                 stop, clock = poll()
                 due = due or clock
-            if iteration < config.iterations and (stop or due):
+            if iteration == config.iterations:
+                # A run without a final evaluation completes now; one with it saves first,
+                # so that a failure or a stop during the evaluation loses no training.
+                due, stop = task.final_evaluation, stop and task.final_evaluation
+            if stop or due:
                 save(iteration)
                 last_checkpoint = time.perf_counter()
             if stop:
@@ -615,11 +619,15 @@ def execute(
                 writer.close()
                 return iteration
         progress.close()
-        test_tasks = task.test_set()
-        if test_tasks is not None:
+        if task.final_evaluation:
             with torch.no_grad():
-                outcome = learner.evaluate(
-                    launch_models.detach(), test_tasks, validation_steps, scores, tasks_at_once
+                # [agents, tests, 1 + scores], evaluated one group of tasks at a time.
+                outcome = torch.cat(
+                    [
+                        learner.evaluate(launch_models.detach(), batch, validation_steps, scores)
+                        for batch in task.test_batches(tasks_at_once)
+                    ],
+                    dim=1,
                 ).to(torch.float64)
             # All ranks synchronise here: per-task sums over agents for the network's interval.
             network = collectives.allreduce_sum(outcome.sum(dim=0)) / config.agents

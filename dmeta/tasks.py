@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -37,8 +37,11 @@ class TaskFamily:
     A family also has `sample`, `validation_set`, `build_model` and `learner_functions`.
     `series` lists extra row-wise datasets (path -> (per agent?, units, meaning)), `scores`
     extra validation measures (name -> score(prediction, target)) logged as
-    /metrics/val_<name>; `test_set` gives the fixed meta-test tasks of the final evaluation.
+    /metrics/val_<name>; with `final_evaluation`, `test_batches` gives the fixed meta-test tasks
+    of the evaluation that ends the run.
     """
+
+    final_evaluation = False
 
     series: dict[str, tuple[bool, str, str]] = {}
     scores: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
@@ -56,9 +59,10 @@ class TaskFamily:
     def tasks_per_iteration(self, requested: int) -> int:
         return requested
 
-    def test_set(self) -> TaskBatch | None:
-        """No held-out meta-test split by default: the final evaluation is skipped."""
-        return None
+    def test_batches(self, tasks_at_once: int) -> Iterator[TaskBatch]:
+        """The fixed meta-test tasks of the final evaluation, in groups of `tasks_at_once`
+        (0: all at once); none by default (`final_evaluation` False)."""
+        return iter(())
 
     def initial_parameters(
         self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype

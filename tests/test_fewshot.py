@@ -11,16 +11,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import FEWSHOT, run_local, small_config, write_miniimagenet
+from conftest import FEWSHOT, read_datasets, run_local, small_config, write_miniimagenet
 from test_omniglot import SOURCES
 
 from dmeta import fewshot, miniimagenet, rng
+from dmeta.checkpoint import checkpoint_path
 from dmeta.comm import MatrixCombiner
 from dmeta.config import load_config
 from dmeta.errors import DmetaError
 from dmeta.meta import MAML
 from dmeta.models import build_convnet
-from dmeta.runner import plan_run
+from dmeta.runner import execute, plan_run
 from dmeta.tasks import TaskBatch
 
 F64 = torch.float64
@@ -54,9 +55,17 @@ def test_wrong_miniimagenet_paths_name_the_expected_layout(tmp_path) -> None:
     (root / "val.csv").write_text("filename,label\nmissing.jpg,nval000\n")
     with pytest.raises(DmetaError, match="lists missing.jpg, which is not in"):
         miniimagenet.load_splits(root)
+    root = write_miniimagenet(tmp_path / "corrupt", "csv")
+    next((root / "images").iterdir()).write_bytes(b"not an image")
+    with pytest.raises(DmetaError, match="is not a readable image"):
+        miniimagenet.load_splits(root)
     root = write_miniimagenet(tmp_path / "pickle", "pickle")
     (root / "mini-imagenet-cache-val.pkl").write_bytes(pickle.dumps([1, 2, 3]))
     with pytest.raises(DmetaError, match="is not a MiniImagenet cache"):
+        miniimagenet.load_splits(root)
+    broken = {"image_data": np.zeros((2, 4, 4, 3), np.uint8), "class_dict": {"n1": [0, 5]}}
+    (root / "mini-imagenet-cache-val.pkl").write_bytes(pickle.dumps(broken))
+    with pytest.raises(DmetaError, match="is not a MiniImagenet cache .*IndexError"):
         miniimagenet.load_splits(root)
 
 
@@ -101,7 +110,7 @@ def test_training_validation_and_test_episodes_never_mix_splits(mini_root) -> No
     for split, batch in [
         ("train", task.sample(agents, 5, 3)),
         ("validation", task.validation_set(load_config().validation)),
-        ("test", task.test_set()),
+        ("test", next(task.test_batches(0))),
     ]:
         # Every image of every episode is an image of its split's classes.
         pool = task.images[task.classes[split]].to(F64) / 255
@@ -232,3 +241,44 @@ def test_omniglot_run_on_the_real_subsets(tmp_path) -> None:
     assert len(data["tasks/classes_validation"]) == 96
     assert data["final/test_accuracy"].shape == (3,)
     assert data["metrics/val_accuracy"].shape == (3, 3)
+
+
+def test_the_meta_test_set_comes_in_groups_that_make_up_the_whole(mini_root) -> None:
+    task = _task(mini_root)
+    (whole,) = list(task.test_batches(0))
+    groups = list(task.test_batches(3))
+    assert [len(group.support_x) for group in groups] == [3, 3, 1]  # 7 test tasks
+    for part, pieces in zip(whole, zip(*groups, strict=True), strict=True):
+        assert torch.equal(part, torch.cat(pieces))
+
+
+def test_a_stop_at_the_last_iteration_resumes_into_the_final_evaluation(
+    mini_root, tmp_path
+) -> None:
+    overrides = [*FEWSHOT, f"fewshot.paths=[{mini_root}]", "agents=4", "iterations=6"]
+    config = small_config(*overrides, "log_every=3", "checkpoint.poll_every=1")
+    reference = run_local(config, tmp_path / "reference.h5")
+    polls = iter(range(1, 100))
+    plan = plan_run(config, 1, 0, 0, 1)
+    out = tmp_path / "stopped.h5"
+    stopped = execute(plan, None, out, show_progress=False, stop_requested=lambda: next(polls) == 6)
+    # The training is saved before the final evaluation, which the resumed run then does.
+    assert stopped == 6 and checkpoint_path(out).exists() and not out.exists()
+    execute(plan, None, out, show_progress=False, resume=True)
+    resumed = read_datasets(out)
+    names = ("final/test_accuracy", "final/test_accuracy_ci95", "params/final")
+    for name in (*names, "metrics/val_accuracy"):
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+    assert not checkpoint_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (["fewshot.image_size=8", "model.blocks=4"], "max-pools halve a 8x8 image to nothing"),
+        (["model.norm=group", "model.filters=12"], "must be a multiple of 8"),
+    ],
+)
+def test_conv_settings_that_cannot_work_are_refused(tmp_path, setting, message) -> None:
+    with pytest.raises(DmetaError, match=message):
+        load_config(None, [*FEWSHOT, f"fewshot.paths=[{tmp_path}]", *setting])

@@ -69,7 +69,10 @@ def test_a_missing_baseline_fails_the_check_and_a_missing_final_is_one_line(
 ) -> None:
     files = runs(tmp_path, 0.9, 0.9, 0.8)[:2]
     assert fig2b.main([*files, "--out", str(tmp_path / "f.png"), "--check"]) == 1
-    assert "needs a Dif-MAML run and noncooperative run(s)" in capsys.readouterr().err
+    assert "5-way 1-shot: no Non-cooperative run to compare" in capsys.readouterr().err
+    twin = write_fewshot_run(tmp_path / "again.h5", "atc", 0.9)
+    assert fig2b.main([*files, str(twin)]) == 2
+    assert "are both atc runs of omniglot 5-way 1-shot" in capsys.readouterr().err
     with h5py.File(files[0], "a") as file:
         del file["final/test_accuracy_ci95"]
     assert fig2b.main(files) == 2
