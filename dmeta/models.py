@@ -60,6 +60,7 @@ class FlatModel:
                 slots.append(ParameterSlot(name, shape, offset, size, fan_in**-0.5))
             offset += size
         self.slots = tuple(slots)
+        self.sizes = [slot.size for slot in slots]
         self.num_parameters = offset
 
     def head_mask(self) -> torch.Tensor:
@@ -73,9 +74,12 @@ class FlatModel:
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named parameter views of one flat vector [M]."""
+        # One split rather than a slice per parameter: the gradient of a split is one
+        # concatenation, where every slice's would be a zero-filled [M] vector plus an add.
+        pieces = torch.split(flat, self.sizes)
         return {
-            slot.name: flat[slot.offset : slot.offset + slot.size].view(slot.shape)
-            for slot in self.slots
+            slot.name: piece.view(slot.shape)
+            for slot, piece in zip(self.slots, pieces, strict=True)
         }
 
     def forward(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
