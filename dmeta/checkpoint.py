@@ -28,7 +28,7 @@ from dmeta.output import partial_path
 FORMAT = 1
 # Config sections that do not change the numbers of a run: a run may resume with other values.
 FREE_SECTIONS = ("output", "checkpoint")
-FREE_RUNTIME_KEYS = ("backend", "device", "threads")
+FREE_RUNTIME_KEYS = ("backend", "device", "threads", "compile")
 # How many evaluation tasks are adapted at once changes memory, not numbers.
 FREE_VALIDATION_KEYS = ("tasks_at_once",)
 

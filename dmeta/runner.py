@@ -378,6 +378,10 @@ def execute(
     task = build_task(config, dtype, device)
     model = task.build_model(config.model)
     learner = build_learner(config.learner, model, task)
+    # Only the training step is compiled: its shapes never change, so it compiles once.
+    step_gradients = (
+        torch.compile(learner.meta_gradients) if config.runtime.compile else learner.meta_gradients
+    )
     validation_tasks = task.validation_set(config.validation)
     validation_steps = config.validation.inner_steps or config.learner.inner_steps
     scores = tuple(task.scores.values())
@@ -589,7 +593,7 @@ def execute(
                 # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
                 draw = (iteration - 1) * local_steps + step + 1
                 tasks = task.sample(agents, draw, config.learner.tasks_per_agent)
-                gradients, losses = learner.meta_gradients(launch_models.detach(), tasks)
+                gradients, losses = step_gradients(launch_models.detach(), tasks)
                 launch_models.grad = gradients
                 optimizer.step()  # launch_models now holds the intermediate states phi_{k,i}
                 window.add(losses, gradients)
