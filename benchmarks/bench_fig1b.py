@@ -1,6 +1,6 @@
 """End to end: the wall time of the paper's full Fig. 1b reproduction.
 
-    python benchmarks/bench_fig1b.py [--out-dir runs/bench_fig1b] [--ranks 1]
+    python benchmarks/bench_fig1b.py [--out-dir runs/bench_fig1b] [--ranks 1] [--set KEY=VALUE]
 
 Runs jobs/sine_diffusion.toml (40 agents, 10000 iterations, validation every 200) for Dif-MAML,
 centralized and non-cooperative one after another, as `make figure` does, each under
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="runs/bench_fig1b")
     parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
     args = parser.parse_args(argv)
     print(f"# bench_fig1b: {machine()}")
     print(f"# command: python benchmarks/bench_fig1b.py {' '.join(argv or sys.argv[1:])}".rstrip())
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in STRATEGIES:
         command = [str(bin_dir / "dmeta"), "run", str(ROOT / "jobs" / "sine_diffusion.toml")]
         command += ["--set", f"strategy={strategy}", "--out", str(out / f"{strategy}.h5")]
+        command += [item for override in args.set for item in ("--set", override)]
         command += ["--quiet"]
         if args.ranks > 1:
             command = [str(bin_dir / "mpiexec"), "-n", str(args.ranks), *command]
