@@ -6,9 +6,10 @@
 Each K runs in a fresh process (so peak memory is its own): the sine experiment of
 jobs/sine_diffusion.toml (5 tasks of 10 shots per agent, second-order MAML, Dif-MAML ATC) with
 K agents on one rank, in-process, on the given graph. Time per iteration is the run file's
-/time/compute + /time/comm over the timed iterations (logged rows excluded). Peak memory is the
-growth of the process's peak resident set (CPU) or torch's peak allocation (CUDA) over what the
-process held before the first iteration, divided by K.
+/time/compute + /time/comm over iterations 2..N (logged rows excluded). Peak memory per agent is,
+on the CPU, the growth of the process's peak resident set from just after torch and dmeta are
+imported (so it counts the task, the model, the logged rows' evaluation and the iterations,
+not the interpreter or torch itself) divided by K; on CUDA, torch's peak allocation divided by K.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import machine, print_table
+from common import command_line, machine, print_table
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sine_diffusion.toml"
 
@@ -40,6 +41,7 @@ def single(agents: int, iterations: int, topology: str, device: str) -> dict[str
             f"agents={agents}",
             f"iterations={iterations}",
             f"log_every={iterations}",
+            "log_every_iteration_until=1",  # iteration 1 (warm-up) gets its own row
             f"graph.topology={topology}",
             f"runtime.device={device}",
             # The logged rows are not timed; keep their evaluation small.
@@ -55,7 +57,8 @@ def single(agents: int, iterations: int, topology: str, device: str) -> dict[str
         path = Path(folder) / "bench.h5"
         execute(plan, None, path, show_progress=False)
         with h5py.File(path) as run:
-            seconds = float(run["time/compute"][-1] + run["time/comm"][-1]) / iterations
+            # The last row covers iterations 2..N.
+            seconds = float(run["time/compute"][-1] + run["time/comm"][-1]) / (iterations - 1)
     if plan.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(plan.device)
     else:
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(single(args.single, args.iterations, args.topology, args.device)))
         return 0
     print(f"# bench_agents: {machine()}")
-    print(f"# command: python benchmarks/bench_agents.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(command_line(__file__, argv))
     rows = []
     for agents in args.agents:
         command = [

@@ -8,9 +8,11 @@ agents-per-rank agents in blocks over the ranks, it times the combination step o
 neighbour backend (ring, 2-D grid and exponential graphs, Metropolis weights) and of the
 all-reduce backend on models of each size (float32 rows; 1761 is the sine network). A step's
 time is the slowest rank's mean over `repeats` calls. Bytes per agent are what dmeta sends to
-other ranks per combination, next to the minimum a per-agent scheme would send: the agent's
-degree x model size. The last table runs the 40-agent sine experiment under each backend and
-reports the share of an iteration's time spent in the combination step (/time/comm).
+other ranks per combination (each agent's row once to every neighbour rank of its block), next
+to what a per-agent scheme would send: the agent's degree x model size, and its neighbours on
+other ranks x model size (the least any scheme must send). The last table runs the 40-agent
+sine experiment under each backend and reports the share of an iteration's time spent in the
+combination step (/time/comm).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine, print_table
+from common import command_line, machine, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = ("ring", "grid", "exponential")
@@ -53,6 +55,8 @@ def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
         graph = topology.build_graph(GraphConfig(topology=graph_name), agents)
         matrix = topology.combination_matrix(graph, "metropolis")
         degree = float(np.mean([d for _, d in graph.degree()]))
+        owner = np.array([layout.owner(k) for k in range(agents)])
+        elsewhere = float(np.mean([(owner[list(graph[k])] != owner[k]).sum() for k in graph]))
         if name == "allreduce":
             combiner = AllreduceCombiner(MPICollectives(comm, layout), agents)
         else:
@@ -75,7 +79,8 @@ def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
                     "parameters": parameters,
                     "ms": 1e3 * seconds,
                     "sent_bytes": sent,
-                    "minimum_bytes": degree * model_bytes,
+                    "degree_bytes": degree * model_bytes,
+                    "minimum_bytes": elsewhere * model_bytes,
                 }
             )
     shares = []
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         child(args.sizes, args.agents_per_rank, args.repeats)
         return 0
     print(f"# bench_comm: {machine()}")
-    print(f"# command: python benchmarks/bench_comm.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(command_line(__file__, argv))
     cores = len(os.sched_getaffinity(0))
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     rows, shares = [], []
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             "parameters",
             "ms / combine",
             "bytes sent / agent",
-            "degree x model bytes",
+            "degree x model",
+            "other-rank neighbours x model",
         ],
         [
             [
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(r["parameters"]),
                 f"{r['ms']:.3f}",
                 f"{r['sent_bytes']:.0f}",
+                f"{r['degree_bytes']:.0f}",
                 f"{r['minimum_bytes']:.0f}",
             ]
             for r in rows

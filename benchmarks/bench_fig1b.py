@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine, print_table
+from common import command_line, machine, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("atc", "centralized", "noncooperative")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     print(f"# bench_fig1b: {machine()}")
-    print(f"# command: python benchmarks/bench_fig1b.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(command_line(__file__, argv))
     bin_dir = Path(sys.executable).parent
     out = Path(args.out_dir)
     rows, total = [], 0.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import h5py
 import torch
-from common import machine, print_table
+from common import command_line, machine, print_table
 from reference_loop import ReferenceDifMAML
 from torch import nn
 
@@ -114,39 +114,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=300, help="dmeta iterations timed")
     parser.add_argument("--reference-iterations", type=int, default=10, help="loop iterations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the runtime.compile row (for commits before that option)",
+    )
     args = parser.parse_args(argv)
     overrides = [f"runtime.threads={args.threads}", "runtime.device=cpu"]
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"# bench_sine: {machine()}")
-    print(f"# command: python benchmarks/bench_sine.py {' '.join(argv or sys.argv[1:])}".rstrip())
+    print(command_line(__file__, argv))
     difference = check_gradients(overrides)
     print(f"# max |meta-gradient dmeta - loop| over 40 agents (float64): {difference:.2e}")
     if difference > 1e-10:
         print("bench_sine: the reference loop disagrees with dmeta", file=sys.stderr)
         return 1
     first, ours = time_dmeta(overrides, args.iterations)
-    first_compiled, compiled = time_dmeta([*overrides, "runtime.compile=true"], args.iterations)
     loop = time_reference(overrides, args.reference_iterations)
-    print_table(
-        ["implementation", "first iteration s", "ms / iteration", "iterations / s", "speed-up"],
+    rows = [
+        ["python loop + autograd.grad", "-", f"{1e3 * loop:.1f}", f"{1 / loop:.1f}", "1.0x"],
         [
-            ["python loop + autograd.grad", "-", f"{1e3 * loop:.1f}", f"{1 / loop:.1f}", "1.0x"],
-            [
-                "dmeta (vmap, local backend)",
-                f"{first:.2f}",
-                f"{1e3 * ours:.2f}",
-                f"{1 / ours:.1f}",
-                f"{loop / ours:.1f}x",
-            ],
+            "dmeta (vmap, local backend)",
+            f"{first:.2f}",
+            f"{1e3 * ours:.2f}",
+            f"{1 / ours:.1f}",
+            f"{loop / ours:.1f}x",
+        ],
+    ]
+    if not args.no_compile:
+        first_compiled, compiled = time_dmeta([*overrides, "runtime.compile=true"], args.iterations)
+        rows.append(
             [
                 "dmeta, runtime.compile=true",
                 f"{first_compiled:.2f}",
                 f"{1e3 * compiled:.2f}",
                 f"{1 / compiled:.1f}",
                 f"{loop / compiled:.1f}x",
-            ],
-        ],
+            ]
+        )
+    print_table(
+        ["implementation", "first iteration s", "ms / iteration", "iterations / s", "speed-up"],
+        rows,
     )
     print("# speed-up: loop time / dmeta time per iteration after the first (which compiles)")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,12 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     today = datetime.date.today().isoformat()
     return f"{today}, {platform.node()}: {cpu}, {cores} cores, {gpu}, torch {torch.__version__}"
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The "# command: ..." line that says how a table was made."""
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    return f"# command: python benchmarks/{Path(script).name} {arguments}".rstrip()
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 # A weight block with fewer non-zeros than this share of its entries is applied as a sparse
-# (CSR) product: K^2 M multiply-adds become nnz M (BENCHMARKS.md: 33x at K = 2560 on a ring).
+# (CSR) product: K^2 M multiply-adds become nnz M (benchmarks/bench_combine.py, BENCHMARKS.md).
 SPARSE_DENSITY = 0.25
 
 

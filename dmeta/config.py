@@ -231,8 +231,8 @@ class RuntimeConfig:
     # Torch threads per rank; 0 shares the cores of a node evenly among its ranks.
     threads: int = 0
     # Compile the training step's meta-gradients with torch.compile: the first iteration pays
-    # the compilation (about 30 s for the sine network on 2 CPU cores), each later one runs
-    # about 3x faster there (BENCHMARKS.md). Off by default: short runs and tests lose.
+    # the compilation (21 s for the sine network on 2 CPU cores, cold cache), each later one
+    # runs about 3x faster there (BENCHMARKS.md). Off by default: short runs and tests lose.
     compile: bool = False
 
 

@@ -71,6 +71,12 @@ def strategy_matrix(config: Config) -> np.ndarray:
     return matrix
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that host clocks time it; nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def choose_device(requested: str, local_rank: int) -> torch.device:
     """`auto` or `cuda`: GPU local_rank % GPU count (`auto` falls back to the CPU)."""
     if requested == "auto":
@@ -459,13 +465,16 @@ def execute(
         start = last_checkpoint = time.perf_counter()
 
         def combine_in_place() -> None:
+            synchronize(device)  # host clocks must not time queued GPU work as communication
             began = time.perf_counter()
             with torch.no_grad():
                 launch_models.copy_(combiner(launch_models.detach()))
+            synchronize(device)
             window.comm_seconds += time.perf_counter() - began
             window.comm_bytes += combiner.bytes_per_agent(model_bytes)
 
         def log_row(iteration: int) -> None:
+            synchronize(device)
             began = time.perf_counter() - start
             models = launch_models.detach()
             # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
