@@ -20,7 +20,7 @@ from collections import Counter
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from runfile import Run, RunFileError, figure_path, load_runs
+from runfile import Run, RunFileError, figure_path, load_runs, table_lines
 
 PROG = "fig1b"
 
@@ -106,12 +106,7 @@ def table(runs: list[Run], names: list[str], finals: list[float], last: int) -> 
         header.append("ratio to centralized")
         for row, final in zip(rows, finals, strict=True):
             row.append(f"{final / finals[central]:.4g}" if finals[central] else "-")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = table_lines(header, rows)
     if central is not None:
         lines.append(f"ratio = final loss / final loss of {runs[central].path}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from runfile import Run, RunFileError, figure_path, load_runs
+from runfile import Run, RunFileError, figure_path, load_runs, table_lines
 
 PROG = "fig2b"
 
@@ -153,12 +153,7 @@ def table(grouped: dict[str, list[Run]]) -> str:
                     run.path,
                 ]
             )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * width for width in widths))
+    lines = table_lines(header, rows)
     for name, baseline, difference, width in comparisons(grouped):
         lines.append(
             f"{name}: Dif-MAML - {LABELS[baseline]} = {difference:+.2f} points (+- {width:.2f})"

@@ -226,6 +226,18 @@ def load_runs(
     ]
 
 
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A plain-text table: left-aligned columns as wide as their widest cell, a rule under the
+    header."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return lines
+
+
 def figure_path(requested: str | None, runs: list[Run], name: str) -> str:
     """The figure file: the one requested, else `name` next to the first run."""
     return requested or os.path.join(os.path.dirname(runs[0].path) or ".", name)

@@ -128,6 +128,10 @@ class FewShotConfig:
     # Meta-test tasks of the final evaluation (the same for every agent).
     test_tasks: int = 600
 
+    def image_side(self) -> int:
+        """The side images are resized to: image_size, or the data set's usual one."""
+        return self.image_size or DEFAULT_IMAGE_SIZE[self.dataset]
+
 
 @dataclass
 class ModelConfig:
@@ -424,7 +428,7 @@ def _check(config: Config) -> None:
             raise DmetaError(f"fewshot.ways = {fewshot.ways} must be at least 2")
         if fewshot.test_tasks < 2:
             raise DmetaError(f"fewshot.test_tasks = {fewshot.test_tasks} must be at least 2")
-        size = fewshot.image_size or DEFAULT_IMAGE_SIZE[fewshot.dataset]
+        size = fewshot.image_side()
         if size >> config.model.blocks < 1:
             raise DmetaError(
                 f"model.blocks = {config.model.blocks} max-pools halve a {size}x{size} image to "

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own convention
 
 from dmeta import miniimagenet, omniglot, rng
-from dmeta.config import DEFAULT_IMAGE_SIZE, FewShotConfig, ModelConfig, ValidationConfig
+from dmeta.config import FewShotConfig, ModelConfig, ValidationConfig
 from dmeta.errors import DmetaError
 from dmeta.models import FlatModel, build_convnet
 from dmeta.tasks import TaskBatch, TaskFamily
@@ -52,8 +52,9 @@ def source_paths(config: FewShotConfig) -> list[Path]:
     return paths
 
 
-def check_sources(config: FewShotConfig) -> None:
-    """Cheap checks of fewshot.paths before a run starts; DmetaError naming the layout."""
+def check_sources(config: FewShotConfig) -> list[Path]:
+    """fewshot.paths (`source_paths`) after cheap checks, made before a run starts;
+    DmetaError naming the expected layout."""
     paths = source_paths(config)
     if config.dataset == "miniimagenet":
         if len(paths) != 1:
@@ -62,10 +63,11 @@ def check_sources(config: FewShotConfig) -> None:
                 + miniimagenet.LAYOUT
             )
         miniimagenet.check_root(paths[0])
-        return
+        return paths
     for path in paths:
         if not path.exists():
             raise DmetaError(f"Omniglot source {path} does not exist; expected {omniglot.LAYOUT}")
+    return paths
 
 
 def shuffled(count: int, seed: int, purpose: int) -> np.ndarray:
@@ -77,9 +79,8 @@ def shuffled(count: int, seed: int, purpose: int) -> np.ndarray:
 
 def load_image_classes(config: FewShotConfig, seed: int) -> ImageClasses:
     """The data set of `config` with its three class splits."""
-    size = config.image_size or DEFAULT_IMAGE_SIZE[config.dataset]
-    paths = source_paths(config)
-    check_sources(config)
+    size = config.image_side()
+    paths = check_sources(config)
     if config.dataset == "miniimagenet":
         splits = miniimagenet.load_splits(paths[0], size)
         counts = {images.shape[1] for images, _ in splits.values()}

@@ -43,14 +43,13 @@ def check_root(root: Path) -> str:
     raise DmetaError(f"{root} holds neither MiniImagenet form; expected {LAYOUT}")
 
 
-def _equal_counts(rows: dict[str, list], where: str) -> int:
+def _equal_counts(rows: dict[str, list], where: str) -> None:
     counts = {len(items) for items in rows.values()}
     if len(counts) != 1:
         raise DmetaError(
             f"{where}: classes have different numbers of images ({sorted(counts)}); every class "
             "of a split must have as many images as the others"
         )
-    return counts.pop()
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
