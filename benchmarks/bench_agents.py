@@ -33,7 +33,8 @@ def single(agents: int, iterations: int, topology: str, device: str) -> dict[str
     import torch
 
     from dmeta.config import load_config
-    from dmeta.runner import execute, plan_run
+    from dmeta.engine import execute
+    from dmeta.runner import plan_run
 
     config = load_config(
         JOB,

@@ -8,9 +8,9 @@ agents-per-rank agents in blocks over the ranks, it times the combination step o
 neighbour backend (ring, 2-D grid and exponential graphs, Metropolis weights) and of the
 all-reduce backend on models of each size (float32 rows; 1761 is the sine network). A step's
 time is the slowest rank's mean over `repeats` calls. Bytes per agent are what dmeta sends to
-other ranks per combination (each agent's row once to every neighbour rank of its block), next
-to what a per-agent scheme would send: the agent's degree x model size, and its neighbours on
-other ranks x model size (the least any scheme must send). The last table runs the 40-agent
+other ranks per combination (each agent's row once to every other rank where an agent listens
+to it), next to the agent's degree x model size, and its neighbours on other ranks x model
+size (what sending one copy per cross-rank edge would cost). The last table runs the 40-agent
 sine experiment under each backend and reports the share of an iteration's time spent in the
 combination step (/time/comm).
 """
@@ -40,27 +40,34 @@ def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
     from mpi4py import MPI
 
     from dmeta import topology
-    from dmeta.comm import AgentLayout, AllreduceCombiner, MPICollectives, NeighborCombiner
+    from dmeta.algorithms.diffusion import matrix_edges
     from dmeta.config import GraphConfig, load_config
-    from dmeta.runner import execute, plan_run
+    from dmeta.engine import execute
+    from dmeta.exchange import AgentLayout, MPIExchange
+    from dmeta.runner import plan_run
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.set_num_threads(1)
     agents = size * agents_per_rank
     layout = AgentLayout(agents, size)
+    exchange = MPIExchange(comm, layout)
     rows = []
     for name in (*TOPOLOGIES, "allreduce"):
         graph_name = "complete" if name == "allreduce" else name
         graph = topology.build_graph(GraphConfig(topology=graph_name), agents)
         matrix = topology.combination_matrix(graph, "metropolis")
         degree = float(np.mean([d for _, d in graph.degree()]))
-        owner = np.array([layout.owner(k) for k in range(agents)])
+        owner = layout.owners(np.arange(agents))
         elsewhere = float(np.mean([(owner[list(graph[k])] != owner[k]).sum() for k in graph]))
-        if name == "allreduce":
-            combiner = AllreduceCombiner(MPICollectives(comm, layout), agents)
-        else:
-            combiner = NeighborCombiner(comm, matrix, layout, torch.float32, torch.device("cpu"))
+        sources, destinations, weights = matrix_edges(matrix)
+        route = exchange.route(sources, destinations)
+
+        def combiner(states: torch.Tensor, name: str = name, route=route, weights=weights):
+            if name == "allreduce":
+                return exchange.allreduce_sum(states.sum(dim=0)) / agents
+            return exchange.mix(states, route, route.weights(weights, states))
+
         for parameters in sizes:
             states = torch.randn(len(layout.agents(rank)), parameters)
             combiner(states)  # warm-up: buffers, connections
@@ -70,7 +77,10 @@ def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
                 combiner(states)
             seconds = comm.allreduce((time.perf_counter() - start) / repeats, op=MPI.MAX)
             model_bytes = 4 * parameters
-            sent = comm.allreduce(combiner.bytes_per_agent(model_bytes) * len(states)) / agents
+            if name == "allreduce":  # bandwidth-optimal: 2 (P - 1) / P model sums per rank
+                sent = 2 * (size - 1) / size * model_bytes * size / agents
+            else:  # each row once to every other rank where an agent listens to it
+                sent = comm.allreduce(route.sends_per_agent.sum()) * model_bytes / agents
             rows.append(
                 {
                     "ranks": size,

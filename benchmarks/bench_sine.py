@@ -24,7 +24,8 @@ from reference_loop import ReferenceDifMAML
 from torch import nn
 
 from dmeta.config import load_config
-from dmeta.runner import build_learner, build_task, execute, plan_run
+from dmeta.engine import execute
+from dmeta.runner import build_learner, build_task, plan_run
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sine_diffusion.toml"
 

@@ -1,12 +1,14 @@
 """Checkpoints: all a run needs to continue exactly where it stopped, on any number of ranks.
 
-A checkpoint is one HDF5 file next to the run file, `<run file>.ckpt`. It holds every agent's
-launch model and outer-optimizer state (one row per agent, whatever rank held it), what the
-metrics window has accumulated since the last logged row, the iteration counter and the number
-of rows the run file holds. Random numbers need nothing more: they are a function of (seed,
-agent, iteration), so the iteration counter is every agent's generator state. Ranks send their
-rows to rank 0, which writes `<checkpoint>.tmp` and renames it over the old checkpoint, so a
-checkpoint on disk is always whole. On resume every rank reads only its own agents' rows.
+A checkpoint is one HDF5 file next to the run file, `<run file>.ckpt`. It holds the state the
+run's algorithm declares: every agent's rows (launch model, optimizer moments and step count,
+whatever the algorithm names; one row per agent, whatever rank held it) under `agents/`, the
+state shared by all agents under `shared/`, what the metrics window has accumulated since the
+last logged row, the iteration counter and the number of rows the run file holds. Random
+numbers need nothing more: they are a function of (seed, agent, iteration), so the iteration
+counter is every agent's generator state. Ranks send their rows to rank 0, which writes
+`<checkpoint>.tmp` and renames it over the old checkpoint, so a checkpoint on disk is always
+whole. On resume every rank reads only its own agents' rows.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dmeta.comm import Collectives
 from dmeta.config import Config
 from dmeta.errors import DmetaError
+from dmeta.exchange import Exchange
 from dmeta.output import partial_path
 
-FORMAT = 1
+FORMAT = 2
 # Config sections that do not change the numbers of a run: a run may resume with other values.
 FREE_SECTIONS = ("output", "checkpoint")
 FREE_RUNTIME_KEYS = ("backend", "device", "threads", "compile")
@@ -45,9 +47,8 @@ class Snapshot:
 
     iteration: int
     rows: int
-    launch_models: np.ndarray  # [local agents, M]
-    optimizer_rows: dict[str, np.ndarray] = field(default_factory=dict)  # [local agents, ...]
-    optimizer_shared: dict[str, np.ndarray] = field(default_factory=dict)  # same on all agents
+    agent_rows: dict[str, np.ndarray] = field(default_factory=dict)  # [local agents, ...]
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # the same on every rank
     window_rows: dict[str, np.ndarray] = field(default_factory=dict)  # [local agents]
     window_steps: int = 0
 
@@ -76,17 +77,15 @@ def _differences(left: dict[str, Any], right: dict[str, Any], prefix: str = "") 
     return keys
 
 
-def save_checkpoint(
-    path: Path, snapshot: Snapshot, collectives: Collectives, config: Config
-) -> None:
+def save_checkpoint(path: Path, snapshot: Snapshot, exchange: Exchange, config: Config) -> None:
     """Write the checkpoint (a collective call): gather every rank's rows, rank 0 writes."""
     # All ranks synchronise here: one gather per per-agent array, in a fixed order.
-    gathered = {"launch_models": collectives.gather_rows(snapshot.launch_models)}
-    for name in sorted(snapshot.optimizer_rows):
-        gathered[f"optimizer/{name}"] = collectives.gather_rows(snapshot.optimizer_rows[name])
+    gathered = {}
+    for name in sorted(snapshot.agent_rows):
+        gathered[f"agents/{name}"] = exchange.gather_rows(snapshot.agent_rows[name])
     for name in sorted(snapshot.window_rows):
-        gathered[f"window/{name}"] = collectives.gather_rows(snapshot.window_rows[name])
-    if collectives.rank != 0:
+        gathered[f"window/{name}"] = exchange.gather_rows(snapshot.window_rows[name])
+    if exchange.rank != 0:
         return
     temporary = path.with_name(path.name + ".tmp")
     try:
@@ -103,8 +102,8 @@ def save_checkpoint(
             )
             for name, data in gathered.items():
                 file.create_dataset(name, data=data)
-            for name, value in snapshot.optimizer_shared.items():
-                file.create_dataset(f"optimizer_shared/{name}", data=value)
+            for name, value in snapshot.shared.items():
+                file.create_dataset(f"shared/{name}", data=value)
         # The rename is the commit: a crash before it leaves the previous checkpoint intact.
         os.replace(temporary, path)
     except OSError as error:
@@ -116,7 +115,7 @@ def check_checkpoint(path: Path, config: Config) -> int:
     try:
         with h5py.File(path, "r") as file:
             attributes = dict(file.attrs)
-            has_models = isinstance(file.get("launch_models"), h5py.Dataset)
+            has_models = isinstance(file.get("agents"), h5py.Group)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DmetaError(
@@ -150,21 +149,28 @@ def check_checkpoint(path: Path, config: Config) -> int:
     return iteration
 
 
+def _datasets(file: h5py.File, group: str) -> dict[str, h5py.Dataset]:
+    """The datasets under `group` by their path below it ("optimizer/exp_avg")."""
+    found: dict[str, h5py.Dataset] = {}
+    if group in file:
+        file[group].visititems(
+            lambda name, item: (
+                found.__setitem__(name, item) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+    return found
+
+
 def load_checkpoint(path: Path, agents: np.ndarray) -> Snapshot:
     """The rows of `agents` (global ids, contiguous) and the counters of a checked checkpoint."""
     rows = slice(int(agents[0]), int(agents[-1]) + 1)
     with h5py.File(path, "r") as file:
-        groups = {
-            group: {name: item for name, item in file[group].items()} if group in file else {}
-            for group in ("optimizer", "window", "optimizer_shared")
-        }
         return Snapshot(
             iteration=int(file.attrs["iteration"]),
             rows=int(file.attrs["rows"]),
-            launch_models=file["launch_models"][rows],
-            optimizer_rows={name: item[rows] for name, item in groups["optimizer"].items()},
-            optimizer_shared={name: item[()] for name, item in groups["optimizer_shared"].items()},
-            window_rows={name: item[rows] for name, item in groups["window"].items()},
+            agent_rows={name: item[rows] for name, item in _datasets(file, "agents").items()},
+            shared={name: item[()] for name, item in _datasets(file, "shared").items()},
+            window_rows={name: item[rows] for name, item in _datasets(file, "window").items()},
             window_steps=int(file.attrs["window_steps"]),
         )
 

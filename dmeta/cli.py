@@ -120,7 +120,8 @@ def _run(args: argparse.Namespace) -> int:
 
     from dmeta.checkpoint import checkpoint_path, decide_resume
     from dmeta.config import load_config
-    from dmeta.runner import execute, plan_run
+    from dmeta.engine import execute
+    from dmeta.runner import plan_run
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()

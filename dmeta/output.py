@@ -23,8 +23,8 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
-from dmeta.comm import AgentLayout, Collectives
 from dmeta.errors import DmetaError
+from dmeta.exchange import AgentLayout, Exchange
 
 # Every row-wise dataset: path -> (one value per agent?, units, meaning). Row r of each holds
 # the values at iteration /time/iteration[r], which is their dimension scale.
@@ -231,10 +231,13 @@ class RunWriter(Protocol):
         """One logged row: rank 0's scalar series and this rank's per-agent values [local]."""
 
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
-        """A dataset that every rank knows whole, written once (e.g. the combination matrix)."""
+        """A dataset that every rank knows whole, written once (e.g. the graph's edges)."""
 
     def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
         """A dataset with one row per agent, each rank passing its own agents' rows."""
+
+    def set_attributes(self, name: str, **attributes: Any) -> None:
+        """Attributes of the group `name` (e.g. /topology's lambda2), the same on every rank."""
 
     def finish(self) -> None:
         """Write what is buffered, mark the run complete and give the file its final name."""
@@ -297,7 +300,7 @@ class SerialWriter(_BufferedRows):
     def __init__(
         self,
         path: Path,
-        collectives: Collectives,
+        exchange: Exchange,
         num_agents: int,
         num_local: int,
         attributes: dict[str, Any],
@@ -307,10 +310,10 @@ class SerialWriter(_BufferedRows):
     ) -> None:
         super().__init__(num_local, flush_every, schema)
         self.path = Path(path)
-        self.collectives = collectives
+        self.exchange = exchange
         self.file: h5py.File | None = None
         self.partial = partial_path(self.path)
-        if collectives.rank != 0:
+        if exchange.rank != 0:
             self.rows = resume_rows or 0
             return
         if resume_rows is None:
@@ -326,7 +329,7 @@ class SerialWriter(_BufferedRows):
 
     def _write_rows(self, start: int) -> None:
         # All ranks synchronise here: one gather of every buffered per-agent value.
-        block = self.collectives.gather_rows(self.buffer.agent_block())
+        block = self.exchange.gather_rows(self.buffer.agent_block())
         if self.file is not None:
             scalars = np.array(self.buffer.scalars)
             _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
@@ -340,8 +343,13 @@ class SerialWriter(_BufferedRows):
             dataset.attrs.update(attributes)
 
     def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
-        gathered = self.collectives.gather_rows(np.ascontiguousarray(rows))
+        gathered = self.exchange.gather_rows(np.ascontiguousarray(rows))
         self.write_global(name, gathered, **attributes)
+
+    def set_attributes(self, name: str, **attributes: Any) -> None:
+        """Attributes of the group or dataset `name` (created as a group when missing)."""
+        if self.file is not None:
+            self.file.require_group(name).attrs.update(attributes)
 
     def finish(self) -> None:
         self.flush()
@@ -427,6 +435,10 @@ class ParallelWriter(_BufferedRows):
         with dataset.collective:
             dataset[self.mine] = rows
 
+    def set_attributes(self, name: str, **attributes: Any) -> None:
+        """Attributes of the group `name`, set by every rank alike (collective)."""
+        self.file.require_group(name).attrs.update(attributes)
+
     def finish(self) -> None:
         self.flush()
         self.file.attrs["complete"] = True
@@ -453,7 +465,7 @@ def open_writer(
     kind: str,
     path: Path,
     comm: Any,
-    collectives: Collectives,
+    exchange: Exchange,
     layout: AgentLayout,
     attributes: dict[str, Any],
     flush_every: int,
@@ -469,10 +481,10 @@ def open_writer(
     schema = schema or RowSchema()
     if kind == "parallel":
         return ParallelWriter(path, comm, layout, attributes, flush_every, schema, resume_rows)
-    num_local = int(layout.counts[collectives.rank])
+    num_local = int(layout.counts[exchange.rank])
     return SerialWriter(
         path,
-        collectives,
+        exchange,
         layout.num_agents,
         num_local,
         attributes,

@@ -7,9 +7,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from dmeta.config import Config, load_config
-from dmeta.runner import execute, plan_run
+from dmeta.engine import execute
+from dmeta.exchange import LocalExchange
+from dmeta.runner import plan_run
 
 SMALL = [
     "agents=7",
@@ -43,6 +46,22 @@ def run_local(config: Config, path: Path) -> dict[str, np.ndarray]:
     """Run in-process (local backend) and return every dataset of the run file."""
     execute(plan_run(config, 1, 0, 0, 1), None, path, show_progress=False)
     return read_datasets(path)
+
+
+def dense_matrix(data: dict[str, np.ndarray], num_agents: int) -> np.ndarray:
+    """The K x K matrix a[l, k] of a small run file's /topology/edges and /topology/weights."""
+    matrix = np.zeros((num_agents, num_agents))
+    edges = data["topology/edges"]
+    matrix[edges[:, 0], edges[:, 1]] = data["topology/weights"]
+    return matrix
+
+
+def mix(matrix: np.ndarray, rows: torch.Tensor) -> torch.Tensor:
+    """w_k = sum_l a[l, k] rows_l (eq. 6b) through the in-process exchange."""
+    exchange = LocalExchange(matrix.shape[0])
+    sources, destinations = np.nonzero(matrix)
+    route = exchange.route(sources, destinations)
+    return exchange.mix(rows, route, route.weights(matrix[sources, destinations], rows))
 
 
 def read_datasets(path: Path) -> dict[str, np.ndarray]:

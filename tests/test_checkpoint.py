@@ -11,10 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 from conftest import SMALL, read_datasets
-
-from dmeta.runner import optimizer_snapshot, restore_optimizer
 
 BIN = Path(sys.executable).parent
 JOB = Path(__file__).parent.parent / "jobs" / "sine_quick.toml"
@@ -165,28 +162,11 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path) -> None:
     assert "there is no checkpoint" in one_error_line(result)
 
 
-def test_adam_state_round_trips_through_a_snapshot() -> None:
-    parameter = torch.randn(3, 4, requires_grad=True)
-    optimizer = torch.optim.Adam([parameter], lr=0.1)
-    for _ in range(3):
-        parameter.grad = torch.randn(3, 4)
-        optimizer.step()
-    rows, shared = optimizer_snapshot(optimizer, parameter)
-    assert set(rows) == {"exp_avg", "exp_avg_sq"} and set(shared) == {"step"}
-    copy = parameter.detach().clone().requires_grad_(True)
-    restored = torch.optim.Adam([copy], lr=0.1)
-    restore_optimizer(restored, copy, rows, shared)
-    gradient = torch.randn(3, 4)
-    parameter.grad, copy.grad = gradient, gradient.clone()
-    optimizer.step()
-    restored.step()
-    torch.testing.assert_close(copy, parameter, rtol=0, atol=0)
-
-
 def test_in_process_stop_and_clock_checkpoints(tmp_path) -> None:
     from conftest import run_local, small_config
 
-    from dmeta.runner import execute, plan_run
+    from dmeta.engine import execute
+    from dmeta.runner import plan_run
 
     config = small_config(
         "iterations=40", "checkpoint.poll_every=3", "checkpoint.every_minutes=1e-9"

@@ -11,17 +11,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import FEWSHOT, read_datasets, run_local, small_config, write_miniimagenet
+from conftest import FEWSHOT, mix, read_datasets, run_local, small_config, write_miniimagenet
 from test_omniglot import SOURCES
 
 from dmeta import fewshot, miniimagenet, rng
 from dmeta.checkpoint import checkpoint_path
-from dmeta.comm import MatrixCombiner
 from dmeta.config import load_config
+from dmeta.engine import execute
 from dmeta.errors import DmetaError
 from dmeta.meta import MAML
 from dmeta.models import build_convnet
-from dmeta.runner import execute, plan_run
+from dmeta.runner import plan_run
 from dmeta.tasks import TaskBatch
 
 F64 = torch.float64
@@ -187,7 +187,7 @@ def test_the_combine_step_mixes_batch_norm_parameters_like_any_other(mini_root) 
     assert not list(model.module.buffers())
     rows = torch.randn(3, model.num_parameters, dtype=F64)
     matrix = np.array([[0.5, 0.2, 0.0], [0.5, 0.3, 0.6], [0.0, 0.5, 0.4]])
-    combined = MatrixCombiner(matrix, F64, torch.device("cpu"))(rows)
+    combined = mix(matrix, rows)
     for name in ("1.weight", "1.bias", "5.weight"):
         expected = sum(matrix[j, 1] * model.unflatten(rows[j])[name] for j in range(3))
         torch.testing.assert_close(model.unflatten(combined[1])[name], expected)

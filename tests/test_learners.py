@@ -126,7 +126,8 @@ def test_local_steps_without_combination_are_consecutive_iterations(tmp_path) ->
 
 def test_metasgd_step_sizes_are_combined_with_the_model(tmp_path) -> None:
     """One ATC iteration by hand: phi = theta - mu g over [w, a], then theta' = A^T phi."""
-    from dmeta.combine import combine
+    from conftest import dense_matrix, mix
+
     from dmeta.runner import build_learner
     from dmeta.tasks import SineTask
 
@@ -143,7 +144,8 @@ def test_metasgd_step_sizes_are_combined_with_the_model(tmp_path) -> None:
     np.testing.assert_array_equal(theta[:, half:], config.learner.inner_lr)
     tasks = task.sample(torch.arange(config.agents), 1, config.learner.tasks_per_agent)
     gradients, _ = learner.meta_gradients(theta, tasks)
-    expected = combine(torch.as_tensor(data["topology/A"]), theta - config.optimizer.lr * gradients)
+    matrix = dense_matrix(data, config.agents)
+    expected = mix(matrix, theta - config.optimizer.lr * gradients)
     np.testing.assert_allclose(data["params/final"], expected.numpy(), rtol=1e-12, atol=1e-15)
     # The step sizes moved, and each agent's are a mix of its neighbours' updated ones.
     assert not np.allclose(data["params/final"][:, half:], config.learner.inner_lr)

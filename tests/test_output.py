@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import SMALL
 
-from dmeta.comm import AgentLayout, SerialCollectives
+from dmeta.exchange import AgentLayout, LocalExchange
 from dmeta.output import SERIES, RowSchema, open_writer
 
 PER_AGENT, SCALAR = RowSchema().per_agent, RowSchema().scalar
@@ -41,7 +41,7 @@ def test_serial_writer_round_trips_rows_arrays_and_attributes(tmp_path) -> None:
         "serial",
         path,
         None,
-        SerialCollectives(num_agents),
+        LocalExchange(num_agents),
         AgentLayout(num_agents, 1),
         {"seed": 3},
         flush_every=3,
@@ -50,7 +50,8 @@ def test_serial_writer_round_trips_rows_arrays_and_attributes(tmp_path) -> None:
     for iteration, scalars, agents in rows:
         writer.append(iteration, scalars, agents)
     matrix = np.eye(num_agents)
-    writer.write_global("topology/A", matrix, lambda2=0.5)
+    writer.write_global("topology/weights", matrix)
+    writer.set_attributes("topology", lambda2=0.5)
     writer.write_agents("params/final", np.arange(num_agents * 2.0).reshape(num_agents, 2))
     assert not path.exists() and path.with_name("run.h5.partial").exists()
     writer.finish()
@@ -66,15 +67,15 @@ def test_serial_writer_round_trips_rows_arrays_and_attributes(tmp_path) -> None:
         for name in SERIES:
             assert f[name].dims[0][0] == f["time/iteration"]
             assert f[name].attrs["units"] and f[name].attrs["description"]
-        np.testing.assert_array_equal(f["topology/A"][:], matrix)
-        assert f["topology/A"].attrs["lambda2"] == 0.5
+        np.testing.assert_array_equal(f["topology/weights"][:], matrix)
+        assert f["topology"].attrs["lambda2"] == 0.5
         assert f["params/final"].shape == (num_agents, 2)
 
 
 def test_rows_stay_in_memory_until_a_flush(tmp_path) -> None:
     path = tmp_path / "run.h5"
     writer = open_writer(
-        "serial", path, None, SerialCollectives(2), AgentLayout(2, 1), {}, flush_every=4
+        "serial", path, None, LocalExchange(2), AgentLayout(2, 1), {}, flush_every=4
     )
     for iteration, scalars, agents in synthetic_rows(6, 2):
         writer.append(iteration, scalars, agents)
@@ -87,7 +88,7 @@ def test_rows_stay_in_memory_until_a_flush(tmp_path) -> None:
 
 def test_a_row_missing_a_series_is_refused(tmp_path) -> None:
     writer = open_writer(
-        "serial", tmp_path / "r.h5", None, SerialCollectives(2), AgentLayout(2, 1), {}, 2
+        "serial", tmp_path / "r.h5", None, LocalExchange(2), AgentLayout(2, 1), {}, 2
     )
     iteration, scalars, agents = synthetic_rows(1, 2)[0]
     del agents["metrics/val_loss"]

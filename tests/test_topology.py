@@ -229,23 +229,3 @@ def test_matrix_file_rounded_to_six_digits_is_rescaled(tmp_path):
     path.write_text("0.3 0.5 0.3\n0.3 0.5 0.3\n0.3 0 0.3\n")
     with pytest.raises(DmetaError, match="column 0"):
         validate_combination_matrix(combination_matrix(nx.empty_graph(3), "matrix", str(path)))
-
-
-@pytest.mark.parametrize("num_agents", [6, 50])
-def test_combination_dense_or_sparse_is_eq_6b(num_agents) -> None:
-    import torch
-
-    from dmeta.combine import Combination
-
-    graph = build_graph(GraphConfig(topology="ring"), num_agents)
-    matrix = torch.as_tensor(combination_matrix(graph, "metropolis"))
-    states = torch.randn(num_agents, 7, dtype=torch.float64)
-    combination = Combination(matrix)
-    # A ring of 50 has 3 non-zeros per column: sparse; of 6, half the entries: dense.
-    assert combination.transposed.layout == (
-        torch.sparse_csr if num_agents == 50 else torch.strided
-    )
-    expected = torch.stack(
-        [sum(matrix[j, k] * states[j] for j in range(num_agents)) for k in range(num_agents)]
-    )
-    torch.testing.assert_close(combination(states), expected, rtol=1e-14, atol=1e-14)

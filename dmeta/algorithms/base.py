@@ -1,0 +1,141 @@
+"""What an algorithm is to the engine: declared state, one round, models to evaluate.
+
+An algorithm is one module holding a subclass of `Algorithm`, registered by strategy name in
+`dmeta.algorithms`. It declares
+- `plan(config, layout)`: everything that can fail on bad input (graph, weights), checked
+  without communicating, so the entry point agrees on errors before any collective starts;
+- its per-agent state (`state_rows`: named tensors with one row per local agent, e.g. launch
+  models, optimizer moments and step counts) and shared state (`state_shared`), which the
+  engine checkpoints by agent id and puts back with `load_state`;
+- `round(t)`: the local computation of round t and its calls to the exchange;
+- `models()`: the launch models the engine evaluates and stores;
+- `series` and `row_values()`: extra row-wise series it logs;
+- `topology()`: what the run file records of its communication graph.
+The engine owns the loop, logging, evaluation, checkpoints and signals, and knows no names.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from dmeta.config import Config, OptimizerConfig
+from dmeta.exchange import AgentLayout, Exchange
+from dmeta.meta import MAML
+from dmeta.optim import SGD, Adam, RowOptimizer
+from dmeta.tasks import TaskFamily
+
+
+@dataclass
+class Context:
+    """What a running algorithm is handed: its config, task, learner and exchange."""
+
+    config: Config
+    task: TaskFamily
+    learner: MAML
+    exchange: Exchange
+    agents: torch.Tensor  # global ids of this rank's agents
+    device: torch.device
+    dtype: torch.dtype
+    # The learner's meta-gradients of the training step, possibly compiled.
+    meta_gradients: Any = None
+
+
+@dataclass
+class TopologyRecord:
+    """The communication graph as the run file stores it: edges l -> k with weight a[l, k]."""
+
+    edges: np.ndarray  # [E, 2] int64: (l, k)
+    weights: np.ndarray  # [E] float64
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RoundReport:
+    """What one round did, for the metrics window: per local agent, and rank 0's clock."""
+
+    loss_sum: torch.Tensor  # [agents]: meta-training losses summed over the round's steps
+    steps: int  # outer steps in the round
+    gradient_norm: torch.Tensor  # [agents]: norm of the last meta-gradient
+    comm_bytes: torch.Tensor  # [agents]: bytes sent to other ranks on the agent's behalf
+    comm_seconds: float = 0.0
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that host clocks time it; nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CommTimer:
+    """Seconds spent in communication; GPU work queued before is waited for first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> CommTimer:
+        synchronize(self.device)  # host clocks must not time queued GPU work as communication
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._began
+
+
+def build_optimizer(settings: OptimizerConfig) -> RowOptimizer:
+    """The outer optimizer `optimizer.name` of eq. (6a), one state row per agent."""
+    if settings.name == "sgd":
+        return SGD(settings.lr)
+    return Adam(settings.lr, settings.beta1, settings.beta2, settings.eps)
+
+
+class Algorithm(ABC):
+    """A strategy: state declared by name, one `round` at a time (see the module docstring)."""
+
+    # Extra row-wise series: path -> (one value per agent?, units, meaning).
+    series: ClassVar[dict[str, tuple[bool, str, str]]] = {}
+
+    @classmethod
+    @abstractmethod
+    def plan(cls, config: Config, layout: AgentLayout) -> Any:
+        """Check the strategy's inputs (DmetaError on bad input) without communicating."""
+
+    @abstractmethod
+    def __init__(self, context: Context, plan: Any, initial_models: torch.Tensor) -> None:
+        """Start from `initial_models` [agents, P] (the learner's launch rows)."""
+
+    @abstractmethod
+    def state_rows(self) -> dict[str, torch.Tensor]:
+        """Per-agent state: name -> [local agents, ...]."""
+
+    def state_shared(self) -> dict[str, torch.Tensor]:
+        """State common to all agents (e.g. a server model); none by default."""
+        return {}
+
+    @abstractmethod
+    def load_state(self, rows: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
+        """Continue from state saved by `state_rows` and `state_shared`."""
+
+    @abstractmethod
+    def round(self, t: int) -> RoundReport:
+        """Round t >= 1: local computation and exchange."""
+
+    @abstractmethod
+    def models(self) -> torch.Tensor:
+        """The launch models to evaluate and store: [local agents, P]."""
+
+    def row_values(self) -> dict[str, torch.Tensor | float]:
+        """Values of `series` at a logged row; none by default."""
+        return {}
+
+    @classmethod
+    def topology(cls, plan: Any) -> TopologyRecord | None:
+        """The graph the run file records (None: no graph, e.g. an all-reduce)."""
+        return None

@@ -1,0 +1,190 @@
+"""Dif-MAML (Kayaalp, Vlaski and Sayed, Algorithm 1): adapt, then combine over the graph.
+
+Round i of agent k, with tau = `learner.local_steps` outer steps per round (tau = 1 is
+Algorithm 1):
+
+    phi_k = w_k - mu grad J_k(w_k)      (eq. 6a, tau times, the learner's meta-gradient of
+                                         eq. 4 on fresh tasks; Adam or SGD per agent)
+    w_k   = sum_l a[l, k] phi_l          (eq. 6b, the combination matrix of round i)
+
+`ATC` adapts then combines (the paper's order), `CTA` combines then adapts, `NonCooperative`
+never combines (A = I). The combination matrix comes from the graph schedule: fixed, or a
+function of (seed, round) for time-varying graphs, the same on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from dmeta import topology
+from dmeta.algorithms.base import (
+    Algorithm,
+    CommTimer,
+    Context,
+    RoundReport,
+    TopologyRecord,
+    build_optimizer,
+)
+from dmeta.config import Config
+from dmeta.exchange import AgentLayout
+
+
+@dataclass
+class GraphPlan:
+    """A checked combination schedule and the facts the run file records about it."""
+
+    schedule: Any  # topology.Schedule: matrix_at(t), static
+    report: Any  # topology.MatrixReport of the first round's matrix
+
+    def edges_at(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sources l, destinations k, weights a[l, k]) of round t's matrix."""
+        return matrix_edges(self.schedule.matrix_at(t))
+
+
+def matrix_edges(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The non-zero entries of a (sparse or dense) K x K matrix as edges l -> k, weight a[l, k]."""
+    entries = scipy.sparse.coo_array(matrix)
+    positive = entries.data != 0
+    return (
+        entries.row[positive].astype(np.int64),
+        entries.col[positive].astype(np.int64),
+        entries.data[positive].astype(np.float64),
+    )
+
+
+class _Static:
+    """A fixed combination matrix."""
+
+    static = True
+
+    def __init__(self, matrix: Any) -> None:
+        self.matrix = matrix
+
+    def matrix_at(self, t: int) -> Any:
+        return self.matrix
+
+
+class LocalTraining:
+    """The adapt step shared by the diffusion family: tau meta-gradient steps per round."""
+
+    def __init__(self, context: Context, initial_models: torch.Tensor) -> None:
+        self.context = context
+        self.optimizer = build_optimizer(context.config.optimizer)
+        self.launch_models = initial_models.detach().clone()
+        self.optimizer_state = self.optimizer.init_state(self.launch_models)
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        return {"launch_models": self.launch_models} | {
+            f"optimizer/{name}": value for name, value in self.optimizer_state.items()
+        }
+
+    def load(self, rows: dict[str, torch.Tensor]) -> None:
+        self.launch_models = rows["launch_models"].clone()
+        prefix = "optimizer/"
+        self.optimizer_state = {
+            name[len(prefix) :]: value.clone()
+            for name, value in rows.items()
+            if name.startswith(prefix)
+        }
+
+    def adapt(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6a) tau times; returns (loss sum over the steps, last meta-gradient norm)."""
+        context = self.context
+        settings = context.config.learner
+        loss_sum = torch.zeros(len(context.agents), dtype=torch.float64, device=context.device)
+        norm = torch.full_like(loss_sum, float("nan"))
+        for step in range(settings.local_steps):
+            # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
+            draw = (t - 1) * settings.local_steps + step + 1
+            tasks = context.task.sample(context.agents, draw, settings.tasks_per_agent)
+            gradients, losses = context.meta_gradients(self.launch_models, tasks)
+            self.launch_models, self.optimizer_state = self.optimizer.step(
+                self.launch_models, gradients, self.optimizer_state
+            )
+            loss_sum += losses.detach().to(torch.float64)
+            norm = torch.linalg.vector_norm(gradients, dim=1).to(torch.float64)
+        return loss_sum, norm
+
+
+class Diffusion(Algorithm):
+    """The diffusion family; subclasses choose the order and the combination."""
+
+    adapt_first = True
+
+    @classmethod
+    def plan(cls, config: Config, layout: AgentLayout) -> GraphPlan:
+        graph = topology.build_graph(config.graph, config.agents)
+        matrix = topology.combination_matrix(graph, config.graph.rule, config.graph.matrix_path)
+        topology.validate_combination_matrix(matrix, require_connected=True)
+        return GraphPlan(_Static(matrix), topology.describe(matrix))
+
+    def __init__(self, context: Context, plan: GraphPlan, initial_models: torch.Tensor) -> None:
+        self.context = context
+        self.plan_ = plan
+        self.training = LocalTraining(context, initial_models)
+        self.route: Any = None
+        self.weights: torch.Tensor | None = None
+        self.model_bytes = initial_models.shape[1] * initial_models.element_size()
+
+    def state_rows(self) -> dict[str, torch.Tensor]:
+        return self.training.rows()
+
+    def load_state(self, rows: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
+        self.training.load(rows)
+
+    def models(self) -> torch.Tensor:
+        return self.training.launch_models
+
+    def round(self, t: int) -> RoundReport:
+        timer = CommTimer(self.context.device)
+        comm_bytes = torch.zeros(len(self.context.agents), dtype=torch.float64)
+        if not self.adapt_first:
+            comm_bytes += self._combine(t, timer)
+        loss_sum, norm = self.training.adapt(t)
+        if self.adapt_first:
+            comm_bytes += self._combine(t, timer)
+        steps = self.context.config.learner.local_steps
+        return RoundReport(loss_sum, steps, norm, comm_bytes.to(loss_sum.device), timer.seconds)
+
+    def _combine(self, t: int, timer: CommTimer) -> torch.Tensor:
+        """Eq. (6b) on the launch models; returns the bytes each agent's row was sent."""
+        exchange = self.context.exchange
+        models = self.training.launch_models
+        if self.route is None or not self.plan_.schedule.static:
+            sources, destinations, weights = self.plan_.edges_at(t)
+            # A collective call on MPI when the rank-level support changes (every rank alike).
+            self.route = exchange.route(sources, destinations)
+            self.weights = self.route.weights(weights, models)
+        with timer, torch.no_grad():
+            self.training.launch_models = exchange.mix(models, self.route, self.weights)
+        return torch.as_tensor(self.route.sends_per_agent * self.model_bytes)
+
+    @classmethod
+    def topology(cls, plan: GraphPlan) -> TopologyRecord:
+        sources, destinations, weights = plan.edges_at(1)
+        report = plan.report
+        attributes = {
+            "num_agents": report.num_agents,
+            "lambda2": report.lambda2,
+            "lambda2_method": getattr(report, "lambda2_method", "dense eigenvalues"),
+            "doubly_stochastic": report.doubly_stochastic,
+            "schedule": "static" if plan.schedule.static else "time-varying",
+            "description": "edges l -> k with weight a[l, k], the weight agent k gives agent l; "
+            "the weights into each k sum to one (eq. 6b); round 1's graph when time-varying",
+        }
+        return TopologyRecord(np.stack([sources, destinations], axis=1), weights, attributes)
+
+
+class ATC(Diffusion):
+    """Adapt-then-Combine: Algorithm 1 (eq. 6a, then 6b)."""
+
+
+class CTA(Diffusion):
+    """Combine-then-Adapt: eq. (6b) on the launch models, then eq. (6a)."""
+
+    adapt_first = False

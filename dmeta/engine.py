@@ -1,0 +1,464 @@
+"""The engine: the loop of rounds, logging, evaluation, checkpoints and signals.
+
+It runs whatever algorithm the plan names (dmeta/algorithms/) and knows none by name: it
+asks the algorithm for a round, for the models to evaluate and for its declared state, and owns
+the rest: the metrics window between logged rows, the evaluation of a row (validation, the
+centroid, Theorem 1's disagreement, Theorem 2's stationarity), the run file, checkpoints and
+the agreement of all ranks on signals.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmeta import rng
+from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
+from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
+from dmeta.errors import DmetaError
+from dmeta.exchange import Exchange, LocalExchange, MPIExchange
+from dmeta.fewshot import confidence_interval_95
+from dmeta.output import RowSchema, RunWriter, open_writer
+from dmeta.runner import DTYPES, RunPlan, build_learner, build_task, run_attributes
+from dmeta.tasks import TaskBatch
+
+
+def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
+    """||w_k - w_c||^2 per agent (Theorem 1), with w_c the network centroid (1/K) sum_k w_k."""
+    return ((launch_models - centroid) ** 2).sum(dim=1)
+
+
+class Progress:
+    """Rank 0's progress: a bar on a terminal, one line per logged row otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="it", dynamic_ncols=True)
+
+    def advance(self, iterations: int = 1) -> None:
+        if self.bar is not None and iterations:
+            self.bar.update(iterations)
+
+    def row(
+        self, iteration: int, mean_train: float, mean_validation: float, scalars: dict[str, float]
+    ) -> None:
+        """One line: network means over agents and the centroid's metrics."""
+        if not self.enabled:
+            return
+        train_text = "-" if math.isnan(mean_train) else f"{mean_train:.4f}"
+        accuracy = scalars.get("centroid/val_accuracy")
+        line = (
+            f"iteration {iteration:>7d}  train {train_text:>7}  val {mean_validation:.4f}  "
+            f"centroid val {scalars['centroid/val_loss']:.4f}  "
+            + (f"centroid acc {accuracy:.3f}  " if accuracy is not None else "")
+            + f"disagreement {scalars['centroid/disagreement']:.3e}  "
+            f"stationarity {scalars['centroid/stationarity']:.3e}"
+        )
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RowWindow:
+    """What a rank accumulates between two logged rows."""
+
+    def __init__(self, num_local: int, device: torch.device) -> None:
+        self.num_local = num_local
+        self.device = device
+        self.reset(0.0)
+
+    def reset(self, now: float) -> None:
+        self.train_sum = torch.zeros(self.num_local, dtype=torch.float64, device=self.device)
+        self.gradient_norm = torch.full_like(self.train_sum, math.nan)
+        self.comm_bytes = torch.zeros_like(self.train_sum)
+        self.steps = 0
+        self.comm_seconds = 0.0
+        self.started = now
+
+    def add(self, report: RoundReport) -> None:
+        """One round's losses, meta-gradient norms, bytes and communication time."""
+        self.train_sum += report.loss_sum
+        self.gradient_norm = report.gradient_norm
+        self.comm_bytes += report.comm_bytes
+        self.comm_seconds += report.comm_seconds
+        self.steps += report.steps
+
+    def mean_train_loss(self) -> torch.Tensor:
+        """Mean meta-training loss per agent over the window (NaN for an empty window)."""
+        if not self.steps:
+            return torch.full_like(self.train_sum, math.nan)
+        return self.train_sum / self.steps
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """The per-agent accumulators, for a checkpoint."""
+        names = ("train_sum", "gradient_norm", "comm_bytes")
+        return {name: getattr(self, name).cpu().numpy() for name in names}
+
+    def restore(self, rows: dict[str, np.ndarray], steps: int) -> None:
+        """Continue a window saved by `rows` after `steps` outer steps."""
+        for name, values in rows.items():
+            setattr(self, name, torch.as_tensor(values, device=self.device))
+        self.steps = steps
+
+
+def _numpy_rows(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    # A copy: the live state keeps changing after the snapshot is taken.
+    return {name: value.detach().cpu().numpy().copy() for name, value in tensors.items()}
+
+
+def build_exchange(plan: RunPlan, comm: Any) -> Exchange:
+    """The exchange of the plan's backend: in-process, or MPI over (a duplicate of) `comm`."""
+    if comm is None:
+        return LocalExchange(plan.config.agents, plan.device)
+    return MPIExchange(comm, plan.layout, plan.device)
+
+
+class Engine:
+    """One run of the plan's algorithm on this rank (see `execute`)."""
+
+    def __init__(self, plan: RunPlan, exchange: Exchange, out_path: Path) -> None:
+        config = self.config = plan.config
+        self.plan = plan
+        self.exchange = exchange
+        self.device = plan.device
+        self.rank = exchange.rank
+        self.out_path = out_path
+        dtype = DTYPES[config.runtime.dtype]
+        self.agents = torch.as_tensor(plan.layout.agents(self.rank), device=self.device)
+        self.task = build_task(config, dtype, self.device)
+        model = self.task.build_model(config.model)
+        self.learner = build_learner(config.learner, model, self.task)
+        # Only the training step is compiled: its shapes never change, so it compiles once.
+        meta_gradients = self.learner.meta_gradients
+        if config.runtime.compile:
+            meta_gradients = torch.compile(meta_gradients)
+        context = Context(
+            config, self.task, self.learner, exchange, self.agents, self.device, dtype,
+            meta_gradients,
+        )  # fmt: skip
+        initial = self.learner.initial_state(
+            self.task.initial_parameters(model, self.agents, config.model.same_init, dtype)
+        )
+        self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
+        self.validation_tasks = self.task.validation_set(config.validation)
+        self.validation_steps = config.validation.inner_steps or config.learner.inner_steps
+        stationarity = self.task.sample(
+            self.agents, 0, config.validation.stationarity_tasks, stream=rng.STREAM_STATIONARITY
+        )
+        # Population mode with fixed heads draws all of an agent's heads, whatever was asked.
+        half = stationarity.support_x.shape[1] // 2
+        self.stationarity_halves = [
+            TaskBatch(*(part[:, :half] for part in stationarity)),
+            TaskBatch(*(part[:, half:] for part in stationarity)),
+        ]
+        self.window = RowWindow(len(self.agents), self.device)
+        self.checkpoint = checkpoint_path(out_path)
+        self.writer: RunWriter | None = None
+        self.start = time.perf_counter()
+
+    def resume(self) -> tuple[int, int]:
+        """Put the checkpoint's state back; returns (first iteration, rows in the run file)."""
+        snapshot = load_checkpoint(self.checkpoint, self.plan.layout.agents(self.rank))
+        rows = {
+            name: torch.as_tensor(value, device=self.device)
+            for name, value in snapshot.agent_rows.items()
+        }
+        shared = {
+            name: torch.as_tensor(value, device=self.device)
+            for name, value in snapshot.shared.items()
+        }
+        self.algorithm.load_state(rows, shared)
+        self.window.restore(snapshot.window_rows, snapshot.window_steps)
+        return snapshot.iteration + 1, snapshot.rows
+
+    def open(self, comm: Any, resumed_rows: int | None) -> None:
+        """Open the run file (collective); a new run also writes its fixed datasets."""
+        exchange = self.exchange
+        # All ranks synchronise here: every rank learns where the others run, for the run file.
+        hosts = exchange.allgather_object(platform.node())
+        devices = exchange.allgather_object(str(self.device))
+        attributes = exchange.allgather_object(
+            run_attributes(self.plan, exchange.size, hosts, devices) if self.rank == 0 else None
+        )[0]
+        if resumed_rows is None and self.rank == 0:
+            # A checkpoint of an earlier run must never be taken for one of this run.
+            self.checkpoint.unlink(missing_ok=True)
+        series = self.task.series | self.plan.algorithm.series
+        self.writer = open_writer(
+            self.config.output.writer, self.out_path, comm, exchange, self.plan.layout,
+            attributes, self.config.output.flush_every, RowSchema(series), resumed_rows,
+        )  # fmt: skip
+        if resumed_rows is None:
+            self._write_header()
+
+    def _write_header(self) -> None:
+        record = self.plan.algorithm.topology(self.plan.algorithm_plan)
+        if record is not None:
+            self.writer.write_global(
+                "topology/edges", record.edges, units="1", description="(l, k) agent ids"
+            )
+            self.writer.write_global(
+                "topology/weights", record.weights, units="1", description="a[l, k] of each edge"
+            )
+            self.writer.set_attributes("topology", **record.attributes)
+        for name, array in self.task.arrays().items():
+            self.writer.write_global(name, array.cpu().numpy())
+        self.writer.write_agents(
+            "params/initial",
+            self.algorithm.models().detach().cpu().numpy(),
+            units="parameter units",
+            description="launch models w_{k,0}, one flattened row per agent",
+        )
+
+    def _centroid_gradients(self, centroid: torch.Tensor) -> list[torch.Tensor]:
+        """Meta-gradients at the centroid summed over local agents, for both stationarity
+        halves (Theorem 2)."""
+        expanded = centroid.expand(len(self.agents), -1)
+        return [
+            self.learner.meta_gradients(expanded, half)[0].sum(dim=0).to(torch.float64)
+            for half in self.stationarity_halves
+        ]
+
+    def _evaluate(self, models: torch.Tensor) -> torch.Tensor:
+        """[agents or 1, 1 + scores]: validation loss, then the task's scores, task-averaged."""
+        with torch.no_grad():
+            return self.learner.evaluate(
+                models,
+                self.validation_tasks,
+                self.validation_steps,
+                tuple(self.task.scores.values()),
+                self.config.validation.tasks_at_once,
+            ).mean(dim=1)
+
+    def _rank0_scalars(self, centroid: torch.Tensor, began: float) -> dict[str, float]:
+        """The scalars only rank 0 computes: clocks and the centroid's validation (NaN on the
+        other ranks, whose values the writer ignores)."""
+        names = ("time/wall", "time/comm", "time/compute", "time/log", "centroid/val_loss")
+        names += tuple(f"centroid/val_{name}" for name in self.task.scores)
+        if self.rank != 0:
+            return dict.fromkeys(names, math.nan)
+        evaluation = self._evaluate(centroid[None])[0]
+        wall = time.perf_counter() - self.start
+        window = self.window
+        values = [
+            wall,
+            window.comm_seconds,
+            began - window.started - window.comm_seconds,
+            wall - began,
+            *evaluation.tolist(),
+        ]
+        return dict(zip(names, values, strict=True))
+
+    def log_row(self, iteration: int, progress: Progress) -> None:
+        """Evaluate and append the row of `iteration` (a collective call)."""
+        synchronize(self.device)
+        began = time.perf_counter() - self.start
+        models = self.algorithm.models().detach()
+        num_agents = self.config.agents
+        # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
+        centroid = self.exchange.allreduce_sum(models.sum(dim=0)) / num_agents
+        # Every rank sees the same centroid, so all stop together on a diverged run.
+        if not torch.isfinite(centroid).all():
+            raise DmetaError(
+                f"the run diverged by iteration {iteration} (non-finite launch models); "
+                "lower optimizer.lr or learner.inner_lr"
+            )
+        evaluation = self._evaluate(models)
+        spread = disagreement(models, centroid)
+        train = self.window.mean_train_loss()
+        halves = self._centroid_gradients(centroid)
+        means = torch.stack([spread.sum(), train.sum(), evaluation[:, 0].sum()])
+        # All ranks synchronise here (2 of 2): network sums of both half-gradients and of
+        # the per-agent metrics the progress line and /centroid/disagreement need.
+        sums = self.exchange.allreduce_sum(torch.cat([*halves, means.to(torch.float64)]))
+        size = centroid.shape[0]
+        gradient_a, gradient_b = sums[:size] / num_agents, sums[size : 2 * size] / num_agents
+        mean_spread, mean_train, mean_validation = (sums[2 * size :] / num_agents).tolist()
+        scalars = {
+            "centroid/disagreement": mean_spread,
+            "centroid/stationarity": float(gradient_a @ gradient_b),
+            "centroid/stationarity_noise": float((gradient_a - gradient_b).square().sum() / 4),
+        } | self._rank0_scalars(centroid, began)
+        progress.row(iteration, mean_train, mean_validation, scalars)
+        task_rows, task_scalars = self.task.row_metrics(models, centroid)
+        extra = self.algorithm.row_values()
+        scalars |= task_scalars | {k: float(v) for k, v in extra.items() if not torch.is_tensor(v)}
+        per_agent = {
+            **task_rows,
+            **{k: v for k, v in extra.items() if torch.is_tensor(v)},
+            "metrics/train_loss": train,
+            "metrics/val_loss": evaluation[:, 0],
+            **{f"metrics/val_{n}": evaluation[:, 1 + j] for j, n in enumerate(self.task.scores)},
+            "metrics/disagreement": spread,
+            "metrics/grad_norm": self.window.gradient_norm,
+            "comm/bytes": self.window.comm_bytes,
+        }
+        self.writer.append(iteration, scalars, {k: v.cpu().numpy() for k, v in per_agent.items()})
+        self.window.reset(time.perf_counter() - self.start)
+
+    def save(self, iteration: int) -> None:
+        """Checkpoint after `iteration` (a collective call)."""
+        # All ranks synchronise here: the run file is flushed to the rows the checkpoint
+        # counts, then every rank sends its agents' rows to rank 0.
+        self.writer.flush()
+        snapshot = Snapshot(
+            iteration=iteration,
+            rows=self.writer.rows,
+            agent_rows=_numpy_rows(self.algorithm.state_rows()),
+            shared=_numpy_rows(self.algorithm.state_shared()),
+            window_rows=self.window.rows(),
+            window_steps=self.window.steps,
+        )
+        save_checkpoint(self.checkpoint, snapshot, self.exchange, self.config)
+
+    def poll(self, last_checkpoint: float, stop_requested: Any) -> tuple[bool, bool]:
+        """(stop, clock due): the ranks agree on signals and on rank 0's clock."""
+        minutes = (time.perf_counter() - last_checkpoint) / 60
+        clock = self.rank == 0 and 0 < self.config.checkpoint.every_minutes <= minutes
+        signal = bool(stop_requested and stop_requested())
+        # All ranks synchronise here, every poll_every iterations: one 2-number all-reduce.
+        flags = self.exchange.allreduce_sum(torch.tensor([float(signal), float(clock)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _logged(self, iteration: int) -> bool:
+        config = self.config
+        return (
+            iteration % config.log_every == 0
+            or iteration <= config.log_every_iteration_until
+            or iteration == config.iterations
+        )
+
+    def loop(self, first: int, show_progress: bool, stop_requested: Any) -> int | None:
+        """Rounds first..T with their rows and checkpoints; the iteration a stop came after,
+        or None when every round ran."""
+        config = self.config
+        progress = Progress(config.iterations, enabled=self.rank == 0 and show_progress)
+        progress.advance(first - 1)
+        if first == 1:
+            self.log_row(0, progress)
+        last_checkpoint = time.perf_counter()
+        try:
+            for iteration in range(first, config.iterations + 1):
+                self.window.add(self.algorithm.round(iteration))
+                progress.advance()
+                if self._logged(iteration):
+                    self.log_row(iteration, progress)
+                every = config.checkpoint.every_iterations
+                due, stop = every > 0 and iteration % every == 0, False
+                if iteration % config.checkpoint.poll_every == 0:
+                    stop, clock = self.poll(last_checkpoint, stop_requested)
+                    due = due or clock
+                if iteration == config.iterations:
+                    # A run without a final evaluation completes now; one with it saves first,
+                    # so that a failure or a stop during the evaluation loses no training.
+                    final = self.task.final_evaluation
+                    due, stop = final, stop and final
+                if stop or due:
+                    self.save(iteration)
+                    last_checkpoint = time.perf_counter()
+                if stop:
+                    return iteration
+        finally:
+            progress.close()
+        return None
+
+    def final_evaluation(self) -> None:
+        """Meta-test scores per agent and the network's interval (a collective call)."""
+        models = self.algorithm.models().detach()
+        scores = tuple(self.task.scores.values())
+        steps = self.validation_steps
+        with torch.no_grad():
+            # [agents, tests, 1 + scores], evaluated one group of tasks at a time.
+            batches = self.task.test_batches(self.config.validation.tasks_at_once)
+            outcome = torch.cat(
+                [self.learner.evaluate(models, batch, steps, scores) for batch in batches], dim=1
+            ).to(torch.float64)
+        # All ranks synchronise here: per-task sums over agents for the network's interval.
+        network = self.exchange.allreduce_sum(outcome.sum(dim=0)) / self.config.agents
+        for j, name in enumerate(("loss", *self.task.scores)):
+            per_task = outcome[..., j]
+            units = "1" if name != "loss" else "loss units"
+            self.writer.write_agents(
+                f"final/test_{name}",
+                per_task.mean(dim=1).cpu().numpy(),
+                units=units,
+                description=(
+                    f"query {name} after {steps} inner steps, mean over "
+                    f"{per_task.shape[1]} fixed meta-test tasks, one value per agent"
+                ),
+                network_mean=float(network[:, j].mean()),
+                network_ci95=float(confidence_interval_95(network[:, j])),
+            )
+            self.writer.write_agents(
+                f"final/test_{name}_ci95",
+                confidence_interval_95(per_task).cpu().numpy(),
+                units=units,
+                description=f"half-width of the 95% normal confidence interval of {name}",
+            )
+
+    def finish(self) -> None:
+        """Final evaluation, final models, and the run file under its final name."""
+        if self.task.final_evaluation:
+            self.final_evaluation()
+        self.writer.write_agents(
+            "params/final",
+            self.algorithm.models().detach().cpu().numpy(),
+            units="parameter units",
+            description="launch models after the last iteration, one flattened row per agent",
+        )
+        self.writer.finish()
+        if self.rank == 0:
+            self.checkpoint.unlink(missing_ok=True)
+
+
+def execute(
+    plan: RunPlan,
+    comm: Any,
+    out_path: Path,
+    show_progress: bool = True,
+    resume: bool = False,
+    stop_requested: Any = None,
+) -> int | None:
+    """Run the plan's algorithm and write the run file.
+
+    `comm` is the MPI communicator of the run, or None for the local backend. With `resume`,
+    continue from the checkpoint next to `out_path` (checked by `check_checkpoint`).
+    `stop_requested()` says whether this process received SIGTERM or SIGUSR1; the ranks agree
+    on it every `checkpoint.poll_every` iterations, then checkpoint and stop. Returns None when
+    the run completed, or the iteration after which it stopped with a checkpoint.
+    """
+    torch.set_num_threads(plan.threads)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
+    exchange = build_exchange(plan, comm)
+    engine = Engine(plan, exchange, Path(out_path))
+    first, rows = engine.resume() if resume else (1, None)
+    engine.open(comm, rows)
+    try:
+        stopped = engine.loop(first, show_progress, stop_requested)
+        if stopped is None:
+            engine.finish()
+        else:
+            engine.writer.close()
+    except BaseException:
+        engine.writer.abandon()
+        raise
+    # Not on failure: freeing communicators is collective, and the job is about to abort.
+    exchange.close()
+    return stopped

@@ -1,0 +1,301 @@
+"""The exchange layer: rows sent along weighted directed edges, and reductions over agents.
+
+One interface, `Exchange`, with two backends:
+- `LocalExchange`: every agent in one process; a mix is an index and a segment sum;
+- `MPIExchange`: agents in contiguous blocks over the ranks of a communicator (Dup'd here and
+  freed by `close`); a mix sends, with one `Neighbor_alltoallv` on a distributed graph
+  communicator, only the rows that lie on edges to other ranks, each once per receiving rank.
+
+An edge set is given by global agent ids, `sources[e] -> destinations[e]`; `route` turns it
+into this rank's view (which rows to send where, where each incoming edge reads its row), and
+`mix(rows, route, weights)` computes, for every local agent k,
+
+    out_k = sum over incoming edges e = (l -> k) of weights[e] * rows_l,
+
+which is eq. (6b) with weights[e] = a[l, k]. The mix is a differentiable function of the
+weights and the local rows (learned mixing weights need its gradient); rows received from
+other ranks enter as constants. Incoming edges are summed in (destination, source) order on any
+layout, so the mix of the same rows gives the same bits on any number of ranks (CPU).
+
+This module knows nothing of algorithms; communicators are handed in by the entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dmeta.errors import DmetaError
+
+
+class AgentLayout:
+    """Agents 0..K-1 in contiguous blocks over ranks; block sizes differ by at most one."""
+
+    def __init__(self, num_agents: int, size: int) -> None:
+        if num_agents < size:
+            raise DmetaError(
+                f"{size} ranks but only {num_agents} agents: launch at most {num_agents} ranks "
+                "or raise `agents`"
+            )
+        self.num_agents = num_agents
+        self.size = size
+        base, extra = divmod(num_agents, size)
+        self.counts = np.array([base + (r < extra) for r in range(size)], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    def agents(self, rank: int) -> np.ndarray:
+        """Global ids of the agents hosted by `rank`."""
+        return np.arange(self.offsets[rank], self.offsets[rank] + self.counts[rank])
+
+    def owners(self, agents: np.ndarray) -> np.ndarray:
+        """The rank hosting each agent of `agents` (global ids)."""
+        return np.searchsorted(self.offsets, agents, side="right") - 1
+
+
+@dataclass
+class Route:
+    """One rank's view of an edge set (see `Exchange.route`).
+
+    `edges` indexes the global edge arrays: the incoming edges of this rank's agents, in
+    (destination, source) order; `slots` says where each reads its row in [local rows;
+    received rows]; `targets` is its local destination. `send_rows[i]` are the local rows sent
+    to rank `destinations[i]`, `receive_counts[i]` the rows received from rank `sources[i]`.
+    `sends_per_agent` counts, per local agent, the other ranks its row goes to.
+    """
+
+    edges: np.ndarray
+    slots: torch.Tensor
+    targets: torch.Tensor
+    sources: list[int] = field(default_factory=list)
+    destinations: list[int] = field(default_factory=list)
+    send_rows: list[torch.Tensor] = field(default_factory=list)
+    receive_counts: list[int] = field(default_factory=list)
+    sends_per_agent: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def weights(self, weights: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The weights of this rank's incoming edges, from global per-edge `weights`."""
+        index = torch.as_tensor(self.edges, device=like.device)
+        return torch.as_tensor(weights, device=like.device).to(like.dtype)[index]
+
+
+class Exchange(Protocol):
+    """Rows along edges and reductions over all agents of a run, wherever they live."""
+
+    rank: int
+    size: int
+    num_local: int
+    layout: AgentLayout
+
+    def route(self, sources: np.ndarray, destinations: np.ndarray) -> Route: ...
+
+    def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor: ...
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def masked_sum(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None: ...
+
+    def allgather_object(self, value: Any) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _incoming(
+    layout: AgentLayout, rank: int, sources: np.ndarray, destinations: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(edge ids into this rank in (destination, source) order, their sources, destinations)."""
+    first, count = int(layout.offsets[rank]), int(layout.counts[rank])
+    into = np.flatnonzero((destinations >= first) & (destinations < first + count))
+    order = np.lexsort((sources[into], destinations[into]))
+    edges = into[order]
+    return edges, sources[edges], destinations[edges] - first
+
+
+def _build_route(
+    layout: AgentLayout, rank: int, sources: np.ndarray, destinations: np.ndarray, device
+) -> Route:
+    """The route of `rank`: what it receives, from whom, and what it sends to whom."""
+    sources = np.asarray(sources, dtype=np.int64)
+    destinations = np.asarray(destinations, dtype=np.int64)
+    if sources.shape != destinations.shape:
+        raise ValueError("sources and destinations must have the same length")
+    first, count = int(layout.offsets[rank]), int(layout.counts[rank])
+    edges, edge_sources, targets = _incoming(layout, rank, sources, destinations)
+    local = (edge_sources >= first) & (edge_sources < first + count)
+    # Remote rows arrive sorted by global id, hence grouped by owner rank in rank order.
+    remote = np.unique(edge_sources[~local])
+    slots = np.empty(len(edges), dtype=np.int64)
+    slots[local] = edge_sources[local] - first
+    slots[~local] = count + np.searchsorted(remote, edge_sources[~local])
+    remote_owners = layout.owners(remote)
+    source_ranks, receive_counts = np.unique(remote_owners, return_counts=True)
+
+    outgoing = (sources >= first) & (sources < first + count)
+    out_sources = sources[outgoing]
+    out_owners = layout.owners(destinations[outgoing])
+    leaving = out_owners != rank
+    pairs = np.unique(np.stack([out_owners[leaving], out_sources[leaving]]), axis=1)
+    destination_ranks = np.unique(pairs[0])
+    send_rows = [
+        torch.as_tensor(pairs[1][pairs[0] == s] - first, device=device) for s in destination_ranks
+    ]
+    return Route(
+        edges=edges,
+        slots=torch.as_tensor(slots, device=device),
+        targets=torch.as_tensor(targets, device=device),
+        sources=[int(r) for r in source_ranks],
+        destinations=[int(s) for s in destination_ranks],
+        send_rows=send_rows,
+        receive_counts=[int(c) for c in receive_counts],
+        sends_per_agent=np.bincount(pairs[1] - first, minlength=count).astype(np.float64),
+    )
+
+
+def segment_mix(
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    """out[k] = sum_e weights[e] rows[slots[e]] over the edges e with targets[e] = k (eq. 6b)."""
+    weighted = rows.index_select(0, slots) * weights[:, None]
+    out = torch.zeros((count, rows.shape[1]), dtype=weighted.dtype, device=rows.device)
+    return out.index_add(0, targets, weighted)
+
+
+class LocalExchange:
+    """Every agent in one process: no communication."""
+
+    rank = 0
+    size = 1
+
+    def __init__(self, num_agents: int, device: torch.device | None = None) -> None:
+        self.layout = AgentLayout(num_agents, 1)
+        self.num_local = num_agents
+        self.device = device or torch.device("cpu")
+
+    def route(self, sources: np.ndarray, destinations: np.ndarray) -> Route:
+        return _build_route(self.layout, 0, sources, destinations, self.device)
+
+    def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
+        return segment_mix(rows, route.slots, route.targets, weights, self.num_local)
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def masked_sum(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The sum over agents in `mask` of their rows."""
+        return rows[mask].sum(dim=0)
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        return rows
+
+    def allgather_object(self, value: Any) -> list[Any]:
+        return [value]
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+def _host(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous host array for MPI: a view for CPU tensors, a copy for device tensors."""
+    return tensor.detach().contiguous().cpu().numpy()
+
+
+class MPIExchange:
+    """Agents in contiguous blocks over the ranks of `comm` (Dup'd; `close` frees it)."""
+
+    def __init__(self, comm: Any, layout: AgentLayout, device: torch.device | None = None) -> None:
+        self.comm = comm.Dup()
+        self.layout = layout
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.num_local = int(layout.counts[self.rank])
+        self.device = device or torch.device("cpu")
+        self._graph_comm: Any = None
+        self._support: tuple[list[int], list[int]] | None = None
+
+    def route(self, sources: np.ndarray, destinations: np.ndarray) -> Route:
+        """This rank's route; a collective call when the rank-level support changes.
+
+        Every rank computes the support of every rank from the same global edges, so all
+        decide together whether to rebuild the graph communicator, without communicating.
+        """
+        route = _build_route(self.layout, self.rank, sources, destinations, self.device)
+        owners = np.stack([self.layout.owners(sources), self.layout.owners(destinations)])
+        support = np.unique(owners[:, owners[0] != owners[1]], axis=1)
+        key = (support[0].tolist(), support[1].tolist())
+        if key != self._support:
+            if self._graph_comm is not None:
+                self._graph_comm.Free()
+            # All ranks synchronise here: the distributed graph communicator is collective.
+            # reorder=False keeps rank numbers, so blocks arrive in the order of route.sources.
+            self._graph_comm = self.comm.Create_dist_graph_adjacent(
+                route.sources, route.destinations, reorder=False
+            )
+            self._support = key
+        return route
+
+    def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
+        outgoing = [rows.detach().index_select(0, index) for index in route.send_rows]
+        width = rows.shape[1]
+        send = _host(torch.cat(outgoing)) if outgoing else np.empty((0, width), _numpy(rows))
+        received = np.empty((sum(route.receive_counts), width), dtype=send.dtype)
+        send_counts = [len(index) * width for index in route.send_rows]
+        receive_counts = [count * width for count in route.receive_counts]
+        # Ranks synchronise with their graph neighbours here.
+        self._graph_comm.Neighbor_alltoallv(
+            [send, (send_counts, _displacements(send_counts))],
+            [received, (receive_counts, _displacements(receive_counts))],
+        )
+        table = torch.cat([rows, torch.from_numpy(received).to(rows.device)])
+        return segment_mix(table, route.slots, route.targets, weights, self.num_local)
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        from mpi4py import MPI
+
+        buffer = _host(tensor).copy()
+        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
+        return torch.from_numpy(buffer).to(tensor.device)
+
+    def masked_sum(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The sum over agents in `mask` (on every rank) of their rows; one all-reduce."""
+        return self.allreduce_sum(rows[mask].sum(dim=0))
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """Concatenate each rank's rows (one per local agent) on rank 0, in agent order."""
+        rows = np.ascontiguousarray(rows)
+        row_shape = rows.shape[1:]
+        row_size = int(np.prod(row_shape, dtype=np.int64))
+        gathered = None
+        if self.rank == 0:
+            gathered = np.empty((self.layout.num_agents, *row_shape), dtype=rows.dtype)
+        counts = self.layout.counts * row_size
+        offsets = self.layout.offsets * row_size
+        self.comm.Gatherv(rows, [gathered, (counts, offsets)] if self.rank == 0 else None, root=0)
+        return gathered
+
+    def allgather_object(self, value: Any) -> list[Any]:
+        return self.comm.allgather(value)
+
+    def close(self) -> None:
+        """Free the graph communicator and the duplicate of the run's communicator."""
+        if self._graph_comm is not None:
+            self._graph_comm.Free()
+            self._graph_comm = None
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+
+def _numpy(tensor: torch.Tensor) -> np.dtype:
+    return torch.empty(0, dtype=tensor.dtype).numpy().dtype
+
+
+def _displacements(counts: list[int]) -> list[int]:
+    return np.concatenate([[0], np.cumsum(counts[:-1])]).astype(int).tolist() if counts else []

@@ -1,0 +1,98 @@
+"""Per-agent optimizers for the outer update (eq. 6a): pure tensor maths, state in rows.
+
+Every agent owns its optimizer state: one row per agent of each moment and its own step count,
+so an agent that sits out a round (not sampled, asleep) keeps its state untouched, and the state
+is checkpointed and restored by agent id like the models. `step` takes an optional update mask
+[agents]; rows outside the mask are returned unchanged. The Adam update follows
+`torch.optim.Adam` (Kingma and Ba, Algorithm 1) term by term, with the bias corrections taken
+from each row's own step count.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+State = dict[str, torch.Tensor]
+
+
+class RowOptimizer(Protocol):
+    """An element-wise optimizer over rows [agents, M] with per-row state."""
+
+    def init_state(self, params: torch.Tensor) -> State: ...
+
+    def step(
+        self,
+        params: torch.Tensor,
+        gradients: torch.Tensor,
+        state: State,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State]: ...
+
+
+def _masked(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """`new` on the rows in `mask` (all rows when None), `old` elsewhere."""
+    if mask is None:
+        return new
+    shape = (-1,) + (1,) * (new.dim() - 1)
+    return torch.where(mask.reshape(shape), new, old)
+
+
+class SGD:
+    """w <- w - lr g: eq. (6a) as the theory states it; no state."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def init_state(self, params: torch.Tensor) -> State:
+        return {}
+
+    def step(
+        self,
+        params: torch.Tensor,
+        gradients: torch.Tensor,
+        state: State,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        return _masked(mask, params - self.lr * gradients, params), state
+
+
+class Adam:
+    """Adam with moments `exp_avg`, `exp_avg_sq` [agents, M] and a step count `step` [agents]."""
+
+    def __init__(self, lr: float, beta1: float, beta2: float, eps: float) -> None:
+        self.lr = lr
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
+
+    def init_state(self, params: torch.Tensor) -> State:
+        return {
+            "exp_avg": torch.zeros_like(params),
+            "exp_avg_sq": torch.zeros_like(params),
+            "step": torch.zeros(params.shape[0], dtype=torch.int64, device=params.device),
+        }
+
+    def step(
+        self,
+        params: torch.Tensor,
+        gradients: torch.Tensor,
+        state: State,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, State]:
+        step = state["step"] + 1
+        exp_avg = torch.lerp(state["exp_avg"], gradients, 1 - self.beta1)
+        exp_avg_sq = state["exp_avg_sq"] * self.beta2 + (1 - self.beta2) * gradients.square()
+        # Bias corrections per row, in float64 as torch computes them from a Python step.
+        count = step.to(torch.float64)[:, None]
+        correction1 = (1 - torch.pow(self.beta1, count)).to(params.dtype)
+        correction2 = (1 - torch.pow(self.beta2, count)).sqrt().to(params.dtype)
+        denominator = exp_avg_sq.sqrt() / correction2 + self.eps
+        updated = params - (self.lr / correction1) * exp_avg / denominator
+        new_state = {
+            "exp_avg": _masked(mask, exp_avg, state["exp_avg"]),
+            "exp_avg_sq": _masked(mask, exp_avg_sq, state["exp_avg_sq"]),
+            "step": _masked(mask, step, state["step"]),
+        }
+        return _masked(mask, updated, params), new_state
