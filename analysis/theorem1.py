@@ -29,9 +29,9 @@ against log mu with its standard error and 95% interval (t, n - 2 dof); theory: 
 steady disagreement is not positive (lambda_2 = 0: nothing to fit on a log scale) are left out
 of the fit and listed. Also the slope of the iterations to agreement against ln mu (theory:
 linear, eq. 23). Globs are expanded. The last line is the verdict; with `--check` the exit
-status is 1 exactly when it says FAIL: a slope whose 95% interval excludes 2 inside the
-regime, fewer than three step sizes to fit, a run not in steady state, or a run above its
-bound. Reads HDF5 only.
+status is 1 exactly when it says FAIL: a slope whose 95% interval excludes 2 or is wider than
++-1 inside the regime, fewer than three step sizes to fit, a run not in steady state, or a
+run above its bound. Reads HDF5 only.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from runfile import Run, RunFileError, figure_path, load_runs, table_lines
 from theory import (
     REGIME_FACTOR,
@@ -310,8 +311,8 @@ def verdict(
             failures.append("slope")
     if timing is not None:
         lines.append(
-            f"iterations to agreement = {timing.describe()} x ln(mu) + {timing.intercept:.0f}; "
-            "theory: linear in ln mu (eq. 23)"
+            f"iterations to agreement = a ln(mu) + b, a = {timing.describe()}, "
+            f"b = {timing.intercept:.3g}; theory: linear in ln mu (eq. 23)"
         )
     above = [name(r) for r in results if not r.below_bound]
     lines.append(f"steady disagreement below the bound of eq. (22) in every run: {not above}")
@@ -405,6 +406,7 @@ def plot_sweep(axes: Axes, results: list[Agreement], power: LineFit) -> None:
         )
     axes.set_xscale("log")
     axes.set_yscale("log")
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("step size mu")
     axes.set_ylabel("steady-state disagreement")
     axes.legend(fontsize=7)

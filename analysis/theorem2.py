@@ -28,13 +28,14 @@ slope is reported, not tested.
 
 The noise floor of a run is the steady mean of /centroid/stationarity_noise: the stationarity
 tasks are fixed for a run, so their sampling error is nearly the same from row to row and
-does not average out over time. Runs whose steady mean does not exceed it are left out of the
-fit and listed. For several step sizes mu (a sweep): the least-squares slope of log steady
-stationarity against log mu with its standard error and 95% interval (t, n - 2 dof); theory: 1.
+does not average out over time. Runs whose steady mean does not exceed it, or whose 95%
+interval reaches zero, are left out of the fit and listed. For several step sizes mu (a sweep):
+the least-squares slope of log steady stationarity against log mu with its standard error and
+95% interval (t, n - 2 dof); theory: 1.
 Globs are expanded. The last line is the verdict; with `--check` the exit status is 1 exactly
-when it says FAIL: a slope whose 95% interval excludes 1 inside the regime, fewer than three
-step sizes above the noise floor, a run not in steady state, or a run above its bound. Reads
-HDF5 only.
+when it says FAIL: a slope whose 95% interval excludes 1 or is wider than +-0.5 inside the
+regime, fewer than three step sizes above the noise floor, a run not in steady state, or a
+run above its bound. Reads HDF5 only.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from runfile import Run, RunFileError, figure_path, load_runs, table_lines
 from theorem1 import PathEstimates, optional, path_estimates, steady_statistics
 from theory import (
@@ -97,8 +99,10 @@ class Stationarity:
 
     @property
     def usable(self) -> bool:
-        """Whether the run enters the fit: a steady mean above the noise floor."""
-        return self.steady.mean > self.estimates.noise_floor
+        """Whether the run enters the fit: a steady mean above the noise floor and resolved
+        from zero (its 95% interval above 0)."""
+        floor = max(self.estimates.noise_floor, self.steady.half_width)
+        return self.steady.mean > floor
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,7 +214,10 @@ def notes(results: list[Stationarity]) -> list[str]:
     lines += [r.drift.warning(name(r)) for r in results if not r.drift.steady]
     left_out = [name(r) for r in results if not r.usable]
     if left_out:
-        lines.append(f"below the noise floor, left out of the fit: {', '.join(left_out)}")
+        lines.append(
+            "below the noise floor (steady mean <= noise floor or its 95% half-width), left out "
+            f"of the fit: {', '.join(left_out)}"
+        )
     return lines
 
 
@@ -276,6 +283,8 @@ def plot_curves(axes: Axes, results: list[Stationarity]) -> None:
     axes.axhline(floor, color="grey", ls=":", lw=1, label="noise floor")
     # Linear within the noise floor, logarithmic beyond: estimates below zero stay visible.
     axes.set_yscale("symlog", linthresh=floor if floor > 0 else 1e-12)
+    lowest = min(float(np.nanmin(r.smoothed)) for r in results)
+    axes.set_ylim(bottom=2 * lowest if lowest < 0 else 0.0)
     axes.set_xlabel("iteration i")
     axes.set_ylabel("||grad J(w_c,i)||^2, moving average")
     axes.set_title("centroid stationarity; dashed: steady mean, circle: best*")
@@ -336,6 +345,7 @@ def plot_sweep(axes: Axes, results: list[Stationarity], fit: LineFit) -> None:
         )
     axes.set_xscale("log")
     axes.set_yscale("log")
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("step size mu")
     axes.set_ylabel("steady-state ||grad J(w_c)||^2")
     axes.legend(fontsize=7)

@@ -17,6 +17,8 @@ The rules the scripts print and `--check` applies are defined here, once:
   decay of the centroid's stationarity (`curvature_estimate`).
 - Regime: a slope is tested only where mu L_low <= `REGIME_FACTOR` x the scale that the
   expansion of the theorem is in (1 - lambda_2 for Theorem 1, 1 for Theorem 2; `in_regime`).
+- Verdict: inside the regime a slope passes when its 95% interval contains the theory's and
+  is no wider than +- `PRECISION` x the theory's slope (`slope_verdict`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DRIFT_TOLERANCE = 0.05  # a drift smaller than this fraction of the mean is not 
 DRIFT_QUANTILE = 0.995  # two-sided 1% test per run
 RESOLVED = 10.0  # the curvature uses rows with stationarity above RESOLVED x its steady level
 REGIME_FACTOR = 0.1  # mu L <= 0.1 x scale: the leading-order term dominates
+PRECISION = 0.5  # a slope interval wider than +- PRECISION x the theory's slope tests nothing
 
 
 @lru_cache(maxsize=256)
@@ -219,12 +222,16 @@ def slope_verdict(fit: LineFit, theory: float, regime: list[bool | None]) -> tup
 
     Outside the theory's regime (some fitted run has mu L > REGIME_FACTOR x scale) the slope
     is not tested and the verdict passes: a slope away from `theory` there is the next order
-    of the expansion, not a failure. Otherwise it passes when the 95% interval holds `theory`.
+    of the expansion, not a failure. Otherwise it passes when the 95% interval holds `theory`
+    and is no wider than +- PRECISION x `theory` (a wider one is inconclusive and fails).
     """
     low, high = fit.ci95
+    interval = f"the 95% interval [{low:.3g}, {high:.3g}]"
     if any(r is False for r in regime):
         return f"outside the theory's regime (slope {theory:g} not tested)", True
     note = "" if all(regime) else " (regime not checked: L not estimated for some runs)"
+    if not (high - low) / 2 <= PRECISION * abs(theory):
+        return f"FAIL: {interval} is too wide to test {theory:g} (inconclusive){note}", False
     if fit.covers(theory):
-        return f"PASS: the 95% interval [{low:.3g}, {high:.3g}] contains {theory:g}{note}", True
-    return f"FAIL: the 95% interval [{low:.3g}, {high:.3g}] excludes {theory:g}{note}", False
+        return f"PASS: {interval} contains {theory:g}{note}", True
+    return f"FAIL: {interval} excludes {theory:g}{note}", False
