@@ -364,11 +364,11 @@ def plot_curves(axes: Axes, results: list[Agreement]) -> None:
     axes.legend(fontsize=7)
 
 
-def plot_sweep(axes: Axes, results: list[Agreement], power: LineFit) -> None:
-    """Steady means with 95% bars, the bound, the fit, the slope-2 reference, runs left out."""
+def plot_fit(axes: Axes, results: list, fit: LineFit, theory: float) -> None:
+    """The usable runs' steady means with 95% bars (hollow squares: not steady), the fitted
+    power law and the theory's slope through the points' geometric centre. `results` are
+    Agreement or theorem2.Stationarity (both have run, steady, drift and usable)."""
     usable = [r for r in results if r.usable]
-    mus = np.array([r.run.step_size for r in usable])
-    means = np.array([r.steady.mean for r in usable])
     for steady, style, label in [(True, "o", "steady mean, 95% CI"), (False, "s", "NOT steady")]:
         chosen = [r for r in usable if r.drift.steady == steady]
         if chosen:
@@ -377,24 +377,35 @@ def plot_sweep(axes: Axes, results: list[Agreement], power: LineFit) -> None:
                 [r.steady.mean for r in chosen],
                 yerr=[r.steady.half_width for r in chosen],
                 fmt=style,
-                mfc="none" if not steady else None,
+                mfc=None if steady else "none",
                 capsize=3,
                 label=label,
             )
+    mus = np.log([r.run.step_size for r in usable])
+    means = np.log([r.steady.mean for r in usable])
+    grid = np.geomspace(np.exp(mus.min()), np.exp(mus.max()), 50)
+    axes.plot(
+        grid,
+        np.exp(fit.intercept) * grid**fit.slope,
+        "-",
+        lw=1,
+        label=f"fit: slope {fit.slope:.2f}",
+    )
+    center = np.exp(means.mean() + theory * (np.log(grid) - mus.mean()))
+    axes.plot(grid, center, ":", color="grey", label=f"theory: slope {theory:g}")
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("step size mu")
+
+
+def plot_sweep(axes: Axes, results: list[Agreement], power: LineFit) -> None:
+    """Steady means with 95% bars, the bound, the fit, the slope-2 reference, runs left out."""
+    plot_fit(axes, results, power, THEORY_SLOPE)
     finite = [r for r in results if math.isfinite(r.bound) and r.bound > 0]
     axes.plot(
         [r.run.step_size for r in finite], [r.bound for r in finite], "k-", lw=1, label="bound (22)"
     )
-    grid = np.geomspace(mus.min(), mus.max(), 50)
-    axes.plot(
-        grid,
-        np.exp(power.intercept) * grid**power.slope,
-        "-",
-        lw=1,
-        label=f"fit: slope {power.slope:.2f}",
-    )
-    center = np.exp(np.mean(np.log(means))) * (grid / np.exp(np.mean(np.log(mus)))) ** THEORY_SLOPE
-    axes.plot(grid, center, ":", color="grey", label="theory: slope 2")
     left_out = [r.run.step_size for r in results if not r.usable]
     if left_out:
         axes.plot(
@@ -404,10 +415,6 @@ def plot_sweep(axes: Axes, results: list[Agreement], power: LineFit) -> None:
             transform=axes.get_xaxis_transform(),
             label="left out (zero)",
         )
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("step size mu")
     axes.set_ylabel("steady-state disagreement")
     axes.legend(fontsize=7)
 

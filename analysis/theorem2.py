@@ -49,9 +49,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 from runfile import Run, RunFileError, figure_path, load_runs, table_lines
-from theorem1 import PathEstimates, optional, path_estimates, steady_statistics
+from theorem1 import PathEstimates, optional, path_estimates, plot_fit, steady_statistics
 from theory import (
     REGIME_FACTOR,
     BatchMean,
@@ -294,28 +293,15 @@ def plot_curves(axes: Axes, results: list[Stationarity]) -> None:
 def plot_sweep(axes: Axes, results: list[Stationarity], fit: LineFit) -> None:
     """Steady means with 95% bars, best*, the bound, the fit, the slope-1 reference, and the
     runs left out (at their noise floor, as upper limits)."""
-    usable = [r for r in results if r.usable]
-    mus = np.array([r.run.step_size for r in usable])
-    means = np.array([r.steady.mean for r in usable])
-    for steady, style, label in [(True, "o", "steady mean, 95% CI"), (False, "s", "NOT steady")]:
-        chosen = [r for r in usable if r.drift.steady == steady]
-        if chosen:
-            axes.errorbar(
-                [r.run.step_size for r in chosen],
-                [r.steady.mean for r in chosen],
-                yerr=[r.steady.half_width for r in chosen],
-                fmt=style,
-                mfc=None if steady else "none",
-                capsize=3,
-                label=label,
-            )
+    plot_fit(axes, results, fit, THEORY_SLOPE)
     positive = [r for r in results if r.best > 0]
+    hidden = len(results) - len(positive)
     axes.plot(
         [r.run.step_size for r in positive],
         [r.best for r in positive],
         ".",
         color="grey",
-        label="best* (min over time, secondary)",
+        label="best* (min over time, secondary)" + (f"; {hidden} <= 0 not shown" if hidden else ""),
     )
     bounded = [r for r in results if r.bound is not None]
     axes.plot(
@@ -325,16 +311,6 @@ def plot_sweep(axes: Axes, results: list[Stationarity], fit: LineFit) -> None:
         lw=1,
         label="2 mu L C^2",
     )
-    grid = np.geomspace(mus.min(), mus.max(), 50)
-    axes.plot(
-        grid,
-        np.exp(fit.intercept) * grid**fit.slope,
-        "-",
-        lw=1,
-        label=f"fit: slope {fit.slope:.2f}",
-    )
-    center = np.exp(np.mean(np.log(means))) * (grid / np.exp(np.mean(np.log(mus)))) ** THEORY_SLOPE
-    axes.plot(grid, center, ":", color="grey", label="theory: slope 1")
     left_out = [r for r in results if not r.usable]
     if left_out:
         axes.plot(
@@ -343,10 +319,6 @@ def plot_sweep(axes: Axes, results: list[Stationarity], fit: LineFit) -> None:
             "rv",
             label="left out: below noise floor",
         )
-    axes.set_xscale("log")
-    axes.set_yscale("log")
-    axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("step size mu")
     axes.set_ylabel("steady-state ||grad J(w_c)||^2")
     axes.legend(fontsize=7)
 
