@@ -46,7 +46,8 @@ class Run:
     wall: np.ndarray  # [T] wall-clock seconds
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # name -> [T, K]
     series: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. centroid/... -> [T]
-    lambda2: float | None = None  # mixing rate of the combination matrix (/topology/A)
+    lambda2: float | None = None  # mixing rate of the combination matrix (see `_topology`)
+    doubly_stochastic: bool | None = None  # whether A is (Assumption 6); None: not recorded
     finals: dict[str, FinalResult] = field(default_factory=dict)  # e.g. test_accuracy
 
     @property
@@ -121,6 +122,26 @@ def _final(file: h5py.File, path: str, name: str) -> FinalResult:
     )
 
 
+def _topology(file: h5py.File) -> tuple[float | None, bool | None]:
+    """(lambda2, doubly_stochastic) of the run's combination matrix, from attributes only.
+
+    New files: attributes of the /topology group (lambda2, lambda2_method, doubly_stochastic,
+    num_agents; the matrix itself is the sparse /topology/edges and /topology/weights). Old
+    files: the lambda2 attribute of the dense /topology/A dataset, which is not read. None
+    for what neither records.
+    """
+    group = file.get("topology")
+    if not isinstance(group, h5py.Group):
+        return None, None
+    attributes = group.attrs
+    if "lambda2" not in attributes:
+        dense = group.get("A")
+        attributes = dense.attrs if isinstance(dense, h5py.Dataset) else {}
+    lambda2 = float(attributes["lambda2"]) if "lambda2" in attributes else None
+    stochastic = attributes.get("doubly_stochastic")
+    return lambda2, None if stochastic is None else bool(stochastic)
+
+
 def _load(
     file: h5py.File,
     path: str,
@@ -155,9 +176,7 @@ def _load(
     for name, array in columns.items():
         if array.ndim != 1:
             raise RunFileError(f"{path}: /{name} has shape {array.shape}, not [T]")
-    lambda2 = None
-    if "topology/A" in file and "lambda2" in file["topology/A"].attrs:
-        lambda2 = float(file["topology/A"].attrs["lambda2"])
+    lambda2, doubly_stochastic = _topology(file)
 
     # A killed run may stop between resizing one dataset and the next: cut to the common rows.
     every = [iteration, wall, *arrays.values(), *columns.values()]
@@ -179,6 +198,7 @@ def _load(
         metrics={name: np.asarray(a[:rows], dtype=float) for name, a in arrays.items()},
         series={name: np.asarray(a[:rows], dtype=float) for name, a in columns.items()},
         lambda2=lambda2,
+        doubly_stochastic=doubly_stochastic,
         finals={name: _final(file, path, name) for name in finals},
     )
 

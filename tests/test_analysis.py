@@ -29,8 +29,11 @@ def write_run(
     *,
     complete: bool = True,
     omit: tuple[str, ...] = (),
+    dense_topology: bool = False,
 ) -> Path:
-    """A run file with the dmeta layout whose last val_loss row has mean `final`.
+    """A run file with the dmeta layout whose last val_loss row has mean `final`; its complete
+    graph is the sparse /topology group (edges, weights, attributes), or with `dense_topology`
+    the old layout: a dense /topology/A with a lambda2 attribute.
 
     Rows are 10, 5 and the last row `final + [-1.5, -0.5, 0.5, 1.5]` (so its agent mean is
     `final`); the row before the last has mean 5.
@@ -48,7 +51,6 @@ def write_run(
         "metrics/train_loss": train,
         "metrics/val_loss": val,
         "metrics/disagreement": np.zeros((t, K)),
-        "topology/A": np.full((K, K), 1.0 / K),
         "params/initial": np.zeros((K, 3)),
         "params/final": np.ones((K, 3)),
     }
@@ -66,8 +68,17 @@ def write_run(
         for name, data in datasets.items():
             if name not in omit:
                 file.create_dataset(name, data=data)
-        if "topology/A" not in omit:
+        if dense_topology:
+            file["topology/A"] = np.full((K, K), 1.0 / K)
             file["topology/A"].attrs["lambda2"] = 0.0
+        elif "topology" not in omit:
+            edges = np.array([(j, k) for j in range(K) for k in range(K)], dtype=np.int64)
+            file["topology/edges"] = edges
+            file["topology/weights"] = np.full(len(edges), 1.0 / K)
+            file["topology"].attrs.update(
+                {"lambda2": 0.0, "lambda2_method": "dense", "doubly_stochastic": True}
+            )
+            file["topology"].attrs["num_agents"] = K
     return path
 
 
@@ -217,3 +228,14 @@ def test_script_runs_without_torch_mpi_or_dmeta(three_runs, tmp_path):
     )
     assert direct.returncode == 0, direct.stderr
     assert direct.stdout.strip().splitlines()[-1] == str(out)
+
+
+def test_lambda2_from_either_topology_layout(tmp_path):
+    """New files: /topology attributes; old files: the dense /topology/A's; neither: None."""
+    new = open_run(write_run(tmp_path / "new.h5", "atc", 3.0))
+    assert new.lambda2 == 0.0 and new.doubly_stochastic is True
+    old = open_run(write_run(tmp_path / "old.h5", "atc", 3.0, dense_topology=True))
+    assert old.lambda2 == 0.0 and old.doubly_stochastic is None
+    bare = open_run(write_run(tmp_path / "bare.h5", "atc", 3.0, omit=("topology",)))
+    assert bare.lambda2 is None and bare.doubly_stochastic is None
+    assert fig1b.main([str(tmp_path / "old.h5"), str(tmp_path / "new.h5")]) == 0
