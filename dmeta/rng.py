@@ -98,13 +98,13 @@ def _mulhilo(value: Word, multiplier: int) -> tuple[Word, Word]:
 
 
 def philox4x32_10(
-    counter: tuple[Word, Word, Word, Word], key: tuple[Word, Word]
+    counter: tuple[Word, Word, Word, Word], key: tuple[int, int]
 ) -> tuple[Word, Word, Word, Word]:
     """The Philox4x32-10 block of `counter` (four 32-bit words) under `key` (two words).
 
-    Words are Python integers or int64 tensors in [0, 2^32) that broadcast against each other;
-    words that are constant over a draw stay Python integers and words that vary along one axis
-    only stay small, so the first rounds cost little.
+    Words lie in [0, 2^32). Counter words are Python integers or int64 tensors that broadcast
+    against each other: words that are constant over a draw stay Python integers and words that
+    vary along one axis only stay small, so the first rounds cost little.
     """
     c0, c1, c2, c3 = counter
     k0, k1 = key

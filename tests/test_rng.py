@@ -35,13 +35,16 @@ def test_philox_gives_random123_known_answers_in_python_integers(counter, key, b
 
 
 @pytest.mark.parametrize("device", devices())
-def test_philox_gives_random123_known_answers_in_int64_tensors(device: str) -> None:
-    def column(words) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.tensor(word, device=device) for word in zip(*words, strict=True))
-
-    counters, keys, blocks = zip(*KNOWN_ANSWERS, strict=True)
-    words = rng.philox4x32_10(column(counters), column(keys))
-    assert [word.tolist() for word in words] == [list(word) for word in zip(*blocks, strict=True)]
+@pytest.mark.parametrize(("counter", "key", "block"), KNOWN_ANSWERS)
+def test_philox_gives_random123_known_answers_in_int64_tensors(
+    device: str, counter, key, block
+) -> None:
+    # The counter twice, in a row and in a column, so that the words broadcast to [2, 2].
+    row = tuple(torch.tensor([[word, word]], device=device) for word in counter)
+    words = rng.philox4x32_10((row[0], row[1].T, row[2], row[3].T), key)
+    for word, expected in zip(words, block, strict=True):
+        assert word.shape == (2, 2) and word.device.type == device
+        assert torch.all(word == expected)
 
 
 def first_two_words(seed: int, agents: torch.Tensor, stream: int, iteration: int) -> np.ndarray:
