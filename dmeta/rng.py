@@ -135,6 +135,7 @@ def _check_ranges(seed: int, agents: torch.Tensor, stream: int, iteration: int, 
     if agents.dtype.is_floating_point or agents.dtype.is_complex or agents.dtype == torch.bool:
         raise ValueError(f"agent ids must be an integer tensor, not {agents.dtype}")
     if agents.numel():
+        # On a GPU this reads two numbers back: one synchronisation per draw.
         low, high = torch.aminmax(agents)
         if int(low) < 0 or int(high) >= 2**32:
             raise ValueError(f"agent ids must lie in [0, 2^32); got [{int(low)}, {int(high)}]")
