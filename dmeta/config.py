@@ -392,6 +392,8 @@ def _check(config: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise DmetaError(f"{key} = {value} must not be negative")
+    if not 0 <= config.seed < 2**64:
+        raise DmetaError(f"seed = {config.seed} must lie in [0, 2^64): it is the 64-bit rng key")
     linear = config.linear
     if linear.noise_std < 0 or linear.head_condition_number < 1:
         raise DmetaError("linear.noise_std must be >= 0 and linear.head_condition_number >= 1")

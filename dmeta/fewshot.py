@@ -70,10 +70,10 @@ def check_sources(config: FewShotConfig) -> list[Path]:
     return paths
 
 
-def shuffled(count: int, seed: int, purpose: int) -> np.ndarray:
-    """A permutation of range(count) keyed by the run seed (one per `purpose`)."""
+def shuffled(count: int, seed: int, stream: int) -> np.ndarray:
+    """A permutation of range(count) keyed by the run seed (one per `stream`)."""
     key = torch.zeros(1, dtype=torch.int64)
-    unit = rng.uniform(seed, key, rng.STREAM_SPLIT, purpose, (count,), dtype=torch.float64)[0]
+    unit = rng.uniform(seed, key, stream, 0, (count,), dtype=torch.float64)[0]
     return torch.argsort(unit).numpy()
 
 
@@ -99,7 +99,7 @@ def load_image_classes(config: FewShotConfig, seed: int) -> ImageClasses:
             characters, config.validation_alphabets, config.test_alphabets
         )
     else:
-        order = shuffled(len(characters.names), seed, purpose=0)
+        order = shuffled(len(characters.names), seed, rng.STREAM_SPLIT)
         ids = omniglot.split_by_character(order, config.validation_fraction, config.test_fraction)
     images, names = characters.images, characters.names
     if config.rotations:
@@ -256,7 +256,7 @@ class FewShotTask(TaskFamily):
                     f"partition = 'disjoint' gives each of {num_agents} agents {share} of the "
                     f"{len(train)} meta-train classes, fewer than fewshot.ways = {config.ways}"
                 )
-            order = train[shuffled(len(train), seed, purpose=1)]
+            order = train[shuffled(len(train), seed, rng.STREAM_PARTITION)]
             # The len(train) % num_agents classes left over are used by no agent.
             self.agent_classes = torch.as_tensor(
                 np.sort(order[: share * num_agents].reshape(num_agents, share), axis=1),

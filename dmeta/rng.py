@@ -1,14 +1,47 @@
-"""Counter-based random numbers, keyed per agent and vectorized over agents.
+"""Counter-based random numbers: Philox4x32-10 keyed by the run seed, vectorized over agents.
 
 Every random number in a run is a pure function of (run seed, agent id, stream, iteration,
-index): a keyed integer hash, evaluated for all agents of a rank in one tensor expression. So
-a run draws the same numbers whatever the number of ranks (no generator belongs to a rank), no
-Python loop over agents is needed, and the whole random state of a run is its iteration
-counter, which makes checkpoints trivial.
+element index), evaluated for all agents of a rank in one tensor expression. So a run draws the
+same numbers whatever the number of ranks (no generator belongs to a rank), no Python loop over
+agents is needed, and the whole random state of a run is its iteration counter, which makes
+checkpoints trivial.
 
-The mixer is the 32-bit finaliser of MurmurHash3 applied in a keyed cascade; 32-bit products
-are formed from 16-bit halves so that every intermediate fits in int64 on any device.
-Element indices are 32-bit: one draw holds fewer than 2^32 numbers per agent.
+Element j of agent a's draw is one block of Philox4x32-10 (Salmon, Moraes, Dror and Shaw,
+"Parallel random numbers: as easy as 1, 2, 3", SC 2011; the Random123 library): four 32-bit
+words computed from the 128-bit counter
+
+    word 0: element index j          (32 bits: fewer than 2^32 numbers per agent and draw)
+    word 1: agent id a               (32 bits)
+    word 2: iteration, bits 0-31
+    word 3: iteration, bits 32-47, then stream << 16   (48-bit iteration, 16-bit stream)
+
+under the 64-bit key `seed` (low word, high word). For a fixed key Philox is a bijection of
+the counter, so distinct (seed, agent, stream, iteration, index) tuples never share a block: no
+two draws of a run coincide, unlike a hash into a smaller state. The arithmetic is int64 tensor
+work on any device: a 32 x 32-bit product wraps modulo 2^64 in int64 and keeps all 64 bits.
+
+Streams: independent families of random numbers, one per use. A new use gets a new stream.
+
+    1  STREAM_INIT             launch models w_{k,0} (per agent, or agent 0 with same_init)
+    2  STREAM_TASKS            meta-training tasks; iteration = task draw number
+    3  STREAM_VALIDATION       fixed validation tasks (agent 0, iteration 0)
+    4  STREAM_STATIONARITY     tasks of the stationarity estimate (iteration 0)
+    5  STREAM_TRUTH            the linear-representation task's B* (agent 0, iteration 0)
+    6  STREAM_HEADS            the linear-representation task's fixed heads (iteration 0)
+    7  STREAM_TEST             fixed few-shot meta-test episodes (agent 0, iteration 0)
+    8  STREAM_SPLIT            Omniglot's shuffle of characters into splits (agent 0)
+    9  STREAM_PARTITION        the shuffle of meta-train classes among agents (agent 0)
+    10 STREAM_INIT_DIRECTIONS  directions of the linear-representation launch at a distance
+
+A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
+draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
+
+    1  PART_HEADS    heads w* of fresh linear-representation tasks
+    2  PART_PICKS    which of an agent's fixed heads each task uses
+    3  PART_SAMPLES  inputs x and noise z of linear-representation tasks
+
+Sine tasks and few-shot episodes hold all their numbers in one draw per call (distinct element
+indices), so they use the family stream itself.
 """
 
 from __future__ import annotations
@@ -20,9 +53,11 @@ import torch
 Word = int | torch.Tensor
 
 _MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
+# Philox4x32's multipliers and Weyl key increments (Random123, philox.h).
+_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+_KEY_STEPS = (0x9E3779B9, 0xBB67AE85)
+_ROUNDS = 10
 
-# Streams: independent families of random numbers. A new use of randomness gets a new stream.
 STREAM_INIT = 1
 STREAM_TASKS = 2
 STREAM_VALIDATION = 3
@@ -31,26 +66,105 @@ STREAM_TRUTH = 5
 STREAM_HEADS = 6
 STREAM_TEST = 7
 STREAM_SPLIT = 8
+STREAM_PARTITION = 9
+STREAM_INIT_DIRECTIONS = 10
+
+PART_HEADS = 1
+PART_PICKS = 2
+PART_SAMPLES = 3
 
 
-def _mul32(a: Word, constant: int) -> Word:
-    """(a * constant) mod 2^32 for 0 <= a < 2^32, without int64 overflow."""
-    high, low = a >> 16, a & 0xFFFF
-    return ((((high * constant) & 0xFFFF) << 16) + low * constant) & _MASK32
+def substream(stream: int, part: int) -> int:
+    """The stream of part `part` of the draws of family `stream` (module docstring)."""
+    if not 0 <= stream < 256 or not 0 <= part < 256:
+        raise ValueError(
+            f"substream({stream}, {part}): a family stream and its part must each lie in [0, 256)"
+        )
+    return stream + 256 * part
 
 
-def _fmix32(h: Word) -> Word:
-    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2^32) with full avalanche."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+def _mulhilo(value: Word, multiplier: int) -> tuple[Word, Word]:
+    """High and low 32-bit words of multiplier * value for 0 <= value < 2^32.
+
+    In an int64 tensor the product wraps modulo 2^64, which keeps its 64 bits; the mask removes
+    the sign bits that the arithmetic shift brings in.
+    """
+    product = value * multiplier
+    high = product >> 32
+    # Both are new objects: masking them in place (for tensors) saves two temporaries.
+    high &= _MASK32
+    product &= _MASK32
+    return high, product
 
 
-def _absorb(state: Word, value: Word) -> Word:
-    """Mix one more 32-bit word into the hash state (Python ints and int64 tensors alike)."""
-    return _fmix32((state ^ ((_fmix32(value & _MASK32) + _GOLDEN) & _MASK32)) & _MASK32)
+def philox4x32_10(
+    counter: tuple[Word, Word, Word, Word], key: tuple[int, int]
+) -> tuple[Word, Word, Word, Word]:
+    """The Philox4x32-10 block of `counter` (four 32-bit words) under `key` (two words).
+
+    Words lie in [0, 2^32). Counter words are Python integers or int64 tensors that broadcast
+    against each other: words that are constant over a draw stay Python integers and words that
+    vary along one axis only stay small, so the first rounds cost little.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_ in range(_ROUNDS):
+        if round_:
+            k0 = (k0 + _KEY_STEPS[0]) & _MASK32
+            k1 = (k1 + _KEY_STEPS[1]) & _MASK32
+        high0, low0 = _mulhilo(c0, _MULTIPLIERS[0])
+        high1, low1 = _mulhilo(c2, _MULTIPLIERS[1])
+        # `high ^ c` is a new object, so ^= k works in place on tensors.
+        c0, c2 = high1 ^ c1, high0 ^ c3
+        c0 ^= k0
+        c2 ^= k1
+        c1, c3 = low1, low0
+    return c0, c1, c2, c3
+
+
+def _check_ranges(seed: int, agents: torch.Tensor, stream: int, iteration: int, count: int) -> None:
+    """ValueError unless every field fits its place in the counter or key."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed = {seed} must lie in [0, 2^64)")
+    if not 0 <= stream < 2**16:
+        raise ValueError(f"stream = {stream} must lie in [0, 2^16)")
+    if not 0 <= iteration < 2**48:
+        raise ValueError(f"iteration = {iteration} must lie in [0, 2^48)")
+    if count > 2**32:
+        raise ValueError(f"one draw holds {count} numbers per agent; draw at most 2^32 at once")
+    if agents.dtype.is_floating_point or agents.dtype.is_complex or agents.dtype == torch.bool:
+        raise ValueError(f"agent ids must be an integer tensor, not {agents.dtype}")
+    if agents.numel():
+        # On a GPU this reads two numbers back: one synchronisation per draw.
+        low, high = torch.aminmax(agents)
+        if int(low) < 0 or int(high) >= 2**32:
+            raise ValueError(f"agent ids must lie in [0, 2^32); got [{int(low)}, {int(high)}]")
+
+
+def blocks(
+    seed: int, agents: torch.Tensor, stream: int, iteration: int, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four 32-bit words (as int64) of every element's Philox block, each of shape
+    [len(agents), *shape]: element [a, j...] is the block of (seed, agents[a], stream,
+    iteration, flat index j). The draws below are built from these words."""
+    count = math.prod(shape)
+    _check_ranges(seed, agents, stream, iteration, count)
+    index = torch.arange(count, device=agents.device, dtype=torch.int64)[None, :]
+    counter = (
+        index,
+        agents.to(torch.int64)[:, None],
+        iteration & _MASK32,
+        (iteration >> 32) | (stream << 16),
+    )
+    words = philox4x32_10(counter, (seed & _MASK32, seed >> 32))
+    size = (len(agents), count)
+    return tuple(torch.broadcast_to(word, size).reshape(len(agents), *shape) for word in words)
+
+
+def _unit53(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """k 2^-53 in float64 for the 53-bit integer k made of `high` and the top 21 bits of `low`:
+    exact, in [0, 1 - 2^-53]."""
+    return ((high << 21) | (low >> 11)).to(torch.float64) * 2.0**-53
 
 
 def random_bits(
@@ -58,18 +172,10 @@ def random_bits(
 ) -> torch.Tensor:
     """Uniform 32-bit integers (as int64) of shape [len(agents), *shape], one family per agent.
 
-    Element [a, j...] depends only on (seed, agents[a], stream, iteration, flat index j).
+    Element [a, j...] is the first word of the Philox block of (seed, agents[a], stream,
+    iteration, flat index j).
     """
-    # The words common to all agents are mixed in Python integers: only the agent id and the
-    # element index are tensor work.
-    state = seed & _MASK32
-    for word in (seed >> 32, stream, iteration, iteration >> 32):
-        state = _absorb(state, word & _MASK32)
-    count = math.prod(shape)
-    index = torch.arange(count, device=agents.device, dtype=torch.int64)
-    state = _absorb(torch.full_like(agents, state, dtype=torch.int64), agents.to(torch.int64))
-    bits = _absorb(state[:, None], index)
-    return bits.reshape(len(agents), *shape)
+    return blocks(seed, agents, stream, iteration, shape)[0]
 
 
 def uniform(
@@ -84,11 +190,17 @@ def uniform(
 ) -> torch.Tensor:
     """Uniform samples in [low, high) of shape [len(agents), *shape], keyed per agent.
 
+    The unit sample carries as many random bits as `dtype` has significand bits (53 for
+    float64 from two words of the block, 24 for float32), so it is exact and below 1.
     `low` and `high` broadcast against the result (e.g. per-agent bounds of shape [A, 1, ...]).
     """
-    bits = random_bits(seed, agents, stream, iteration, shape)
-    # 2^-32 * bits lies in [0, 1); float64 first keeps all 32 bits before rounding to dtype.
-    unit = (bits.to(torch.float64) * (1.0 / 4294967296.0)).to(dtype)
+    words = blocks(seed, agents, stream, iteration, shape)
+    if dtype == torch.float64:
+        unit = _unit53(words[0], words[1])
+    else:
+        # Significand bits: eps = 2^(1 - digits).
+        digits = 1 - round(math.log2(torch.finfo(dtype).eps))
+        unit = (words[0] >> (32 - digits)).to(dtype) * 2.0**-digits
     return low + (high - low) * unit
 
 
@@ -100,10 +212,10 @@ def normal(
     shape: tuple[int, ...],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normal samples of shape [len(agents), *shape], keyed per agent (Box-Muller from
-    two uniform words per element)."""
-    bits = random_bits(seed, agents, stream, iteration, (2, *shape)).to(torch.float64)
-    # (bits + 0.5) / 2^32 lies in (0, 1): the logarithm stays finite.
-    unit = (bits + 0.5) * (1.0 / 4294967296.0)
-    radius = torch.sqrt(-2.0 * torch.log(unit[:, 0]))
-    return (radius * torch.cos(2.0 * math.pi * unit[:, 1])).to(dtype)
+    """Standard normal samples of shape [len(agents), *shape], keyed per agent: Box-Muller from
+    the two 53-bit uniforms of each element's block, computed in float64."""
+    words = blocks(seed, agents, stream, iteration, shape)
+    # 1 - u lies in [2^-53, 1]: the logarithm stays finite.
+    radius = torch.sqrt(-2.0 * torch.log(1.0 - _unit53(words[0], words[1])))
+    angle = (2.0 * math.pi) * _unit53(words[2], words[3])
+    return (radius * torch.cos(angle)).to(dtype)

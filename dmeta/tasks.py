@@ -236,7 +236,8 @@ class LinearRepresentationTask(TaskFamily):
         return requested
 
     def _batch(self, heads: torch.Tensor, agents: torch.Tensor, stream: int, iteration: int):
-        """Support and query sets for heads [A, T, rank]."""
+        """Support and query sets for heads [A, T, rank], from part PART_SAMPLES of the family
+        `stream`: no input shares numbers with the heads or their picks."""
         c = self.config
         if c.mode == "population":
             tasks = heads[..., None, :]
@@ -245,7 +246,7 @@ class LinearRepresentationTask(TaskFamily):
         draws = rng.normal(
             self.seed,
             agents,
-            stream,
+            rng.substream(stream, rng.PART_SAMPLES),
             iteration,
             (heads.shape[1], 2 * c.samples, c.dim + 1),
             self.dtype,
@@ -264,11 +265,14 @@ class LinearRepresentationTask(TaskFamily):
         """Each agent's tasks at `iteration`: [agents, tasks, samples, dim] (or heads)."""
         tasks = self.tasks_per_iteration(tasks)
         if self.fixed_heads is None:
-            heads = self._heads(agents, stream, iteration, tasks)
+            heads = self._heads(agents, rng.substream(stream, rng.PART_HEADS), iteration, tasks)
         elif tasks == self.config.heads_per_agent and self.config.mode == "population":
             heads = self.fixed_heads[agents]
         else:
-            unit = rng.uniform(self.seed, agents, stream, iteration, (tasks,), dtype=torch.float64)
+            picks_stream = rng.substream(stream, rng.PART_PICKS)
+            unit = rng.uniform(
+                self.seed, agents, picks_stream, iteration, (tasks,), dtype=torch.float64
+            )
             picks = (unit * self.config.heads_per_agent).long()
             heads = torch.gather(
                 self.fixed_heads[agents], 1, picks[..., None].expand(-1, -1, self.config.rank)
@@ -278,7 +282,8 @@ class LinearRepresentationTask(TaskFamily):
     def validation_set(self, config: ValidationConfig) -> TaskBatch:
         """Fixed validation tasks from the head distribution, the same for every agent."""
         key = torch.zeros(1, dtype=torch.int64, device=self.device)
-        heads = self._heads(key, rng.STREAM_VALIDATION, 0, config.tasks)
+        heads_stream = rng.substream(rng.STREAM_VALIDATION, rng.PART_HEADS)
+        heads = self._heads(key, heads_stream, 0, config.tasks)
         return TaskBatch(*(part[0] for part in self._batch(heads, key, rng.STREAM_VALIDATION, 0)))
 
     def build_model(self, config: ModelConfig) -> FlatModel:
@@ -309,7 +314,9 @@ class LinearRepresentationTask(TaskFamily):
             return model.initial_parameters(self.seed, agents, same_init, dtype)
         keys = torch.zeros_like(agents) if same_init else agents
         dim, rank = self.config.dim, self.config.rank
-        directions = rng.normal(self.seed, keys, rng.STREAM_INIT, 1, (dim, rank), torch.float64)
+        directions = rng.normal(
+            self.seed, keys, rng.STREAM_INIT_DIRECTIONS, 0, (dim, rank), torch.float64
+        )
         truth = self.truth.to(torch.float64)
         rows = [
             linrep.flatten(

@@ -39,6 +39,8 @@ def test_job_file_and_overrides(tmp_path) -> None:
         ("graph=ring", "'graph' is a section"),
         ("agents", "must have the form KEY=VALUE"),
         ("model.same_init=maybe", "must be true or false"),
+        ("seed=1180591620717411303424", "seed = 1180591620717411303424 must lie in"),
+        ("seed=-1", "seed = -1 must lie in"),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:

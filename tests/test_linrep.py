@@ -171,3 +171,17 @@ def test_distance_of_a_diverged_representation_is_nan() -> None:
     broken = torch.full((DIM, RANK), math.nan, dtype=F64)
     distances = linrep.principal_angle_distance(torch.stack([b_star, broken]), b_star)
     assert float(distances[0]) < 1e-12 and math.isnan(float(distances[1]))
+
+
+def test_heads_and_inputs_of_a_task_come_from_independent_streams() -> None:
+    from dmeta.tasks import LinearRepresentationTask
+
+    agents = torch.arange(20_000)
+    first = {}
+    for mode in ("population", "samples"):
+        config = linear_config(f"linear.mode={mode}")
+        task = LinearRepresentationTask(config.linear, len(agents), 0, F64, torch.device("cpu"))
+        # A population task is its head w*, a sample task its inputs x: compare first entries.
+        first[mode] = task.sample(agents, 3, tasks=1).support_x[:, 0, 0, 0].abs()
+    magnitudes = torch.stack([first["population"], first["samples"]])
+    assert abs(float(torch.corrcoef(magnitudes)[0, 1])) < 5 / math.sqrt(len(agents))
