@@ -301,8 +301,9 @@ def _check_entries(a: sp.csc_array, what: str, symbol: str) -> None:
     """DmetaError on a NaN, infinite or negative entry of `a`."""
     if not np.isfinite(a.data).all():
         raise DmetaError(f"{what} has NaN or infinite entries: fix the weights")
-    rows, cols = a.tocoo().coords
-    negative = np.flatnonzero(a.tocoo().data < 0)
+    entries = a.tocoo()
+    rows, cols = entries.coords
+    negative = np.flatnonzero(entries.data < 0)
     if negative.size:
         first = negative[np.lexsort((cols[negative], rows[negative]))[0]]
         row, col = rows[first], cols[first]
