@@ -103,15 +103,23 @@ def _graph(args: argparse.Namespace) -> None:
     from dmeta.config import load_config
 
     config = load_config(args.config, args.overrides)
-    graph = topology.build_graph(config.graph, config.agents)
-    matrix = topology.combination_matrix(graph, config.graph.rule, config.graph.matrix_path)
+    cfg = config.graph
+    schedule = topology.build_schedule(cfg, config.agents, cfg.seed, cfg.rule)
+    matrix = schedule.matrix_at(1)
     topology.validate_combination_matrix(
-        matrix, require_connected=config.strategy != "noncooperative"
+        matrix, require_connected=schedule.static and config.strategy != "noncooperative"
     )
+    if not schedule.static:
+        print(f"schedule: {schedule.name} (seed {cfg.seed}); round 1:")
     for line in topology.describe(matrix).lines():
         print(line)
-    if args.plot:
-        topology.draw_graph(graph, matrix, args.plot)
+    if not schedule.static:
+        rate, method = schedule.expected_mixing_rate()
+        print(f"expected mixing rate per round: {rate:.6g} ({method})")
+    if args.plot and not schedule.static:
+        print(f"graph picture skipped: schedule {schedule.name} changes the graph every round")
+    elif args.plot:
+        topology.draw_graph(topology.build_graph(cfg, config.agents), matrix, args.plot)
         print(f"graph picture: {args.plot}")
 
 

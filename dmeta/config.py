@@ -40,8 +40,23 @@ class GraphConfig:
     # Edge-list file (topology = "edge_list"): one "l k" pair of 0-based agent ids per line.
     edge_list_path: str = ""
     rule: Rule = "averaging"
-    # Matrix file (rule = "matrix"): K x K text (numpy.loadtxt) or .npy, columns summing to one.
+    # Matrix file (rule = "matrix"): K x K text (numpy.loadtxt) or .npy, columns summing to one,
+    # or a sparse Matrix Market .mtx file (large K).
     matrix_path: str = ""
+    # Directed graph (topology ring, exponential or edge_list; rule "averaging"): an edge "l k"
+    # means l's model reaches k, so k may give it a weight a[l, k] > 0. Ring: i -> i + 1;
+    # exponential: i -> i + 2^j.
+    directed: bool = False
+    # Time-varying graph, a new combination matrix every round t = 1, 2, ... keyed by (seed, t):
+    # static: the graph above in every round; one_peer_exponential: agent k averages (1/2, 1/2)
+    # with agent k - 2^((t-1) mod ceil(log2 K)); random_regular: a fresh random `degree`-regular
+    # graph under `rule`; link_failures: every edge of the graph above is down with probability
+    # `failure_probability`, independently per edge and round, and `rule` reweighs the rest.
+    schedule: Literal[
+        "static", "one_peer_exponential", "random_regular", "link_failures"
+    ] = "static"
+    degree: int = 4
+    failure_probability: float = 0.1
 
 
 @dataclass

@@ -31,6 +31,7 @@ from dmeta.algorithms.base import (
     build_optimizer,
 )
 from dmeta.config import Config
+from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
 
 
@@ -38,8 +39,10 @@ from dmeta.exchange import AgentLayout
 class GraphPlan:
     """A checked combination schedule and the facts the run file records about it."""
 
-    schedule: Any  # topology.Schedule: matrix_at(t), static
-    report: Any  # topology.MatrixReport of the first round's matrix
+    schedule: topology.Schedule
+    report: topology.MatrixReport  # of round 1's matrix
+    lambda2: float  # lambda_2, or the expected per-round mixing rate of a time-varying graph
+    lambda2_method: str
 
     def edges_at(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sources l, destinations k, weights a[l, k]) of round t's matrix."""
@@ -57,16 +60,28 @@ def matrix_edges(matrix: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-class _Static:
-    """A fixed combination matrix."""
+def plan_graph(config: Config) -> GraphPlan:
+    """Build and check the graph schedule of `config.graph` (round t keyed by graph.seed).
 
-    static = True
-
-    def __init__(self, matrix: Any) -> None:
-        self.matrix = matrix
-
-    def matrix_at(self, t: int) -> Any:
-        return self.matrix
+    A static graph must be strongly connected; a time-varying one need not be in any round,
+    but its expected mixing rate (Theorem 1's lambda_2 for products of matrices, see
+    `topology.Schedule.expected_mixing_rate`) must be below one.
+    """
+    cfg = config.graph
+    schedule = topology.build_schedule(cfg, config.agents, cfg.seed, cfg.rule)
+    first = schedule.matrix_at(1)
+    topology.validate_combination_matrix(first, require_connected=schedule.static)
+    report = topology.describe(first)
+    if schedule.static:
+        return GraphPlan(schedule, report, report.lambda2, report.lambda2_method)
+    rate, method = schedule.expected_mixing_rate()
+    if not rate < 1.0:
+        raise DmetaError(
+            f"graph.schedule = {cfg.schedule!r} does not mix the agents' models (expected "
+            f"mixing rate {rate:.6g} per round, {method}): use a connected graph or a lower "
+            "graph.failure_probability"
+        )
+    return GraphPlan(schedule, report, rate, f"expected rate per round: {method}")
 
 
 class LocalTraining:
@@ -118,10 +133,7 @@ class Diffusion(Algorithm):
 
     @classmethod
     def plan(cls, config: Config, layout: AgentLayout) -> GraphPlan:
-        graph = topology.build_graph(config.graph, config.agents)
-        matrix = topology.combination_matrix(graph, config.graph.rule, config.graph.matrix_path)
-        topology.validate_combination_matrix(matrix, require_connected=True)
-        return GraphPlan(_Static(matrix), topology.describe(matrix))
+        return plan_graph(config)
 
     def __init__(self, context: Context, plan: GraphPlan, initial_models: torch.Tensor) -> None:
         self.context = context
@@ -170,10 +182,10 @@ class Diffusion(Algorithm):
         report = plan.report
         attributes = {
             "num_agents": report.num_agents,
-            "lambda2": report.lambda2,
-            "lambda2_method": getattr(report, "lambda2_method", "dense eigenvalues"),
+            "lambda2": plan.lambda2,
+            "lambda2_method": plan.lambda2_method,
             "doubly_stochastic": report.doubly_stochastic,
-            "schedule": "static" if plan.schedule.static else "time-varying",
+            "schedule": plan.schedule.name,
             "description": "edges l -> k with weight a[l, k], the weight agent k gives agent l; "
             "the weights into each k sum to one (eq. 6b); round 1's graph when time-varying",
         }
