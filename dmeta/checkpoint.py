@@ -13,7 +13,6 @@ whole. On resume every rank reads only its own agents' rows.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +21,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from dmeta.config import Config
+from dmeta.config import Config, numbers_only
 from dmeta.errors import DmetaError
 from dmeta.exchange import Exchange
 from dmeta.output import partial_path
 
 FORMAT = 2
-# Config sections that do not change the numbers of a run: a run may resume with other values.
-FREE_SECTIONS = ("output", "checkpoint")
-FREE_RUNTIME_KEYS = ("backend", "device", "threads", "compile")
-# How many evaluation tasks are adapted at once changes memory, not numbers.
-FREE_VALIDATION_KEYS = ("tasks_at_once",)
 
 
 def checkpoint_path(run_path: Path) -> Path:
@@ -51,18 +45,6 @@ class Snapshot:
     shared: dict[str, np.ndarray] = field(default_factory=dict)  # the same on every rank
     window_rows: dict[str, np.ndarray] = field(default_factory=dict)  # [local agents]
     window_steps: int = 0
-
-
-def _numbers_only(config_json: str) -> dict[str, Any]:
-    """The config without the keys a resumed run may change."""
-    config = json.loads(config_json)
-    for section in FREE_SECTIONS:
-        config.pop(section, None)
-    for key in FREE_RUNTIME_KEYS:
-        config.get("runtime", {}).pop(key, None)
-    for key in FREE_VALIDATION_KEYS:
-        config.get("validation", {}).pop(key, None)
-    return config
 
 
 def _differences(left: dict[str, Any], right: dict[str, Any], prefix: str = "") -> list[str]:
@@ -133,8 +115,8 @@ def check_checkpoint(path: Path, config: Config) -> int:
             f"checkpoint {path} holds {attributes['num_agents']} agents but the config has "
             f"{config.agents}; resume with the checkpoint's config or pass --restart"
         )
-    saved = _numbers_only(str(attributes["config"]))
-    differing = _differences(saved, _numbers_only(config.to_json()))
+    saved = numbers_only(str(attributes["config"]))
+    differing = _differences(saved, numbers_only(config.to_json()))
     if differing:
         raise DmetaError(
             f"checkpoint {path} was written with another config (differs in "

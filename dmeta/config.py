@@ -8,6 +8,7 @@ field it names, and every value against the field's type, before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tomllib
 import typing
@@ -52,9 +53,9 @@ class GraphConfig:
     # with agent k - 2^((t-1) mod ceil(log2 K)); random_regular: a fresh random `degree`-regular
     # graph under `rule`; link_failures: every edge of the graph above is down with probability
     # `failure_probability`, independently per edge and round, and `rule` reweighs the rest.
-    schedule: Literal[
-        "static", "one_peer_exponential", "random_regular", "link_failures"
-    ] = "static"
+    schedule: Literal["static", "one_peer_exponential", "random_regular", "link_failures"] = (
+        "static"
+    )
     degree: int = 4
     failure_probability: float = 0.1
 
@@ -285,6 +286,32 @@ class Config:
     def to_json(self) -> str:
         """The resolved configuration as JSON (written into every HDF5 file)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+# Config sections that do not change the numbers of a run: a run may resume with other values.
+FREE_SECTIONS = ("output", "checkpoint")
+FREE_RUNTIME_KEYS = ("backend", "device", "threads", "compile")
+# How many evaluation tasks are adapted at once changes memory, not numbers.
+FREE_VALIDATION_KEYS = ("tasks_at_once",)
+
+
+def numbers_only(config_json: str) -> dict[str, Any]:
+    """The config without the keys a resumed run may change."""
+    config = json.loads(config_json)
+    for section in FREE_SECTIONS:
+        config.pop(section, None)
+    for key in FREE_RUNTIME_KEYS:
+        config.get("runtime", {}).pop(key, None)
+    for key in FREE_VALIDATION_KEYS:
+        config.get("validation", {}).pop(key, None)
+    return config
+
+
+def config_digest(config: Config) -> int:
+    """A 47-bit digest of the keys of `config` that change a run's numbers (`numbers_only`):
+    runs that differ in any such key get different digests, a resumed run the same."""
+    text = json.dumps(numbers_only(config.to_json()), sort_keys=True)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 17
 
 
 def _field_types(cls: type) -> dict[str, Any]:

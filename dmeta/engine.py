@@ -22,6 +22,7 @@ import torch
 from dmeta import rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
 from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
+from dmeta.config import config_digest
 from dmeta.errors import DmetaError
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.fewshot import confidence_interval_95
@@ -158,8 +159,13 @@ class Engine:
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
         self.validation_tasks = self.task.validation_set(config.validation)
         self.validation_steps = config.validation.inner_steps or config.learner.inner_steps
+        # Drawn at a counter given by the run's config, so the runs of a sweep have
+        # independent stationarity sets and their noise averages out across the sweep.
         stationarity = self.task.sample(
-            self.agents, 0, config.validation.stationarity_tasks, stream=rng.STREAM_STATIONARITY
+            self.agents,
+            config_digest(config),
+            config.validation.stationarity_tasks,
+            stream=rng.STREAM_STATIONARITY,
         )
         # Population mode with fixed heads draws all of an agent's heads, whatever was asked.
         half = stationarity.support_x.shape[1] // 2
@@ -226,12 +232,22 @@ class Engine:
             description="launch models w_{k,0}, one flattened row per agent",
         )
 
-    def _centroid_gradients(self, centroid: torch.Tensor) -> list[torch.Tensor]:
-        """Meta-gradients at the centroid summed over local agents, for both stationarity
-        halves (Theorem 2)."""
+    def _weighted(self, rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """This rank's share of the network average sum_k p_k rows_k (p_k = 1/K by default)."""
+        if weights is None:
+            return rows.sum(dim=0) / self.config.agents
+        return (weights.to(rows.dtype)[:, None] * rows).sum(dim=0)
+
+    def _centroid_gradients(
+        self, centroid: torch.Tensor, weights: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """This rank's share of the averaged meta-gradients at the centroid, for both
+        stationarity halves (Theorem 2; the aggregate cost weighs agent k by p_k)."""
         expanded = centroid.expand(len(self.agents), -1)
         return [
-            self.learner.meta_gradients(expanded, half)[0].sum(dim=0).to(torch.float64)
+            self._weighted(self.learner.meta_gradients(expanded, half)[0], weights).to(
+                torch.float64
+            )
             for half in self.stationarity_halves
         ]
 
@@ -271,8 +287,9 @@ class Engine:
         began = time.perf_counter() - self.start
         models = self.algorithm.models().detach()
         num_agents = self.config.agents
+        weights = self.algorithm.centroid_weights()
         # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
-        centroid = self.exchange.allreduce_sum(models.sum(dim=0)) / num_agents
+        centroid = self.exchange.allreduce_sum(self._weighted(models, weights))
         # Every rank sees the same centroid, so all stop together on a diverged run.
         if not torch.isfinite(centroid).all():
             raise DmetaError(
@@ -282,13 +299,13 @@ class Engine:
         evaluation = self._evaluate(models)
         spread = disagreement(models, centroid)
         train = self.window.mean_train_loss()
-        halves = self._centroid_gradients(centroid)
+        halves = self._centroid_gradients(centroid, weights)
         means = torch.stack([spread.sum(), train.sum(), evaluation[:, 0].sum()])
         # All ranks synchronise here (2 of 2): network sums of both half-gradients and of
         # the per-agent metrics the progress line and /centroid/disagreement need.
         sums = self.exchange.allreduce_sum(torch.cat([*halves, means.to(torch.float64)]))
         size = centroid.shape[0]
-        gradient_a, gradient_b = sums[:size] / num_agents, sums[size : 2 * size] / num_agents
+        gradient_a, gradient_b = sums[:size], sums[size : 2 * size]
         mean_spread, mean_train, mean_validation = (sums[2 * size :] / num_agents).tolist()
         scalars = {
             "centroid/disagreement": mean_spread,

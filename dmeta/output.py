@@ -59,7 +59,8 @@ SERIES = {
     "metrics/disagreement": (
         True,
         "squared parameter units",
-        "||w_k - w_c||^2, w_c the network centroid",
+        "||w_k - w_c||^2, w_c = sum_k p_k w_k the network centroid (p the Perron vector of A; "
+        "1/K when A is doubly stochastic; /topology attribute `centroid` says which)",
     ),
     "metrics/grad_norm": (
         True,
@@ -75,7 +76,8 @@ SERIES = {
     "centroid/stationarity": (
         False,
         "squared parameter units",
-        "<g_a, g_b>, g_a and g_b the meta-gradients (eq. 4) at the centroid w_c averaged over "
+        "<g_a, g_b>, g_a and g_b the meta-gradients (eq. 4) at the centroid w_c averaged (with "
+        "the centroid's weights p_k) over "
         "two disjoint halves of the fixed stationarity tasks of every agent: an unbiased "
         "estimate of ||grad J(w_c)||^2 (Theorem 2), negative when the true value lies below "
         "the sampling noise",

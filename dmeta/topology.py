@@ -208,9 +208,7 @@ def _adjacency(graph: nx.Graph | nx.DiGraph) -> sp.coo_array:
     return _edges_to_adjacency(edges[:, 0], edges[:, 1], k, graph.is_directed())
 
 
-def _edges_to_adjacency(
-    rows: np.ndarray, cols: np.ndarray, k: int, directed: bool
-) -> sp.coo_array:
+def _edges_to_adjacency(rows: np.ndarray, cols: np.ndarray, k: int, directed: bool) -> sp.coo_array:
     """0/1 adjacency of edges rows[i] -> cols[i] (and back unless directed), no diagonal."""
     if not directed:
         rows, cols = np.concatenate([rows, cols]), np.concatenate([cols, rows])

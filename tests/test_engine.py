@@ -11,7 +11,7 @@ import torch
 from conftest import dense_matrix, run_local, small_config
 
 from dmeta import rng
-from dmeta.config import Config, config_from_json
+from dmeta.config import Config, config_digest, config_from_json
 from dmeta.errors import DmetaError
 
 
@@ -181,7 +181,7 @@ def test_centroid_stationarity_pairs_two_halves_of_the_network_meta_gradient(tmp
     model = build_mlp(config.model, 1, 1)
     learner = MAML(model.forward, task.loss, config.learner.inner_lr, 1, first_order=False)
     agents = torch.arange(config.agents)
-    tasks = task.sample(agents, 0, 6, rng.STREAM_STATIONARITY)
+    tasks = task.sample(agents, config_digest(config), 6, rng.STREAM_STATIONARITY)
     centroid = torch.as_tensor(data["params/final"]).mean(dim=0).expand(config.agents, -1)
     # One task at a time: the network mean over agents of each half's tasks.
     per_task = torch.stack(
@@ -222,3 +222,30 @@ def test_a_compiled_training_step_gives_the_eager_run(tmp_path) -> None:
     )
     for name in ("metrics/train_loss", "metrics/val_loss", "params/final"):
         np.testing.assert_allclose(compiled[name], eager[name], rtol=1e-9, atol=1e-12)
+
+
+def test_centroid_is_the_perron_average_when_a_is_not_doubly_stochastic(tmp_path) -> None:
+    from dmeta.topology import perron_vector
+
+    config = small_config("graph.topology=star", "runtime.dtype=float64", "iterations=4")
+    with pytest.warns(UserWarning, match="not doubly stochastic"):
+        data = run_local(config, tmp_path / "star.h5")
+    matrix = dense_matrix(data, 7)
+    p = perron_vector(matrix)
+    np.testing.assert_allclose(matrix @ p, p, atol=1e-14)
+    assert not np.allclose(p, 1 / 7)
+    final = data["params/final"]
+    centroid = p @ final
+    expected = ((final - centroid) ** 2).sum(axis=1)
+    np.testing.assert_allclose(data["metrics/disagreement"][-1], expected, rtol=1e-10)
+    with h5py.File(tmp_path / "star.h5") as f:
+        assert f["topology"].attrs["centroid"] == "perron"
+
+
+def test_stationarity_sets_differ_between_runs_of_a_sweep() -> None:
+    from dmeta.config import config_digest
+
+    base = small_config()
+    assert config_digest(base) == config_digest(small_config("output.flush_every=3"))
+    assert config_digest(base) != config_digest(small_config("optimizer.lr=0.002"))
+    assert 0 <= config_digest(base) < 2**47

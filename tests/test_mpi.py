@@ -160,6 +160,32 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
 
 
 @pytest.mark.parametrize(
+    "schedule",
+    [
+        "graph.schedule=one_peer_exponential",
+        "graph.schedule=random_regular graph.degree=4",
+        "graph.schedule=link_failures graph.failure_probability=0.3",
+        "graph.topology=star graph.rule=averaging",
+        "graph.directed=true graph.topology=exponential graph.rule=averaging",
+    ],
+)
+def test_every_schedule_runs_the_same_under_mpi(comm, schedule) -> None:
+    """Time-varying graphs are built by every rank from (seed, round); the route and the
+    distributed graph communicator follow them. The star has a Perron centroid."""
+    config = _diffusion_config("runtime.dtype=float64", "strategy=cta", *schedule.split())
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        for name in ("metrics/val_loss", "centroid/disagreement", "params/final"):
+            scale = np.nanmax(np.abs(local_run[name]))
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-12, atol=1e-12 * scale, err_msg=name
+            )
+
+    _verdict(comm, check)
+
+
+@pytest.mark.parametrize(
     "learner",
     ["fomaml", "anil", "foanil", "metasgd", "reptile", "arm", "arm local_steps=2"],
 )

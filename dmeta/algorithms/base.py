@@ -131,6 +131,11 @@ class Algorithm(ABC):
     def models(self) -> torch.Tensor:
         """The launch models to evaluate and store: [local agents, P]."""
 
+    def centroid_weights(self) -> torch.Tensor | None:
+        """p_k of this rank's agents in the network centroid w_c = sum_k p_k w_k: the Perron
+        vector of A when A is not doubly stochastic (Dif-MAML, eq. (18)); None for 1/K."""
+        return None
+
     def row_values(self) -> dict[str, torch.Tensor | float]:
         """Values of `series` at a logged row; none by default."""
         return {}

@@ -6,12 +6,12 @@ import numpy as np
 import torch
 
 from dmeta.algorithms.base import CommTimer, RoundReport, TopologyRecord
-from dmeta.algorithms.diffusion import Diffusion
+from dmeta.algorithms.diffusion import MetaLearning
 from dmeta.config import Config
 from dmeta.exchange import AgentLayout
 
 
-class Centralized(Diffusion):
+class Centralized(MetaLearning):
     """Eq. (6a), then the all-reduce average of the launch models; no K x K matrix."""
 
     @classmethod

@@ -43,6 +43,8 @@ class GraphPlan:
     report: topology.MatrixReport  # of round 1's matrix
     lambda2: float  # lambda_2, or the expected per-round mixing rate of a time-varying graph
     lambda2_method: str
+    # The Perron vector of round 1's matrix when it is not doubly stochastic (else uniform).
+    perron: np.ndarray | None = None
 
     def edges_at(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sources l, destinations k, weights a[l, k]) of round t's matrix."""
@@ -72,8 +74,9 @@ def plan_graph(config: Config) -> GraphPlan:
     first = schedule.matrix_at(1)
     topology.validate_combination_matrix(first, require_connected=schedule.static)
     report = topology.describe(first)
+    perron = None if report.doubly_stochastic else topology.perron_vector(first)
     if schedule.static:
-        return GraphPlan(schedule, report, report.lambda2, report.lambda2_method)
+        return GraphPlan(schedule, report, report.lambda2, report.lambda2_method, perron)
     rate, method = schedule.expected_mixing_rate()
     if not rate < 1.0:
         raise DmetaError(
@@ -81,7 +84,7 @@ def plan_graph(config: Config) -> GraphPlan:
             f"mixing rate {rate:.6g} per round, {method}): use a connected graph or a lower "
             "graph.failure_probability"
         )
-    return GraphPlan(schedule, report, rate, f"expected rate per round: {method}")
+    return GraphPlan(schedule, report, rate, f"expected rate per round: {method}", perron)
 
 
 class LocalTraining:
@@ -126,21 +129,13 @@ class LocalTraining:
         return loss_sum, norm
 
 
-class Diffusion(Algorithm):
-    """The diffusion family; subclasses choose the order and the combination."""
+class MetaLearning(Algorithm):
+    """Agents that each train their launch model with `LocalTraining`; subclasses combine."""
 
-    adapt_first = True
-
-    @classmethod
-    def plan(cls, config: Config, layout: AgentLayout) -> GraphPlan:
-        return plan_graph(config)
-
-    def __init__(self, context: Context, plan: GraphPlan, initial_models: torch.Tensor) -> None:
+    def __init__(self, context: Context, plan: Any, initial_models: torch.Tensor) -> None:
         self.context = context
         self.plan_ = plan
         self.training = LocalTraining(context, initial_models)
-        self.route: Any = None
-        self.weights: torch.Tensor | None = None
         self.model_bytes = initial_models.shape[1] * initial_models.element_size()
 
     def state_rows(self) -> dict[str, torch.Tensor]:
@@ -151,6 +146,27 @@ class Diffusion(Algorithm):
 
     def models(self) -> torch.Tensor:
         return self.training.launch_models
+
+
+class Diffusion(MetaLearning):
+    """The diffusion family over a graph schedule; subclasses choose the order."""
+
+    adapt_first = True
+
+    @classmethod
+    def plan(cls, config: Config, layout: AgentLayout) -> GraphPlan:
+        return plan_graph(config)
+
+    def __init__(self, context: Context, plan: GraphPlan, initial_models: torch.Tensor) -> None:
+        super().__init__(context, plan, initial_models)
+        self.route: Any = None
+        self.weights: torch.Tensor | None = None
+
+    def centroid_weights(self) -> torch.Tensor | None:
+        if self.plan_.perron is None:
+            return None
+        agents = self.context.agents.cpu().numpy()
+        return torch.as_tensor(self.plan_.perron[agents], device=self.context.device)
 
     def round(self, t: int) -> RoundReport:
         timer = CommTimer(self.context.device)
@@ -186,6 +202,7 @@ class Diffusion(Algorithm):
             "lambda2_method": plan.lambda2_method,
             "doubly_stochastic": report.doubly_stochastic,
             "schedule": plan.schedule.name,
+            "centroid": "uniform" if plan.perron is None else "perron",
             "description": "edges l -> k with weight a[l, k], the weight agent k gives agent l; "
             "the weights into each k sum to one (eq. 6b); round 1's graph when time-varying",
         }

@@ -6,12 +6,12 @@ import numpy as np
 import torch
 
 from dmeta.algorithms.base import RoundReport, TopologyRecord
-from dmeta.algorithms.diffusion import Diffusion
+from dmeta.algorithms.diffusion import MetaLearning
 from dmeta.config import Config
 from dmeta.exchange import AgentLayout
 
 
-class NonCooperative(Diffusion):
+class NonCooperative(MetaLearning):
     """Eq. (6a) only: the combination step with A = I is skipped, nothing is sent."""
 
     @classmethod
