@@ -472,9 +472,7 @@ def _check(config: Config) -> None:
     if task.amplitude_min > task.amplitude_max:
         raise DmetaError("task.amplitude_min must not exceed task.amplitude_max")
     if task.phase_min > task.phase_max or task.x_min > task.x_max:
-        raise DmetaError(
-            "task.phase_min must not exceed task.phase_max, nor task.x_min task.x_max"
-        )
+        raise DmetaError("task.phase_min must not exceed task.phase_max, nor task.x_min task.x_max")
     fewshot = config.fewshot
     if config.problem == "fewshot":
         if not fewshot.paths:
