@@ -109,7 +109,7 @@ def save_checkpoint(path: Path, snapshot: Snapshot, exchange: Exchange, config: 
         # The rename is the commit: a crash before it leaves the previous checkpoint intact.
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
-        abandon_file(file)  # closing a file whose write failed crashes HDF5
+        abandon_file(file, error)  # closing a file whose write failed crashes HDF5
         temporary.unlink(missing_ok=True)
         kept = f"; the checkpoint {path} of before is kept" if path.exists() else ""
         raise OutputError(f"{write_failure(error, temporary)}{kept}") from None

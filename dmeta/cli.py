@@ -161,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     from dmeta.config import load_config
     from dmeta.engine import execute
     from dmeta.errors import AgreedError
+    from dmeta.output import hdf5_unusable
     from dmeta.runner import plan_run
 
     world = MPI.COMM_WORLD
@@ -224,6 +225,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dmeta: error: {prefix}{caught}{_kept(caught, checkpoint)}", file=sys.stderr)
         sys.stderr.flush()
         _abort(world, EXIT_USER_ERROR)
+        if hdf5_unusable():  # HDF5 would crash shutting down after its failed write
+            sys.stdout.flush()
+            os._exit(EXIT_USER_ERROR)
         return EXIT_USER_ERROR
     except _Interrupted:
         if rank == 0:

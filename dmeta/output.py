@@ -187,13 +187,38 @@ def _prepare_path(path: Path) -> None:
 
 
 # HDF5 reports the failed writes of a file it cannot flush again while freeing each of its
-# objects ("Exception ignored in ... __dealloc__"); after a write failure these are noise.
-_default_unraisablehook = sys.unraisablehook
+# objects (h5py prints those tracebacks through sys.excepthook and sys.unraisablehook); they
+# repeat the error that the failed write raises.
+_hooks: dict[str, Any] = {}
+_hdf5_broken = False  # a real HDF5 write failed here: HDF5 would crash when it shuts down
 
 
-def _quiet_after_write_failure(unraisable: Any) -> None:
-    if not isinstance(unraisable.exc_value, (OSError, RuntimeError)):
-        _default_unraisablehook(unraisable)
+def _write_noise(error: BaseException | None) -> bool:
+    return isinstance(error, (OSError, RuntimeError)) and "file write failed" in str(error)
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+    if not _write_noise(unraisable.exc_value):
+        _hooks["unraisablehook"](unraisable)
+
+
+def _quiet_excepthook(kind: type, error: BaseException, trace: Any) -> None:
+    if not _write_noise(error):
+        _hooks["excepthook"](kind, error, trace)
+
+
+def quiet_hdf5_write_noise() -> None:
+    """Drop h5py's repeats of a failed write from the objects HDF5 frees afterwards."""
+    if not _hooks:
+        _hooks.update(unraisablehook=sys.unraisablehook, excepthook=sys.excepthook)
+        sys.unraisablehook = _quiet_unraisable
+        sys.excepthook = _quiet_excepthook
+
+
+def hdf5_unusable() -> bool:
+    """Whether HDF5 failed a write in this process: it would crash at exit, so end the process
+    with os._exit once the error is reported."""
+    return _hdf5_broken
 
 
 def write_failure(error: BaseException, path: Path) -> OutputError:
@@ -211,10 +236,12 @@ def write_failure(error: BaseException, path: Path) -> OutputError:
     return OutputError(f"cannot write {path} ({reason}); check the disk holding {folder}")
 
 
-def abandon_file(file: h5py.File | None) -> None:
+def abandon_file(file: h5py.File | None, error: BaseException) -> None:
     """Leave an HDF5 file whose write failed open for good: closing or freeing it would make
     HDF5 flush it again and crash. The process closes the descriptor when it ends."""
-    sys.unraisablehook = _quiet_after_write_failure
+    global _hdf5_broken
+    quiet_hdf5_write_noise()
+    _hdf5_broken = _hdf5_broken or "write failed" in str(error) or isinstance(error, RuntimeError)
     if file is not None and file.id.valid:
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(file.id))
 
@@ -225,7 +252,7 @@ def guarded_write(file: h5py.File | None, path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as error:
-        abandon_file(file)
+        abandon_file(file, error)
         raise write_failure(error, path) from None
 
 
@@ -367,6 +394,7 @@ class SerialWriter(_BufferedRows):
             return
         if resume_rows is None:
             _prepare_path(self.path)
+            quiet_hdf5_write_noise()
             try:
                 self.file = h5py.File(self.partial, "w")
             except OSError as error:

@@ -125,7 +125,7 @@ RUN_CASES = {
         _run("problem=fewshot", "fewshot.paths=[/no/such/omniglot]"),
         "/no/such/omniglot does not exist",
     ),
-    "out is a folder": (lambda tmp: ["run", JOB, *SETS, "--out", tmp], "is a folder"),
+    "out is a folder": (lambda tmp: (tmp / "run.h5").mkdir() or ["run", JOB, *SETS], "a folder"),
 }
 
 
@@ -136,7 +136,7 @@ def test_bad_run_input(tmp_path, capsys, case) -> None:
     code, err = main(capsys, *make(tmp_path), "--out", out, "--quiet")
     assert code == 2
     assert fragment in one_error_line(err)
-    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert not out.is_file() and not Path(f"{out}.partial").exists()
 
 
 @pytest.mark.parametrize("command", ["config", "graph"])
