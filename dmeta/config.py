@@ -230,7 +230,8 @@ class OutputConfig:
 class CheckpointConfig:
     """When the run saves all it needs to resume (see dmeta/checkpoint.py); 0 turns one off.
 
-    A checkpoint is also written on SIGTERM or SIGUSR1, after which the run exits with status 75.
+    A checkpoint is also written on SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT), after which the
+    run exits with status 75; a second Ctrl-C stops at once (status 130).
     """
 
     every_iterations: int = 0
