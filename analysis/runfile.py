@@ -53,7 +53,11 @@ class Run:
     @property
     def step_size(self) -> float:
         """mu, the outer step size (optimizer.lr)."""
-        return float(self.config.get("optimizer", {}).get("lr", float("nan")))
+        optimizer = self.config.get("optimizer", {})
+        value = optimizer.get("lr", float("nan")) if isinstance(optimizer, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunFileError(f"{self.path}: config optimizer.lr = {value!r} is not a number")
+        return float(value)
 
     @property
     def optimizer(self) -> str:
@@ -97,7 +101,18 @@ def _read_dataset(file: h5py.File, path: str, name: str) -> np.ndarray:
         raise RunFileError(f"{path}: missing dataset /{name}")
     if not isinstance(item, h5py.Dataset):
         raise RunFileError(f"{path}: /{name} is not a dataset")
+    if item.dtype.kind not in "biuf":
+        raise RunFileError(f"{path}: /{name} holds {item.dtype} values, not numbers")
     return item[()]
+
+
+def _number(path: str, where: str, value: Any) -> float:
+    """An attribute that must be a number, as float, or RunFileError naming it."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(())[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise RunFileError(f"{path}: {where} = {value!r} is not a number")
+    return float(value)
 
 
 def _attribute_text(value: Any) -> str:
@@ -117,12 +132,12 @@ def _final(file: h5py.File, path: str, name: str) -> FinalResult:
     return FinalResult(
         np.asarray(values, dtype=float),
         np.asarray(ci95, dtype=float),
-        float(attributes["network_mean"]),
-        float(attributes["network_ci95"]),
+        _number(path, f"/final/{name} attribute network_mean", attributes["network_mean"]),
+        _number(path, f"/final/{name} attribute network_ci95", attributes["network_ci95"]),
     )
 
 
-def _topology(file: h5py.File) -> tuple[float | None, bool | None]:
+def _topology(file: h5py.File, path: str) -> tuple[float | None, bool | None]:
     """(lambda2, doubly_stochastic) of the run's combination matrix, from attributes only.
 
     New files: attributes of the /topology group (lambda2, lambda2_method, doubly_stochastic,
@@ -137,7 +152,11 @@ def _topology(file: h5py.File) -> tuple[float | None, bool | None]:
     if "lambda2" not in attributes:
         dense = group.get("A")
         attributes = dense.attrs if isinstance(dense, h5py.Dataset) else {}
-    lambda2 = float(attributes["lambda2"]) if "lambda2" in attributes else None
+    lambda2 = (
+        _number(path, "/topology attribute lambda2", attributes["lambda2"])
+        if "lambda2" in attributes
+        else None
+    )
     stochastic = attributes.get("doubly_stochastic")
     return lambda2, None if stochastic is None else bool(stochastic)
 
@@ -162,6 +181,11 @@ def _load(
         raise RunFileError(f"{path}: root attribute 'config' is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise RunFileError(f"{path}: root attribute 'config' is not a JSON object")
+    optimizer = config.get("optimizer", {})
+    if not isinstance(optimizer, dict):
+        raise RunFileError(f"{path}: config optimizer is not a table")
+    if "lr" in optimizer:
+        _number(path, "config optimizer.lr", optimizer["lr"])
     strategy = _attribute_text(file.attrs.get("strategy", config.get("strategy", "")))
     if not strategy:
         raise RunFileError(f"{path}: no strategy (root attribute or config)")
@@ -176,7 +200,7 @@ def _load(
     for name, array in columns.items():
         if array.ndim != 1:
             raise RunFileError(f"{path}: /{name} has shape {array.shape}, not [T]")
-    lambda2, doubly_stochastic = _topology(file)
+    lambda2, doubly_stochastic = _topology(file, path)
 
     # A killed run may stop between resizing one dataset and the next: cut to the common rows.
     every = [iteration, wall, *arrays.values(), *columns.values()]
@@ -186,6 +210,14 @@ def _load(
         raise RunFileError(f"{path}: datasets disagree on the number of rows ({sorted(lengths)})")
     if rows == 0:
         raise RunFileError(f"{path}: no logged rows")
+    for name, array in [("time/wall", wall)] + [
+        *((f"metrics/{name}", a) for name, a in arrays.items()),
+        *columns.items(),
+    ]:
+        # Training loss and gradient norm are NaN at iteration 0 by definition.
+        first = 1 if name in ("metrics/train_loss", "metrics/grad_norm") else 0
+        if rows > first and not np.isfinite(np.asarray(array[first:rows], dtype=float)).any():
+            raise RunFileError(f"{path}: /{name} holds no finite value (a diverged run?)")
     if finals and not complete:
         raise RunFileError(f"{path}: run is not complete, so it has no final evaluation")
     return Run(

@@ -22,9 +22,9 @@ import h5py
 import numpy as np
 
 from dmeta.config import Config, numbers_only
-from dmeta.errors import DmetaError
+from dmeta.errors import DmetaError, OutputError
 from dmeta.exchange import Exchange
-from dmeta.output import partial_path
+from dmeta.output import abandon_file, partial_path, write_failure
 
 FORMAT = 2
 
@@ -70,26 +70,31 @@ def save_checkpoint(path: Path, snapshot: Snapshot, exchange: Exchange, config: 
     if exchange.rank != 0:
         return
     temporary = path.with_name(path.name + ".tmp")
+    file = None
     try:
-        with h5py.File(temporary, "w") as file:
-            file.attrs.update(
-                {
-                    "format": FORMAT,
-                    "config": config.to_json(),
-                    "iteration": snapshot.iteration,
-                    "rows": snapshot.rows,
-                    "num_agents": config.agents,
-                    "window_steps": snapshot.window_steps,
-                }
-            )
-            for name, data in gathered.items():
-                file.create_dataset(name, data=data)
-            for name, value in snapshot.shared.items():
-                file.create_dataset(f"shared/{name}", data=value)
+        file = h5py.File(temporary, "w")
+        file.attrs.update(
+            {
+                "format": FORMAT,
+                "config": config.to_json(),
+                "iteration": snapshot.iteration,
+                "rows": snapshot.rows,
+                "num_agents": config.agents,
+                "window_steps": snapshot.window_steps,
+            }
+        )
+        for name, data in gathered.items():
+            file.create_dataset(name, data=data)
+        for name, value in snapshot.shared.items():
+            file.create_dataset(f"shared/{name}", data=value)
+        file.close()
         # The rename is the commit: a crash before it leaves the previous checkpoint intact.
         os.replace(temporary, path)
-    except OSError as error:
-        raise DmetaError(f"cannot write checkpoint {path}: {error}") from None
+    except (OSError, RuntimeError) as error:
+        abandon_file(file, error)  # closing a file whose write failed crashes HDF5
+        temporary.unlink(missing_ok=True)
+        kept = f"; the checkpoint {path} of before is kept" if path.exists() else ""
+        raise OutputError(f"{write_failure(error, temporary)}{kept}") from None
 
 
 def check_checkpoint(path: Path, config: Config) -> int:
@@ -175,4 +180,28 @@ def decide_resume(run_path: Path, config: Config, mode: str) -> bool:
             "pass --restart to start over"
         )
     check_checkpoint(checkpoint, config)
+    with h5py.File(checkpoint, "r") as file:
+        rows = int(file.attrs["rows"])
+    check_partial(partial, rows)
     return True
+
+
+def check_partial(partial: Path, rows: int) -> None:
+    """DmetaError unless the unfinished run file `partial` is readable and holds the `rows`
+    logged rows a checkpoint counts (checked on every rank before a resumed run starts)."""
+    restart = "the checkpoint cannot continue without it; pass --restart to start over"
+    try:
+        with h5py.File(partial, "r") as file:
+            iteration = file.get("time/iteration")
+            held = iteration.shape[0] if isinstance(iteration, h5py.Dataset) else -1
+    except OSError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DmetaError(
+            f"the unfinished run file {partial} is unreadable ({reason}); {restart}"
+        ) from None
+    if held < rows:
+        found = "no /time/iteration" if held < 0 else f"{held} rows"
+        raise DmetaError(
+            f"the unfinished run file {partial} holds {found}, but the checkpoint counts {rows}; "
+            f"{restart}"
+        )

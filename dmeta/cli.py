@@ -21,15 +21,24 @@ from dmeta.errors import DmetaError
 EXIT_USER_ERROR = 2
 # EX_TEMPFAIL: the run stopped on a signal with a checkpoint; the same command resumes it.
 EXIT_CHECKPOINTED = 75
+# 128 + SIGINT: a second Ctrl-C stopped the run at once.
+EXIT_INTERRUPTED = 130
 
 
 class _StopFlag:
-    """Set by SIGTERM or SIGUSR1 (e.g. SLURM's warning before the time limit)."""
+    """Set by SIGTERM, SIGUSR1 (e.g. SLURM's warning before the time limit) or a first SIGINT
+    (Ctrl-C); a SIGINT after the stop was requested interrupts at once."""
 
     requested = False
 
     def __call__(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.requested:
+            raise _Interrupted
         self.requested = True
+
+
+class _Interrupted(BaseException):
+    """A second Ctrl-C: stop now, without a checkpoint (not an Exception: nothing catches it)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", help="HDF5 output file (default: runs/<config name>.h5)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing complete run file (without it the run refuses to start); "
+        "the old file stays until the new run completes",
+    )
     restart = run.add_mutually_exclusive_group()
     restart.add_argument(
         "--resume",
@@ -103,6 +118,8 @@ def _graph(args: argparse.Namespace) -> None:
     from dmeta.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.plot:
+        _check_picture(Path(args.plot))
     cfg = config.graph
     schedule = topology.build_schedule(cfg, config.agents, cfg.seed, cfg.rule)
     matrix = schedule.matrix_at(1)
@@ -119,8 +136,22 @@ def _graph(args: argparse.Namespace) -> None:
     if args.plot and not schedule.static:
         print(f"graph picture skipped: schedule {schedule.name} changes the graph every round")
     elif args.plot:
-        topology.draw_graph(topology.build_graph(cfg, config.agents), matrix, args.plot)
+        try:
+            topology.draw_graph(topology.build_graph(cfg, config.agents), matrix, args.plot)
+        except OSError as error:
+            raise DmetaError(f"--plot: cannot write {args.plot} ({error.strerror})") from None
         print(f"graph picture: {args.plot}")
+
+
+def _check_picture(path: Path) -> None:
+    """--plot names a file in an existing, writable folder."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise DmetaError(f"--plot {path} is a folder; give a file name ending in .png")
+    if not folder.is_dir():
+        raise DmetaError(f"--plot {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise DmetaError(f"--plot {path}: the folder {folder} is not writable")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -129,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     from dmeta.checkpoint import checkpoint_path, decide_resume
     from dmeta.config import load_config
     from dmeta.engine import execute
+    from dmeta.errors import AgreedError
+    from dmeta.output import hdf5_unusable
     from dmeta.runner import plan_run
 
     world = MPI.COMM_WORLD
@@ -139,6 +172,10 @@ def _run(args: argparse.Namespace) -> int:
     if rank != 0:
         warnings.simplefilter("ignore")
     out_path = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem + ".h5")
+    # From here a first Ctrl-C asks for a checkpoint, like SIGTERM; it is agreed on later.
+    stop = _StopFlag()
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, stop)
 
     error = None
     plan = None
@@ -146,6 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.overrides)
         plan = plan_run(config, size, rank, local_rank, local_size)
+        _check_out(out_path, args.overwrite)
         resume = decide_resume(out_path, config, mode)
         if rank == 0:
             _check_writable(out_path)
@@ -165,9 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_USER_ERROR
 
     comm = None if plan.backend == "local" else world
-    stop = _StopFlag()
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGUSR1, stop)
+    checkpoint = checkpoint_path(out_path)
     try:
         stopped_at = execute(
             plan,
@@ -177,21 +213,39 @@ def _run(args: argparse.Namespace) -> int:
             resume=resume,
             stop_requested=lambda: stop.requested,
         )
-    except DmetaError as caught:
-        print(f"dmeta: error: rank {rank}: {caught}", file=sys.stderr, flush=True)
-        _abort(world, EXIT_USER_ERROR)
+    except AgreedError as caught:
+        # Every rank raised it alike (e.g. a divergence seen in all-reduced values): rank 0
+        # says it once, and every rank exits without aborting the others.
+        if rank == 0:
+            print(f"dmeta: error: {caught}{_kept(caught, checkpoint)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except DmetaError as caught:
+        # This rank only (e.g. rank 0's disk is full): the others may wait in a collective.
+        prefix = f"rank {rank}: " if size > 1 else ""
+        print(f"dmeta: error: {prefix}{caught}{_kept(caught, checkpoint)}", file=sys.stderr)
+        sys.stderr.flush()
+        _abort(world, EXIT_USER_ERROR)
+        if hdf5_unusable():  # HDF5 would crash shutting down after its failed write
+            sys.stdout.flush()
+            os._exit(EXIT_USER_ERROR)
+        return EXIT_USER_ERROR
+    except _Interrupted:
+        if rank == 0:
+            print(f"dmeta: error: {_interrupted(checkpoint)}", file=sys.stderr, flush=True)
+        _abort(world, EXIT_INTERRUPTED)
+        return EXIT_INTERRUPTED
     except BaseException:
         if size == 1:
             raise
         traceback.print_exc()
         sys.stderr.flush()
         _abort(world, 1)
+        raise
     if stopped_at is not None:
         if rank == 0:
             print(
                 f"dmeta: stopped by a signal after iteration {stopped_at}; checkpoint "
-                f"{checkpoint_path(out_path)} written; run the same command again to resume",
+                f"{checkpoint} written; run the same command again to resume",
                 file=sys.stderr,
                 flush=True,
             )
@@ -201,8 +255,47 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kept(error: DmetaError, checkpoint: Path) -> str:
+    """After a failed write: what of the run survives, and how to continue it."""
+    from dmeta.errors import OutputError
+
+    if not isinstance(error, OutputError) or "is kept" in str(error):
+        return ""
+    if checkpoint.exists():
+        return f"; the checkpoint {checkpoint} is kept: run the same command again to resume"
+    return ""
+
+
+def _interrupted(checkpoint: Path) -> str:
+    """The line of a second Ctrl-C."""
+    if checkpoint.exists():
+        return (
+            f"interrupted twice: stopped at once; the checkpoint {checkpoint} of an earlier "
+            "save is kept: run the same command again to resume from it"
+        )
+    return "interrupted twice: stopped at once, with no checkpoint to resume from"
+
+
+def _check_out(path: Path, overwrite: bool) -> None:
+    """A complete run file is never replaced unless --overwrite says so."""
+    if path.is_dir():
+        raise DmetaError(f"--out {path} is a folder; give a file name ending in .h5")
+    if path.exists() and not overwrite:
+        raise DmetaError(
+            f"{path} already holds a complete run; pass --overwrite to replace it (the old "
+            "file stays until the new run completes) or choose another --out"
+        )
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    from dmeta.sweep import exec_member, load_sweep, run_sweep, sweep_status
+    from dmeta.sweep import (
+        check_members,
+        exec_member,
+        load_sweep,
+        run_sweep,
+        skip_message,
+        sweep_status,
+    )
 
     if args.ranks < 1 or args.parallel < 1:
         raise DmetaError("--ranks and --parallel must be at least 1")
@@ -219,7 +312,13 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.index is not None:
         if not 0 <= args.index < len(runs):
             raise DmetaError(f"--index {args.index}: the sweep has members 0..{len(runs) - 1}")
-        exec_member(base, runs[args.index], args.ranks, args.launcher)
+        member = runs[args.index]
+        if member.out.exists():
+            print(skip_message(args.index + 1, len(runs), member))
+            return 0
+        check_members([member], args.ranks)
+        exec_member(base, member, args.ranks, args.launcher)
+    check_members(runs, args.ranks)
     print(
         f"sweep: {len(runs)} runs of {base}, {args.parallel} at a time, {args.ranks} rank(s) each"
     )
@@ -243,14 +342,13 @@ def _check_writable(path: Path) -> None:
         raise DmetaError(f"cannot create the output folder {directory}: {error}") from None
     if not os.access(directory, os.W_OK):
         raise DmetaError(f"the output folder {directory} is not writable")
-    if path.is_dir():
-        raise DmetaError(f"--out {path} is a folder; give a file name ending in .h5")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dmeta` console script."""
     warnings.formatwarning = _format_warning
     args = _parser().parse_args(argv)
+    handlers = {signum: signal.getsignal(signum) for signum in _HANDLED}
     try:
         if args.command == "run":
             return _run(args)
@@ -265,7 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     except DmetaError as error:
         print(f"dmeta: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (KeyboardInterrupt, _Interrupted):
+        print("dmeta: error: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        for signum, handler in handlers.items():  # main() may run again in this process
+            signal.signal(signum, handler)
     return 0
+
+
+_HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 if __name__ == "__main__":

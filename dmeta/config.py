@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -230,7 +231,8 @@ class OutputConfig:
 class CheckpointConfig:
     """When the run saves all it needs to resume (see dmeta/checkpoint.py); 0 turns one off.
 
-    A checkpoint is also written on SIGTERM or SIGUSR1, after which the run exits with status 75.
+    A checkpoint is also written on SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT), after which the
+    run exits with status 75; a second Ctrl-C stops at once (status 130).
     """
 
     every_iterations: int = 0
@@ -318,8 +320,15 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    """Check `value` against `annotation`, converting strings from the command line."""
+def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
+    """Check `value` against `annotation`; with `text` (a `--set` value), convert strings.
+
+    A typed source (a TOML file, the JSON of a run file) must give numbers and booleans as
+    such: a quoted "40" for an integer key is a type error there.
+    """
+    if not text and isinstance(value, str) and annotation in (int, float, bool):
+        kind = {int: "an integer", float: "a number", bool: "true or false"}[annotation]
+        raise DmetaError(f"{key} = {value!r} is a string but must be {kind}; remove the quotes")
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
@@ -328,11 +337,11 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin is list:
         (item_type,) = typing.get_args(annotation)
-        if isinstance(value, str):
+        if isinstance(value, str) and text:
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(value, list):
             raise DmetaError(f"{key} = {value!r} must be a list")
-        return [_convert(v, item_type, key) for v in value]
+        return [_convert(v, item_type, key, text) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -366,8 +375,9 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
     raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
 
 
-def _apply(target: Any, key: str, value: Any, prefix: str = "") -> None:
-    """Set the dotted `key` of the dataclass `target` to `value`, checking name and type."""
+def _apply(target: Any, key: str, value: Any, prefix: str = "", text: bool = False) -> None:
+    """Set the dotted `key` of the dataclass `target` to `value`, checking name and type;
+    `text`: the value is command-line text (`--set`), converted to the key's type."""
     name, _, rest = key.partition(".")
     types = _field_types(type(target))
     full = prefix + name
@@ -377,20 +387,35 @@ def _apply(target: Any, key: str, value: Any, prefix: str = "") -> None:
     current = getattr(target, name)
     if dataclasses.is_dataclass(current):
         if rest:
-            _apply(current, rest, value, full + ".")
+            _apply(current, rest, value, full + ".", text)
             return
         if not isinstance(value, dict):
             raise DmetaError(f"'{full}' is a section; set its keys as {full}.KEY=VALUE")
         for sub_key, sub_value in value.items():
-            _apply(current, sub_key, sub_value, full + ".")
+            _apply(current, sub_key, sub_value, full + ".", text)
         return
     if rest:
         raise DmetaError(f"unknown config key '{full}.{rest}': '{full}' has no sub-keys")
-    setattr(target, name, _convert(value, types[name], full))
+    setattr(target, name, _convert(value, types[name], full, text))
+
+
+def _floats(section: Any, prefix: str = "") -> dict[str, float]:
+    """Every float field of a config (dotted key -> value), nested sections included."""
+    found: dict[str, float] = {}
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            found |= _floats(value, f"{prefix}{item.name}.")
+        elif isinstance(value, float):
+            found[prefix + item.name] = value
+    return found
 
 
 def _check(config: Config) -> None:
     """Range checks that a type alone cannot express."""
+    for key, value in _floats(config).items():
+        if not math.isfinite(value):
+            raise DmetaError(f"{key} = {value} must be a finite number")
     positive = {
         "agents": config.agents,
         "iterations": config.iterations,
@@ -453,14 +478,29 @@ def _check(config: Config) -> None:
             f"validation.stationarity_tasks = {config.validation.stationarity_tasks} must be even "
             "(the estimate of ||grad J||^2 pairs two halves of the tasks)"
         )
-    if config.optimizer.lr <= 0:
-        raise DmetaError(f"optimizer.lr = {config.optimizer.lr} must be positive")
+    optimizer = config.optimizer
+    if optimizer.lr <= 0:
+        raise DmetaError(f"optimizer.lr = {optimizer.lr} must be positive")
+    if optimizer.eps <= 0:
+        raise DmetaError(f"optimizer.eps = {optimizer.eps} must be positive (e.g. 1e-8)")
+    for key, beta in (("optimizer.beta1", optimizer.beta1), ("optimizer.beta2", optimizer.beta2)):
+        if not 0 <= beta < 1:
+            raise DmetaError(f"{key} = {beta} must lie in [0, 1)")
+    if not 0 <= config.graph.failure_probability < 1:
+        raise DmetaError(
+            f"graph.failure_probability = {config.graph.failure_probability} must lie in [0, 1)"
+        )
+    if config.graph.radius <= 0:
+        raise DmetaError(f"graph.radius = {config.graph.radius} must be positive")
     if not 0 <= config.graph.edge_probability <= 1:
         raise DmetaError(
             f"graph.edge_probability = {config.graph.edge_probability} must lie in [0, 1]"
         )
-    if config.task.amplitude_min > config.task.amplitude_max:
+    task = config.task
+    if task.amplitude_min > task.amplitude_max:
         raise DmetaError("task.amplitude_min must not exceed task.amplitude_max")
+    if task.phase_min > task.phase_max or task.x_min > task.x_max:
+        raise DmetaError("task.phase_min must not exceed task.phase_max, nor task.x_min task.x_max")
     fewshot = config.fewshot
     if config.problem == "fewshot":
         if not fewshot.paths:
@@ -497,10 +537,20 @@ def _check(config: Config) -> None:
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     """The TOML table in the file at `path`; DmetaError naming `what` and the problem."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DmetaError(f"{what} {path} is a folder; give the TOML file inside it")
+    if not path.exists():
         raise DmetaError(f"{what} {path} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DmetaError(
+            f"{what} {path} is not UTF-8 text (byte {error.start}); save it as UTF-8 TOML"
+        ) from None
+    except OSError as error:
+        raise DmetaError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise DmetaError(f"{what} {path} is not valid TOML: {error}") from None
 
@@ -511,13 +561,20 @@ def load_config(
     """The defaults, then the job file at `path` (TOML), then `KEY=VALUE` overrides, checked."""
     config = Config()
     if path is not None:
-        for key, value in read_toml(path, "config file").items():
+        table = read_toml(path, "config file")
+        if not table:
+            # Most likely a wrong or truncated file: never run the defaults unasked.
+            raise DmetaError(
+                f"config file {path} sets no keys; write the keys the job changes (e.g. "
+                "agents = 40 for the defaults)"
+            )
+        for key, value in table.items():
             _apply(config, key, value)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise DmetaError(f"override {item!r} must have the form KEY=VALUE")
-        _apply(config, key.strip(), value.strip())
+        _apply(config, key.strip(), value.strip(), text=True)
     _check(config)
     return config
 

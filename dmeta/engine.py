@@ -23,7 +23,7 @@ from dmeta import rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
 from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
 from dmeta.config import config_digest
-from dmeta.errors import DmetaError
+from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.fewshot import confidence_interval_95
 from dmeta.output import RowSchema, RunWriter, open_writer
@@ -292,7 +292,7 @@ class Engine:
         centroid = self.exchange.allreduce_sum(self._weighted(models, weights))
         # Every rank sees the same centroid, so all stop together on a diverged run.
         if not torch.isfinite(centroid).all():
-            raise DmetaError(
+            raise AgreedError(
                 f"the run diverged by iteration {iteration} (non-finite launch models); "
                 "lower optimizer.lr or learner.inner_lr"
             )
@@ -344,13 +344,24 @@ class Engine:
         )
         save_checkpoint(self.checkpoint, snapshot, self.exchange, self.config)
 
-    def poll(self, last_checkpoint: float, stop_requested: Any) -> tuple[bool, bool]:
-        """(stop, clock due): the ranks agree on signals and on rank 0's clock."""
+    def poll(
+        self, last_checkpoint: float, stop_requested: Any, iteration: int
+    ) -> tuple[bool, bool]:
+        """(stop, clock due): the ranks agree on signals, on rank 0's clock and on whether any
+        launch model has diverged (AgreedError on every rank)."""
         minutes = (time.perf_counter() - last_checkpoint) / 60
         clock = self.rank == 0 and 0 < self.config.checkpoint.every_minutes <= minutes
         signal = bool(stop_requested and stop_requested())
-        # All ranks synchronise here, every poll_every iterations: one 2-number all-reduce.
-        flags = self.exchange.allreduce_sum(torch.tensor([float(signal), float(clock)]))
+        diverged = not bool(torch.isfinite(self.algorithm.models()).all())
+        # All ranks synchronise here, every poll_every iterations: one 3-number all-reduce.
+        flags = self.exchange.allreduce_sum(
+            torch.tensor([float(signal), float(clock), float(diverged)])
+        )
+        if flags[2] > 0:
+            raise AgreedError(
+                f"the run diverged by iteration {iteration} (non-finite launch models); "
+                "lower optimizer.lr or learner.inner_lr"
+            )
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def _logged(self, iteration: int) -> bool:
@@ -379,7 +390,7 @@ class Engine:
                 every = config.checkpoint.every_iterations
                 due, stop = every > 0 and iteration % every == 0, False
                 if iteration % config.checkpoint.poll_every == 0:
-                    stop, clock = self.poll(last_checkpoint, stop_requested)
+                    stop, clock = self.poll(last_checkpoint, stop_requested, iteration)
                     due = due or clock
                 if iteration == config.iterations:
                     # A run without a final evaluation completes now; one with it saves first,
@@ -464,8 +475,14 @@ def execute(
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
     exchange = build_exchange(plan, comm)
-    engine = Engine(plan, exchange, Path(out_path))
-    first, rows = engine.resume() if resume else (1, None)
+    failure = None
+    try:  # no collective in here: a rank that fails (e.g. unreadable data) still agrees below
+        engine = Engine(plan, exchange, Path(out_path))
+        first, rows = engine.resume() if resume else (1, None)
+    except DmetaError as error:
+        failure = str(error)
+    # All ranks synchronise here: any rank's error in building the run stops every rank.
+    agree(exchange.allgather_object(failure))
     engine.open(comm, rows)
     try:
         stopped = engine.loop(first, show_progress, stop_requested)

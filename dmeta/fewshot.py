@@ -64,9 +64,10 @@ def check_sources(config: FewShotConfig) -> list[Path]:
             )
         miniimagenet.check_root(paths[0])
         return paths
-    for path in paths:
-        if not path.exists():
-            raise DmetaError(f"Omniglot source {path} does not exist; expected {omniglot.LAYOUT}")
+    alphabet_split = config.split == "alphabet"
+    omniglot.check_sources(
+        paths, config.validation_alphabets if alphabet_split else None, config.test_alphabets
+    )
     return paths
 
 

@@ -66,6 +66,46 @@ def _entries(source: Path) -> list[tuple[str, str, str, bytes]]:
     return entries
 
 
+def alphabets_of(source: Path) -> set[str]:
+    """The alphabets with at least one image under `source`, from file names only (cheap: no
+    image is read); DmetaError if it is neither a folder nor a readable zip."""
+    if source.is_dir():
+        found = set()
+        for png in source.rglob("*.png"):
+            parts = png.relative_to(source).parts
+            if len(parts) >= 3:
+                found.add(parts[-3])
+        return found
+    try:
+        with zipfile.ZipFile(source) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise DmetaError(
+            f"{source} is not a readable zip archive ({error}); expected {LAYOUT}"
+        ) from None
+    return {name.split("/")[-3] for name in names if name.endswith(".png") and name.count("/") >= 3}
+
+
+def check_sources(sources: list[Path], validation: list[str] | None, test: list[str]) -> None:
+    """Before a run starts: every source exists and holds images, and the alphabets of an
+    alphabet split (`validation`, `test`; None for a character split) are among them."""
+    known: set[str] = set()
+    for source in sources:
+        if not source.exists():
+            raise DmetaError(f"Omniglot source {source} does not exist; expected {LAYOUT}")
+        found = alphabets_of(source)
+        if not found:
+            raise DmetaError(f"Omniglot source {source} holds no images; expected {LAYOUT}")
+        known |= found
+    if validation is not None:
+        for alphabet in [*validation, *test]:
+            if alphabet not in known:
+                raise DmetaError(
+                    f"fewshot alphabet {alphabet!r} is not among the sources' alphabets "
+                    f"{sorted(known)}; change fewshot.validation_alphabets or test_alphabets"
+                )
+
+
 def load_characters(sources: list[str | Path], size: int = 28) -> CharacterSet:
     """Every character of the given folders or zips; DmetaError naming the layout if none."""
     drawings: dict[str, list[tuple[str, np.ndarray]]] = {}

@@ -10,20 +10,28 @@ Rows are buffered and flushed every `output.flush_every` logged rows, and the fi
 to disk after each flush, so a killed run leaves a readable file holding every row up to the
 last flush, every series of the same length. The file is written as `<path>.partial` and
 renamed to `<path>` only when the run completes, so a file under the final name is always a
-whole run; a file already under the final name is moved to `<path>.previous` when a new run
-starts.
+whole run; a file already under that name (`dmeta run --overwrite`) is replaced only then.
+
+A write that fails (a full disk, a quota) raises `OutputError` naming the file and its folder.
+HDF5 cannot close a file after a failed write (it crashes), so the file is left open and
+abandoned as it is: the `.partial` keeps whatever its last successful flush wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
-from dmeta.errors import DmetaError
+from dmeta.errors import DmetaError, OutputError
 from dmeta.exchange import AgentLayout, Exchange
 
 # Every row-wise dataset: path -> (one value per agent?, units, meaning). Row r of each holds
@@ -171,15 +179,83 @@ def _reopen(
 
 
 def _prepare_path(path: Path) -> None:
-    """Make the folder and move a finished file of the same name aside."""
+    """Make the folder of the run file. A file already under the final name stays there until
+    the new run completes and replaces it (the command line refuses without --overwrite)."""
     partial = partial_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            # A failed rerun must not leave the old results under the name of the new run.
-            os.replace(path, path.with_name(path.name + ".previous"))
     except OSError as error:
         raise DmetaError(f"cannot create output file {partial}: {error}") from None
+
+
+# HDF5 reports the failed writes of a file it cannot flush again while freeing each of its
+# objects (h5py prints those tracebacks through sys.excepthook and sys.unraisablehook); they
+# repeat the error that the failed write raises.
+_hooks: dict[str, Any] = {}
+_hdf5_broken = False  # a real HDF5 write failed here: HDF5 would crash when it shuts down
+
+
+def _write_noise(error: BaseException | None) -> bool:
+    return isinstance(error, (OSError, RuntimeError)) and "file write failed" in str(error)
+
+
+def _quiet_unraisable(unraisable: Any) -> None:
+    if not _write_noise(unraisable.exc_value):
+        _hooks["unraisablehook"](unraisable)
+
+
+def _quiet_excepthook(kind: type, error: BaseException, trace: Any) -> None:
+    if not _write_noise(error):
+        _hooks["excepthook"](kind, error, trace)
+
+
+def quiet_hdf5_write_noise() -> None:
+    """Drop h5py's repeats of a failed write from the objects HDF5 frees afterwards."""
+    if not _hooks:
+        _hooks.update(unraisablehook=sys.unraisablehook, excepthook=sys.excepthook)
+        sys.unraisablehook = _quiet_unraisable
+        sys.excepthook = _quiet_excepthook
+
+
+def hdf5_unusable() -> bool:
+    """Whether HDF5 failed a write in this process: it would crash at exit, so end the process
+    with os._exit once the error is reported."""
+    return _hdf5_broken
+
+
+def write_failure(error: BaseException, path: Path) -> OutputError:
+    """The one-line error of a failed write of `path`: names the file, and the disk when full."""
+    text = str(error)
+    code = getattr(error, "errno", None)
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in text or "No space" in text
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
+    if full:
+        return OutputError(
+            f"cannot write {path}: the disk holding {folder} is full (no space left on "
+            "device); free space there or choose another --out"
+        )
+    reason = getattr(error, "strerror", None) or (text.splitlines()[0] if text else repr(error))
+    return OutputError(f"cannot write {path} ({reason}); check the disk holding {folder}")
+
+
+def abandon_file(file: h5py.File | None, error: BaseException) -> None:
+    """Leave an HDF5 file whose write failed open for good: closing or freeing it would make
+    HDF5 flush it again and crash. The process closes the descriptor when it ends."""
+    global _hdf5_broken
+    quiet_hdf5_write_noise()
+    _hdf5_broken = _hdf5_broken or "write failed" in str(error) or isinstance(error, RuntimeError)
+    if file is not None and file.id.valid:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(file.id))
+
+
+@contextlib.contextmanager
+def guarded_write(file: h5py.File | None, path: Path) -> Iterator[None]:
+    """Turn a failed HDF5 or file-system write into `OutputError`, abandoning the file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        abandon_file(file, error)
+        raise write_failure(error, path) from None
 
 
 class RowSchema:
@@ -320,29 +396,43 @@ class SerialWriter(_BufferedRows):
             return
         if resume_rows is None:
             _prepare_path(self.path)
+            quiet_hdf5_write_noise()
             try:
                 self.file = h5py.File(self.partial, "w")
             except OSError as error:
                 raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
-            _create_layout(self.file, num_agents, attributes, schema)
+            with self._guard():
+                _create_layout(self.file, num_agents, attributes, schema)
         else:
             self.file = _reopen(self.partial, resume_rows, attributes, schema, {})
             self.rows = resume_rows
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A failed write: OutputError, and the file abandoned (never closed) from then on."""
+        try:
+            with guarded_write(self.file, self.partial):
+                yield
+        except OutputError:
+            self.file = None
+            raise
 
     def _write_rows(self, start: int) -> None:
         # All ranks synchronise here: one gather of every buffered per-agent value.
         block = self.exchange.gather_rows(self.buffer.agent_block())
         if self.file is not None:
             scalars = np.array(self.buffer.scalars)
-            _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
-            for column, name in enumerate(self.schema.per_agent):
-                self.file[name][start:] = block[:, :, column].T
-            self.file.flush()
+            with self._guard():
+                _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
+                for column, name in enumerate(self.schema.per_agent):
+                    self.file[name][start:] = block[:, :, column].T
+                self.file.flush()
 
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
         if self.file is not None:
-            dataset = self.file.create_dataset(name, data=data)
-            dataset.attrs.update(attributes)
+            with self._guard():
+                dataset = self.file.create_dataset(name, data=data)
+                dataset.attrs.update(attributes)
 
     def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
         gathered = self.exchange.gather_rows(np.ascontiguousarray(rows))
@@ -351,19 +441,25 @@ class SerialWriter(_BufferedRows):
     def set_attributes(self, name: str, **attributes: Any) -> None:
         """Attributes of the group or dataset `name` (created as a group when missing)."""
         if self.file is not None:
-            self.file.require_group(name).attrs.update(attributes)
+            with self._guard():
+                self.file.require_group(name).attrs.update(attributes)
 
     def finish(self) -> None:
         self.flush()
         if self.file is not None:
-            self.file.attrs["complete"] = True
-            self.file.close()
-            os.replace(self.partial, self.path)
+            with self._guard():
+                self.file.attrs["complete"] = True
+                self.file.close()
+            try:
+                os.replace(self.partial, self.path)
+            except OSError as error:
+                raise write_failure(error, self.path) from None
 
     def close(self) -> None:
         self.flush()
         if self.file is not None:
-            self.file.close()
+            with self._guard():
+                self.file.close()
 
     def abandon(self) -> None:
         if self.file is not None and self.file.id.valid:

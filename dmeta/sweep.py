@@ -10,7 +10,9 @@ takes the i-th value of every key:
 
 Each run is a `dmeta run` subprocess (under `mpiexec -n RANKS` when asked), so runs are as
 independent as on a cluster; `parallel` of them run at once. Every run is checked before the
-first one starts, so a bad value fails the sweep at once with one line.
+first one starts (its config, graph, data and rank layout: `check_members`), so a bad value
+fails the sweep at once with one line. A member whose run file is already complete is skipped
+with a message, so a sweep run again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -73,6 +75,28 @@ def load_sweep(
         name = f"{index:02d}_{label.replace('=', '')}.h5"
         runs.append(SweepRun(label, [*extra, *overrides], config, out_dir / name))
     return base, runs
+
+
+def check_members(runs: list[SweepRun], ranks: int) -> None:
+    """The full check of `dmeta run` (`plan_run`: graph and matrix files, data, rank layout,
+    device) for every member still to run; DmetaError naming the first bad one."""
+    from dmeta.runner import plan_run
+
+    for index, run in enumerate(runs):
+        if run.out.exists():
+            continue
+        try:
+            plan_run(run.config, ranks, 0, 0, ranks)
+        except DmetaError as error:
+            raise DmetaError(f"sweep member {index} ({run.label}): {error}") from None
+
+
+def skip_message(number: int, total: int, run: SweepRun) -> str:
+    """The line of a member whose run file is already complete."""
+    return (
+        f"run {number}/{total} {run.label}: complete, skipped ({run.out} exists; delete it to "
+        "run it again)"
+    )
 
 
 def _flatten(table: object, prefix: str = "") -> dict[str, object]:
@@ -155,8 +179,14 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
         return run, result.returncode, time.perf_counter() - began, result.stderr
 
     failed = 0
+    todo = [run for run in runs if not run.out.exists()]
+    for number, run in enumerate(runs, start=1):
+        if run.out.exists():
+            print(skip_message(number, len(runs), run))
+    numbers = {id(run): number for number, run in enumerate(runs, start=1)}
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for number, (run, code, seconds, stderr) in enumerate(pool.map(one, runs), start=1):
+        for run, code, seconds, stderr in pool.map(one, todo):
+            number = numbers[id(run)]
             if code == 0:
                 print(f"run {number}/{len(runs)} {run.label}: {seconds:.1f} s -> {run.out}")
             else:
