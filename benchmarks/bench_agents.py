@@ -53,6 +53,7 @@ def single(agents: int, iterations: int, topology: str, device: str) -> dict[str
     plan = plan_run(config, 1, 0, 0, 1)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if plan.device.type == "cuda":
+        torch.cuda.init()  # the peak statistics of a device exist only once CUDA is up
         torch.cuda.reset_peak_memory_stats(plan.device)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.h5"

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOPOLOGIES = ("ring", "grid", "exponential")
 
 
-def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
+def child(sizes: list[int], agents_per_rank: int, repeats: int, iterations: int) -> None:
     """Under mpiexec: measure, and print one JSON line of rows on rank 0."""
     import h5py
     import numpy as np
@@ -96,7 +96,7 @@ def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
     shares = []
     folder = comm.bcast(tempfile.mkdtemp() if rank == 0 else None)
     for name in (*TOPOLOGIES, "allreduce"):
-        overrides = ["iterations=100", "log_every=100", "runtime.threads=1"]
+        overrides = [f"iterations={iterations}", f"log_every={iterations}", "runtime.threads=1"]
         overrides += ["strategy=centralized"] if name == "allreduce" else [f"graph.topology={name}"]
         config = load_config(ROOT / "jobs" / "sine_diffusion.toml", overrides)
         path = Path(folder) / f"{name}.h5"
@@ -108,7 +108,7 @@ def child(sizes: list[int], agents_per_rank: int, repeats: int) -> None:
                 {
                     "ranks": size,
                     "backend": name,
-                    "ms": 1e3 * (compute + spent) / 100,
+                    "ms": 1e3 * (compute + spent) / iterations,
                     "share": spent / (compute + spent),
                 }
             )
@@ -122,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1761, 100_000, 1_000_000])
     parser.add_argument("--agents-per-rank", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--iterations", type=int, default=100, help="iterations of the sine run of the last table"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.sizes, args.agents_per_rank, args.repeats)
+        child(args.sizes, args.agents_per_rank, args.repeats, args.iterations)
         return 0
     print(f"# bench_comm: {machine()}")
     print(command_line(__file__, argv))
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [mpiexec, "-n", str(ranks), sys.executable, __file__, "--child"]
         command += ["--sizes", *map(str, args.sizes)]
         command += ["--agents-per-rank", str(args.agents_per_rank), "--repeats", str(args.repeats)]
+        command += ["--iterations", str(args.iterations)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode:
             print(result.stderr, file=sys.stderr)

@@ -98,7 +98,7 @@ def time_reference(overrides: list[str], iterations: int) -> float:
     theta = model.initial_parameters(config.seed, agents, False, torch.float32)
     reference = ReferenceDifMAML(
         reference_modules(theta, config.model.hidden),
-        plan.matrix,
+        plan.algorithm_plan.schedule.matrix_at(1).toarray(),  # the loop's dense A, K = 40
         config.learner.inner_lr,
         config.optimizer.lr,
     )
