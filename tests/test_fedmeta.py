@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import read_datasets, run_local, small_config
+from conftest import LINEAR, read_datasets, run_local, small_config
 
 from dmeta.algorithms.federated import sample_clients
 from dmeta.engine import Engine, execute
@@ -134,6 +134,19 @@ def test_a_stopped_fedmeta_run_resumes_to_the_same_file(tmp_path) -> None:
     participations = reference["federated/participations"]
     np.testing.assert_array_equal(participations.sum(axis=1), reference["time/iteration"] * 3)
     assert not reference["topology/edges"].size
+
+
+@pytest.mark.parametrize("strategy", ["fedmeta", "fedavg"])
+def test_federated_strategies_learn_linear_representations(tmp_path, strategy) -> None:
+    config = small_config(
+        *LINEAR, f"strategy={strategy}", "federated.clients_per_round=3", "iterations=40",
+        "log_every=20", "federated.server_optimizer=sgd", "federated.server_lr=0.5",
+        "federated.client_lr=0.1",
+    )  # fmt: skip
+    data = run_local(config, tmp_path / "linear.h5")
+    distance = data["centroid/rep_distance"]
+    assert distance[-1] < distance[0]
+    assert np.isfinite(data["metrics/val_loss"]).all()
 
 
 @pytest.mark.parametrize(

@@ -212,6 +212,7 @@ def test_every_learner_runs_the_same_under_mpi(comm, learner) -> None:
         "strategy=fedmeta",
         "strategy=fedmeta learner.name=metasgd",
         "strategy=fedavg federated.local_steps=2 federated.server_optimizer=sgd",
+        "strategy=fedmeta " + " ".join(LINEAR),
     ],
 )
 def test_federated_runs_are_the_same_under_mpi(comm, setting) -> None:
