@@ -172,7 +172,7 @@ def test_the_example_job_runs(tmp_path) -> None:
     job = Path(__file__).parent.parent / "jobs" / "fedmeta_sine.toml"
     from dmeta.config import load_config
 
-    quick = ["iterations=3", "log_every=1", "validation.tasks=4", "validation.stationarity_tasks=2"]
+    quick = ["iterations=3", "log_every=1", "validation.tasks=4", "runtime.threads=1"]
     config = load_config(job, quick)
     assert config.strategy == "fedmeta"
     data = run_local(config, tmp_path / "job.h5")
