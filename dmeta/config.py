@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from dmeta.errors import DmetaError
 
-Strategy = Literal["atc", "cta", "centralized", "noncooperative"]
+Strategy = Literal["atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg"]
 Topology = Literal[
     "ring", "grid", "erdos_renyi", "geometric", "complete", "star", "exponential", "edge_list"
 ]
@@ -199,6 +199,26 @@ class OptimizerConfig:
 
 
 @dataclass
+class FederatedConfig:
+    """Server and clients of `strategy = "fedmeta"` or `"fedavg"` (dmeta/algorithms/federated.py).
+
+    The agents are the clients. Each round the server samples `clients_per_round` of them (a
+    function of the seed and the round) and steps its own optimizer: `server_optimizer` with
+    `server_lr`, Adam's betas and eps from [optimizer] (whose name and lr these strategies do not
+    use). FedMeta (Chen et al., Algorithm 1) averages the clients' meta-gradients of the learner;
+    FedAvg averages the models after `local_steps` SGD steps of size `client_lr` on each client's
+    loss, and its server step takes the average delta server - average as its gradient, so
+    server_optimizer = "sgd" with server_lr = 1 is plain FedAvg (McMahan et al.).
+    """
+
+    clients_per_round: int = 10
+    server_optimizer: Literal["adam", "sgd"] = "adam"
+    server_lr: float = 0.001
+    client_lr: float = 0.01
+    local_steps: int = 1
+
+
+@dataclass
 class ValidationConfig:
     """A fixed set of tasks from the whole task range, the same for every agent."""
 
@@ -280,6 +300,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

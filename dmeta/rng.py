@@ -32,6 +32,8 @@ Streams: independent families of random numbers, one per use. A new use gets a n
     8  STREAM_SPLIT            Omniglot's shuffle of characters into splits (agent 0)
     9  STREAM_PARTITION        the shuffle of meta-train classes among agents (agent 0)
     10 STREAM_INIT_DIRECTIONS  directions of the linear-representation launch at a distance
+    11 STREAM_CLIENTS          the server's sample of clients in a federated round (agent 0,
+                               iteration = round)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -68,6 +70,7 @@ STREAM_TEST = 7
 STREAM_SPLIT = 8
 STREAM_PARTITION = 9
 STREAM_INIT_DIRECTIONS = 10
+STREAM_CLIENTS = 11
 
 PART_HEADS = 1
 PART_PICKS = 2

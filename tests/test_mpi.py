@@ -208,6 +208,41 @@ def test_every_learner_runs_the_same_under_mpi(comm, learner) -> None:
 @pytest.mark.parametrize(
     "setting",
     [
+        "strategy=fedmeta runtime.dtype=float32",
+        "strategy=fedmeta",
+        "strategy=fedmeta learner.name=metasgd",
+        "strategy=fedavg federated.local_steps=2 federated.server_optimizer=sgd",
+        "strategy=fedmeta " + " ".join(LINEAR),
+    ],
+)
+def test_federated_runs_are_the_same_under_mpi(comm, setting) -> None:
+    """7 clients, 3 sampled per round: the sample, the clients' work and the server's one
+    all-reduce per round give the in-process run's numbers, and every rank's server model is
+    the same bits."""
+    config = small_config(
+        "federated.clients_per_round=3", "runtime.dtype=float64", *setting.split()
+    )
+    parallel, local_run = _run_here_and_locally(comm, config)
+    tolerance = 1e-6 if "float32" in setting else 1e-12
+
+    def check() -> None:
+        for name in ("metrics/train_loss", "metrics/val_loss", "centroid/val_loss", "params/final"):
+            scale = np.nanmax(np.abs(local_run[name]))
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=tolerance, atol=tolerance * scale,
+                err_msg=name,
+            )  # fmt: skip
+        for name in ("federated/participations", "comm/bytes_up", "comm/bytes_down"):
+            np.testing.assert_array_equal(parallel[name], local_run[name], err_msg=name)
+        final = parallel["params/final"]
+        np.testing.assert_array_equal(final, np.broadcast_to(final[0], final.shape))
+
+    _verdict(comm, check)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
         ("learner.name=metasgd", "linear.mode=samples"),
         ("learner.name=anil", "linear.mode=population", "linear.heads=fixed"),
     ],

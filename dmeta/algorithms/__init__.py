@@ -9,6 +9,7 @@ from __future__ import annotations
 from dmeta.algorithms.base import Algorithm
 from dmeta.algorithms.centralized import Centralized
 from dmeta.algorithms.diffusion import ATC, CTA
+from dmeta.algorithms.federated import FedAvg, FedMeta
 from dmeta.algorithms.noncooperative import NonCooperative
 from dmeta.errors import DmetaError
 
@@ -17,6 +18,8 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "cta": CTA,
     "centralized": Centralized,
     "noncooperative": NonCooperative,
+    "fedmeta": FedMeta,
+    "fedavg": FedAvg,
 }
 
 

@@ -1,0 +1,297 @@
+"""FedMeta (Chen et al., "Federated Meta-Learning with Fast Convergence and Efficient
+Communication", Algorithm 1) and its FedAvg baseline: a server model and sampled clients.
+
+The agents are the clients. Round t of the server (Algorithm 1, lines 4-10):
+
+    U_t   = the `clients_per_round` clients sampled by (seed, t)        (line 5)
+    g_u   = the client's update from the server model theta            (lines 6-8)
+    theta = server optimizer step with sum_u n_u g_u / sum_u n_u        (line 9)
+
+FedMeta: g_u is the learner's meta-gradient on the client's tasks of the round (its inner
+steps on the support sets, the query loss; `maml` keeps the graph through the inner steps,
+`metasgd` sends its step sizes down with theta and gets their gradient back; lines 12-18).
+FedAvg: the client runs `federated.local_steps` SGD steps of size `client_lr` on its plain
+loss (the learner with no inner step: the query sets' loss) and returns its model w_u; the server
+steps with theta - sum_u n_u w_u / sum_u n_u, so SGD with server_lr = 1 sets theta to the
+weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. n_u is the client's example
+count of the round (equal for the synthetic task families).
+
+Every rank holds the server model and the server optimizer's state (one row) and applies the
+same reduced update, so they stay identical; the one reduction of a round is an all-reduce of
+the rank's weighted sums. Only the sampled clients of a rank compute. Every agent's launch model
+is the server model, so the engine evaluates the server model adapted on each agent's tasks.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dmeta import rng
+from dmeta.algorithms.base import (
+    Algorithm,
+    CommTimer,
+    Context,
+    RoundReport,
+    TopologyRecord,
+    build_optimizer,
+)
+from dmeta.config import Config, OptimizerConfig
+from dmeta.errors import DmetaError
+from dmeta.exchange import AgentLayout
+from dmeta.meta import MAML
+from dmeta.tasks import TaskBatch
+
+
+def sample_clients(
+    seed: int, round_: int, num_clients: int, count: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """U_t of Algorithm 1, line 5: `count` of clients 0..num_clients-1 without replacement,
+    ascending. The clients with the `count` smallest of num_clients uniform keys drawn under the
+    key agent 0 at iteration `round_` (stream STREAM_CLIENTS): a function of (seed, round) only."""
+    key = torch.zeros(1, dtype=torch.int64, device=device)
+    keys = rng.uniform(seed, key, rng.STREAM_CLIENTS, round_, (num_clients,), dtype=torch.float64)
+    chosen = torch.argsort(keys[0], stable=True)[:count]
+    return torch.sort(chosen).values
+
+
+def example_counts(tasks: TaskBatch) -> torch.Tensor:
+    """n_u: the examples each client of `tasks` [clients, tasks, shots, ...] holds this round."""
+    clients, per_client, support = tasks.support_y.shape[:3]
+    examples = per_client * (support + tasks.query_y.shape[2])
+    return torch.full((clients,), float(examples), device=tasks.support_y.device)
+
+
+@dataclass
+class FederatedPlan:
+    """The checked server settings."""
+
+    num_clients: int
+    clients_per_round: int
+
+
+class Federated(Algorithm):
+    """A server model trained by sampled clients; subclasses say what a client returns."""
+
+    series = {
+        "comm/bytes_up": (
+            False,
+            "bytes",
+            "bytes the sampled clients sent the server since the previous row",
+        ),
+        "comm/bytes_down": (
+            False,
+            "bytes",
+            "bytes the server sent the sampled clients since the previous row",
+        ),
+        "federated/participations": (True, "1", "rounds in which the client was sampled so far"),
+    }
+
+    @classmethod
+    def plan(cls, config: Config, layout: AgentLayout) -> FederatedPlan:
+        settings = config.federated
+        if not 1 <= settings.clients_per_round <= config.agents:
+            raise DmetaError(
+                f"federated.clients_per_round = {settings.clients_per_round} must lie in "
+                f"[1, agents = {config.agents}]"
+            )
+        for key in ("server_lr", "client_lr"):
+            if not getattr(settings, key) > 0:
+                raise DmetaError(f"federated.{key} = {getattr(settings, key)} must be positive")
+        if settings.local_steps < 1:
+            raise DmetaError(f"federated.local_steps = {settings.local_steps} must be at least 1")
+        if config.learner.local_steps != 1:
+            raise DmetaError(
+                f"strategy = {config.strategy!r} takes one server step per round: set "
+                "learner.local_steps = 1 (FedAvg's client steps are federated.local_steps)"
+            )
+        return FederatedPlan(config.agents, settings.clients_per_round)
+
+    def __init__(self, context: Context, plan: FederatedPlan, initial_models: torch.Tensor) -> None:
+        self.context = context
+        self.plan_ = plan
+        config = context.config
+        settings = config.federated
+        server = OptimizerConfig(
+            settings.server_optimizer,
+            settings.server_lr,
+            config.optimizer.beta1,
+            config.optimizer.beta2,
+            config.optimizer.eps,
+        )
+        self.optimizer = build_optimizer(server)
+        # Algorithm 1, line 3: theta starts as client 0's launch model, sent to every rank.
+        first = context.agents == 0
+        self.server = context.exchange.masked_sum(initial_models, first)[None].clone()
+        self.optimizer_state = self.optimizer.init_state(self.server)
+        self.participations = torch.zeros(
+            len(context.agents), dtype=torch.int64, device=context.device
+        )
+        # Bytes (up, down) since the previous logged row.
+        self.unlogged_bytes = torch.zeros(2, dtype=torch.float64)
+
+    def state_rows(self) -> dict[str, torch.Tensor]:
+        return {"participations": self.participations}
+
+    def state_shared(self) -> dict[str, torch.Tensor]:
+        optimizer = {f"server_optimizer/{k}": v for k, v in self.optimizer_state.items()}
+        return {"server_model": self.server[0], "unlogged_bytes": self.unlogged_bytes} | optimizer
+
+    def load_state(self, rows: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
+        self.participations = rows["participations"].clone()
+        self.server = shared["server_model"][None].clone()
+        self.unlogged_bytes = shared["unlogged_bytes"].cpu().clone()
+        prefix = "server_optimizer/"
+        self.optimizer_state = {
+            name[len(prefix) :]: value.clone()
+            for name, value in shared.items()
+            if name.startswith(prefix)
+        }
+
+    def models(self) -> torch.Tensor:
+        """Every client's launch model is the server model theta."""
+        return self.server.expand(len(self.context.agents), -1)
+
+    def row_values(self) -> dict[str, torch.Tensor | float]:
+        up, down = self.unlogged_bytes.tolist()
+        self.unlogged_bytes.zero_()
+        return {
+            "comm/bytes_up": up,
+            "comm/bytes_down": down,
+            "federated/participations": self.participations,
+        }
+
+    @abstractmethod
+    def client_updates(
+        self, t: int, clients: torch.Tensor, launch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the sampled `clients` (global ids) of this rank return from `launch` [n, P]:
+        (rows to average [n, P], loss summed over their steps [n], example counts n_u [n])."""
+
+    def server_gradient(self, average: torch.Tensor) -> torch.Tensor:
+        """The gradient the server optimizer steps with, from the clients' weighted average."""
+        return average
+
+    def round(self, t: int) -> RoundReport:
+        """Algorithm 1, lines 5-9: sample, let this rank's sampled clients compute, reduce once,
+        step the server optimizer."""
+        context = self.context
+        sampled = sample_clients(
+            context.config.seed, t, self.plan_.num_clients, self.plan_.clients_per_round,
+            context.device,
+        )  # fmt: skip
+        local = torch.isin(context.agents, sampled)
+        rows = torch.nonzero(local).flatten()
+        self.participations[rows] += 1
+        size = self.server.shape[1]
+        if len(rows):
+            launch = self.server.expand(len(rows), -1)
+            returned, losses, counts = self.client_updates(t, context.agents[rows], launch)
+            weights = counts.to(returned.dtype)
+            weighted_loss = weights @ losses.to(weights.dtype)
+            sums = torch.cat([weights @ returned, weights.sum()[None], weighted_loss[None]])
+        else:
+            sums = self.server.new_zeros(size + 2)
+        timer = CommTimer(context.device)
+        with timer, torch.no_grad():
+            # All ranks synchronise here: one all-reduce of the ranks' weighted sums.
+            total = context.exchange.allreduce_sum(sums.detach())
+        average, count, loss = total[:size] / total[size], total[size], total[size + 1]
+        gradient = self.server_gradient(average)
+        self.server, self.optimizer_state = self.optimizer.step(
+            self.server, gradient[None], self.optimizer_state
+        )
+        return self._report(local, loss / count, gradient, timer.seconds)
+
+    def _report(
+        self, local: torch.Tensor, loss: torch.Tensor, gradient: torch.Tensor, seconds: float
+    ) -> RoundReport:
+        """The round's report: the server's mean client loss and gradient norm for every agent,
+        and each sampled client's row down and row up as its bytes."""
+        # The server sends theta (with Meta-SGD's step sizes) and gets a row of that shape back.
+        row_bytes = self.server[0].numel() * self.server.element_size()
+        sent = self.plan_.clients_per_round * row_bytes
+        self.unlogged_bytes += torch.tensor([sent, sent], dtype=torch.float64)
+        device = self.context.device
+        steps = self.steps_per_round()  # the clients' losses are summed over their steps
+        ones = torch.ones(len(local), dtype=torch.float64, device=device)
+        return RoundReport(
+            loss_sum=ones * float(loss),
+            steps=steps,
+            gradient_norm=ones * float(torch.linalg.vector_norm(gradient)),
+            comm_bytes=local.to(torch.float64) * 2 * row_bytes,
+            comm_seconds=seconds,
+        )
+
+    def steps_per_round(self) -> int:
+        """Client steps whose losses a round reports."""
+        return 1
+
+    @classmethod
+    def topology(cls, plan: FederatedPlan) -> TopologyRecord:
+        attributes = {
+            "num_agents": plan.num_clients,
+            "kind": "server",
+            "clients_per_round": plan.clients_per_round,
+            "schedule": "client sampling",
+            "description": "a star: a server and its clients, clients_per_round of them "
+            "sampled each round; no edges stored",
+        }
+        return TopologyRecord(np.zeros((0, 2), dtype=np.int64), np.zeros(0), attributes)
+
+
+class FedMeta(Federated):
+    """Clients return the learner's meta-gradient at theta (Algorithm 1, lines 12-18)."""
+
+    def client_updates(
+        self, t: int, clients: torch.Tensor, launch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        context = self.context
+        tasks = context.task.sample(clients, t, context.config.learner.tasks_per_agent)
+        gradients, losses = context.meta_gradients(launch, tasks)
+        return gradients, losses, example_counts(tasks)
+
+
+class FedAvg(Federated):
+    """Clients return their model after `local_steps` SGD steps on the plain loss; the server
+    steps with theta minus the clients' weighted average model."""
+
+    @classmethod
+    def plan(cls, config: Config, layout: AgentLayout) -> FederatedPlan:
+        if config.learner.name == "metasgd":
+            raise DmetaError(
+                "strategy = 'fedavg' trains no inner step sizes: use another learner.name (the "
+                "learner only adapts at evaluation)"
+            )
+        return super().plan(config, layout)
+
+    def __init__(self, context: Context, plan: FederatedPlan, initial_models: torch.Tensor) -> None:
+        super().__init__(context, plan, initial_models)
+        learner = context.learner
+        # No inner step: the gradient of the plain (query-set) loss.
+        self.plain = MAML(learner.forward, learner.loss, 0.0, 0, first_order=False)
+
+    def client_updates(
+        self, t: int, clients: torch.Tensor, launch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        context = self.context
+        settings = context.config.federated
+        models = launch.clone()
+        loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
+        for step in range(settings.local_steps):
+            # Task draws numbered by client step, as in the diffusion strategies' local steps.
+            draw = (t - 1) * settings.local_steps + step + 1
+            tasks = context.task.sample(clients, draw, context.config.learner.tasks_per_agent)
+            gradients, losses = self.plain.meta_gradients(models, tasks)
+            models = models - settings.client_lr * gradients
+            loss_sum += losses.detach().to(torch.float64)
+        return models, loss_sum, example_counts(tasks)
+
+    def server_gradient(self, average: torch.Tensor) -> torch.Tensor:
+        return self.server[0] - average
+
+    def steps_per_round(self) -> int:
+        return self.context.config.federated.local_steps
