@@ -12,8 +12,10 @@ into this rank's view (which rows to send where, where each incoming edge reads 
 
     out_k = sum over incoming edges e = (l -> k) of weights[e] * rows_l,
 
-which is eq. (6b) with weights[e] = a[l, k]. The mix is a differentiable function of the
-weights and the local rows (learned mixing weights need its gradient); rows received from
+which is eq. (6b) with weights[e] = a[l, k]. `deliver(rows, route)` gives the rows themselves,
+one per incoming edge [E_in, M] in the route's edge order, for algorithms that keep state per
+edge (push-sum's running sums) instead of a weighted sum. The mix is a differentiable function
+of the weights and the local rows (learned mixing weights need its gradient); rows received from
 other ranks enter as constants. Incoming edges are summed in (destination, source) order on any
 layout, so the mix of the same rows gives the same bits on any number of ranks (CPU).
 
@@ -92,6 +94,8 @@ class Exchange(Protocol):
     def route(self, sources: np.ndarray, destinations: np.ndarray) -> Route: ...
 
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor: ...
+
+    def deliver(self, rows: torch.Tensor, route: Route) -> torch.Tensor: ...
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
@@ -185,6 +189,10 @@ class LocalExchange:
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
         return segment_mix(rows, route.slots, route.targets, weights, self.num_local)
 
+    def deliver(self, rows: torch.Tensor, route: Route) -> torch.Tensor:
+        """The source row of every incoming edge: [E_in, M] in the route's edge order."""
+        return rows.index_select(0, route.slots)
+
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -242,6 +250,15 @@ class MPIExchange:
         return route
 
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
+        table = self._table(rows, route)
+        return segment_mix(table, route.slots, route.targets, weights, self.num_local)
+
+    def deliver(self, rows: torch.Tensor, route: Route) -> torch.Tensor:
+        """The source row of every incoming edge: [E_in, M] in the route's edge order."""
+        return self._table(rows, route).index_select(0, route.slots)
+
+    def _table(self, rows: torch.Tensor, route: Route) -> torch.Tensor:
+        """[local rows; rows received from other ranks], one neighbourhood exchange."""
         outgoing = [rows.detach().index_select(0, index) for index in route.send_rows]
         width = rows.shape[1]
         send = _host(torch.cat(outgoing)) if outgoing else np.empty((0, width), _numpy(rows))
@@ -253,8 +270,7 @@ class MPIExchange:
             [send, (send_counts, _displacements(send_counts))],
             [received, (receive_counts, _displacements(receive_counts))],
         )
-        table = torch.cat([rows, torch.from_numpy(received).to(rows.device)])
-        return segment_mix(table, route.slots, route.targets, weights, self.num_local)
+        return torch.cat([rows, torch.from_numpy(received).to(rows.device)])
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         from mpi4py import MPI

@@ -98,3 +98,15 @@ def test_mix_is_differentiable_in_the_weights() -> None:
     edges = route.edges
     expected = (rows[sources[edges]] * target[destinations[edges]]).sum(dim=1)
     torch.testing.assert_close(gradient, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_deliver_gives_each_incoming_edge_its_source_row() -> None:
+    sources, destinations, _ = _random_edges(8, seed=4)
+    rows = torch.randn(8, 3, dtype=F64)
+    exchange = LocalExchange(8)
+    route = exchange.route(sources, destinations)
+    delivered = exchange.deliver(rows, route)
+    torch.testing.assert_close(delivered, rows[sources[route.edges]], rtol=0, atol=0)
+    # Incoming edges are ordered by destination, then source.
+    order = np.lexsort((sources[route.edges], destinations[route.edges]))
+    np.testing.assert_array_equal(order, np.arange(len(order)))

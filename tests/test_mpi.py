@@ -67,6 +67,10 @@ def test_neighbor_exchange_equals_local_bit_for_bit(comm, num_agents, dtype) -> 
         mixed = _mix(exchange, states[mine].clone(), matrix)
         # Incoming edges are summed in the same order on any layout: the same bits.
         torch.testing.assert_close(mixed, expected[mine], rtol=0, atol=0)
+        sources, destinations = np.nonzero(matrix)
+        route = exchange.route(sources, destinations)
+        delivered = exchange.deliver(states[mine].clone(), route)
+        torch.testing.assert_close(delivered, states[sources[route.edges]], rtol=0, atol=0)
     exchange.close()
 
 
