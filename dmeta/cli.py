@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import dmeta
 from dmeta.errors import DmetaError
 
 EXIT_USER_ERROR = 2
@@ -41,20 +42,29 @@ class _Interrupted(BaseException):
     """A second Ctrl-C: stop now, without a checkpoint (not an Exception: nothing catches it)."""
 
 
+# `--set KEY=VALUE` of every subcommand: checked against the config field's type.
+SET_OPTION: dict[str, Any] = {
+    "dest": "overrides",
+    "action": "append",
+    "default": [],
+    "metavar": "KEY=VALUE",
+    "help": "override a config key, e.g. --set graph.rule=metropolis (repeatable; checked "
+    "against the key's type)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmeta", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dmeta",
+        description="Decentralized and federated meta-learning experiments: Dif-MAML and its "
+        "baselines on MPI ranks, one HDF5 run file per experiment (see README.md).",
+    )
+    parser.add_argument("--version", action="version", version=f"dmeta {dmeta.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run one experiment and write its HDF5 file")
     run.add_argument("config", help="TOML job file (see jobs/)")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set graph.rule=metropolis (repeatable)",
-    )
+    run.add_argument("--set", **SET_OPTION)
     run.add_argument("--out", help="HDF5 output file (default: runs/<config name>.h5)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument(
@@ -77,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         "sweep", help="run a job several times with config keys varied (see dmeta/sweep.py)"
     )
     sweep.add_argument("sweep", help="sweep file (TOML): base = JOB.toml and a [vary] table")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sweep.add_argument("--set", **SET_OPTION)
     sweep.add_argument("--out-dir", help="folder of the run files (default: runs/<sweep name>)")
     sweep.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (default 1)")
     sweep.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
@@ -97,13 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     only.add_argument("--count", action="store_true", help="print the number of members")
 
     graph = commands.add_parser("graph", help="describe a config's graph and combination matrix")
-    graph.add_argument("config")
-    graph.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    graph.add_argument("config", help="TOML job file (see jobs/)")
+    graph.add_argument("--set", **SET_OPTION)
     graph.add_argument("--plot", metavar="FILE.png", help="also save a picture of the graph")
 
-    show = commands.add_parser("config", help="print the resolved config as JSON")
-    show.add_argument("config")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show = commands.add_parser(
+        "config",
+        help="print the resolved config as JSON (the sections this run reads; --all for every one)",
+    )
+    show.add_argument("--all", action="store_true", help="also the sections this run ignores")
+    show.add_argument("config", help="TOML job file (see jobs/)")
+    show.add_argument("--set", **SET_OPTION)
     return parser
 
 
@@ -152,6 +166,24 @@ def _check_picture(path: Path) -> None:
         raise DmetaError(f"--plot {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise DmetaError(f"--plot {path}: the folder {folder} is not writable")
+
+
+def _show_config(args: argparse.Namespace) -> None:
+    """The resolved config as indented JSON; with --all also the sections this run ignores."""
+    import json
+
+    from dmeta.algorithms import REGISTRY, algorithm_class
+    from dmeta.config import PROBLEM_SECTIONS, load_config
+
+    config = load_config(args.config, args.overrides)
+    resolved = json.loads(config.to_json())
+    if not args.all:
+        specific = {s for sections in PROBLEM_SECTIONS.values() for s in sections}
+        specific |= {s for algorithm in REGISTRY.values() for s in algorithm.config_sections}
+        used = set(PROBLEM_SECTIONS[config.problem])
+        used |= set(algorithm_class(config.strategy).config_sections)
+        resolved = {key: value for key, value in resolved.items() if key not in specific - used}
+    print(json.dumps(resolved, indent=2, sort_keys=True))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -357,9 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "graph":
             _graph(args)
         elif args.command == "config":
-            from dmeta.config import load_config
-
-            print(load_config(args.config, args.overrides).to_json())
+            _show_config(args)
     except DmetaError as error:
         print(f"dmeta: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -245,6 +245,9 @@ class OutputConfig:
     # Logged rows are buffered and written out every this many rows; a killed run loses at
     # most the rows since the last flush.
     flush_every: int = 10
+    # Without a terminal (mpiexec, sbatch logs) rank 0 prints a progress line (iteration of
+    # total, rate, time left) at most this often, in seconds; 0: only the logged rows.
+    progress_seconds: float = 10.0
 
 
 @dataclass
@@ -309,6 +312,15 @@ class Config:
     def to_json(self) -> str:
         """The resolved configuration as JSON (written into every HDF5 file)."""
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+# Sections read only by one problem (the others are read by every run, or by an algorithm that
+# declares them: Algorithm.config_sections).
+PROBLEM_SECTIONS = {
+    "sine": ("task", "model"),
+    "linear_representation": ("linear",),
+    "fewshot": ("fewshot", "model"),
+}
 
 
 # Config sections that do not change the numbers of a run: a run may resume with other values.

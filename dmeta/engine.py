@@ -13,6 +13,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,17 @@ def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.T
 
 
 class Progress:
-    """Rank 0's progress: a bar on a terminal, one line per logged row otherwise."""
+    """Rank 0's progress: a bar on a terminal; otherwise a line with the iteration, the rate and
+    the time left every `seconds` (0: never), and one line per logged row either way."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, seconds: float = 0.0) -> None:
         self.bar = None
         self.enabled = enabled
+        self.total = total
+        self.seconds = seconds
+        self.done = 0
+        self.started = self.last = time.perf_counter()
+        self.first = 0
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -50,6 +57,27 @@ class Progress:
     def advance(self, iterations: int = 1) -> None:
         if self.bar is not None and iterations:
             self.bar.update(iterations)
+        self.done += iterations
+        if not self.enabled or self.bar is not None or self.seconds <= 0:
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.seconds and self.done > self.first:
+            self.last = now
+            rate = (self.done - self.first) / (now - self.started)
+            left = (self.total - self.done) / rate
+            remaining = f"{left:.0f} s" if left < 120 else f"{left / 60:.1f} min"
+            print(
+                f"progress: {self.done}/{self.total} iterations "
+                f"({100 * self.done / self.total:.0f}%), {rate:.3g} it/s, {remaining} left",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def start_at(self, iterations: int) -> None:
+        """A resumed run: `iterations` were done before; the rate counts from here."""
+        self.advance(iterations)
+        self.first = self.done
+        self.started = self.last = time.perf_counter()
 
     def row(
         self, iteration: int, mean_train: float, mean_validation: float, scalars: dict[str, float]
@@ -148,7 +176,12 @@ class Engine:
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients
         if config.runtime.compile:
-            meta_gradients = torch.compile(meta_gradients)
+            with warnings.catch_warnings():
+                # torch's inductor, imported here, uses its own deprecated torch.jit API.
+                warnings.filterwarnings(
+                    "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
+                )
+                meta_gradients = torch.compile(meta_gradients)
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
             meta_gradients,
@@ -176,6 +209,7 @@ class Engine:
         self.window = RowWindow(len(self.agents), self.device)
         self.checkpoint = checkpoint_path(out_path)
         self.writer: RunWriter | None = None
+        self.summary: list[str] = []  # lines rank 0 prints when the run completes
         self.start = time.perf_counter()
 
     def resume(self) -> tuple[int, int]:
@@ -376,8 +410,9 @@ class Engine:
         """Rounds first..T with their rows and checkpoints; the iteration a stop came after,
         or None when every round ran."""
         config = self.config
-        progress = Progress(config.iterations, enabled=self.rank == 0 and show_progress)
-        progress.advance(first - 1)
+        enabled = self.rank == 0 and show_progress
+        progress = Progress(config.iterations, enabled, config.output.progress_seconds)
+        progress.start_at(first - 1)
         if first == 1:
             self.log_row(0, progress)
         last_checkpoint = time.perf_counter()
@@ -422,6 +457,11 @@ class Engine:
         for j, name in enumerate(("loss", *self.task.scores)):
             per_task = outcome[..., j]
             units = "1" if name != "loss" else "loss units"
+            self.summary.append(
+                f"meta-test {name}: {float(network[:, j].mean()):.4f} +- "
+                f"{float(confidence_interval_95(network[:, j])):.4f} (network mean over "
+                f"{per_task.shape[1]} tasks, 95% interval)"
+            )
             self.writer.write_agents(
                 f"final/test_{name}",
                 per_task.mean(dim=1).cpu().numpy(),
@@ -483,11 +523,15 @@ def execute(
         failure = str(error)
     # All ranks synchronise here: any rank's error in building the run stops every rank.
     agree(exchange.allgather_object(failure))
+    if resume and show_progress and exchange.rank == 0:
+        print(f"dmeta: resuming from iteration {first - 1}", file=sys.stderr, flush=True)
     engine.open(comm, rows)
     try:
         stopped = engine.loop(first, show_progress, stop_requested)
         if stopped is None:
             engine.finish()
+            if engine.summary and show_progress and exchange.rank == 0:
+                print(*engine.summary, sep="\n", file=sys.stderr, flush=True)
         else:
             engine.writer.close()
     except BaseException:

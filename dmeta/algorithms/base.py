@@ -101,6 +101,8 @@ class Algorithm(ABC):
 
     # Extra row-wise series: path -> (one value per agent?, units, meaning).
     series: ClassVar[dict[str, tuple[bool, str, str]]] = {}
+    # Config sections only this family reads (`dmeta config` hides them from other runs).
+    config_sections: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod

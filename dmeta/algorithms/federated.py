@@ -76,6 +76,7 @@ class FederatedPlan:
 class Federated(Algorithm):
     """A server model trained by sampled clients; subclasses say what a client returns."""
 
+    config_sections = ("federated",)
     series = {
         "comm/bytes_up": (
             False,
