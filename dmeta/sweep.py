@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,15 +167,19 @@ def sweep_status(runs: list[SweepRun]) -> list[tuple[SweepRun, str]]:
 
 
 def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launcher: str) -> int:
-    """Run every member, `parallel` at a time; returns the number that failed."""
+    """Run every member, `parallel` at a time, reporting each as it ends (its output goes to
+    `<run file>.log`) and a summary line; returns the number that failed."""
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // (parallel * ranks))
     prefix = _launch_prefix(ranks, launcher)
+    started = time.perf_counter()
 
     def one(run: SweepRun) -> tuple[SweepRun, int, float, str]:
         began = time.perf_counter()
         command = run_command(base, run, prefix, threads)
         result = subprocess.run(command, capture_output=True, text=True)
+        log = run.out.with_name(run.out.name + ".log")
+        log.write_text(result.stdout + result.stderr)
         return run, result.returncode, time.perf_counter() - began, result.stderr
 
     failed = 0
@@ -185,7 +189,8 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
             print(skip_message(number, len(runs), run))
     numbers = {id(run): number for number, run in enumerate(runs, start=1)}
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for run, code, seconds, stderr in pool.map(one, todo):
+        for future in as_completed([pool.submit(one, run) for run in todo]):
+            run, code, seconds, stderr = future.result()
             number = numbers[id(run)]
             if code == 0:
                 print(f"run {number}/{len(runs)} {run.label}: {seconds:.1f} s -> {run.out}")
@@ -194,4 +199,8 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
                 last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {code}"
                 print(f"run {number}/{len(runs)} {run.label}: FAILED ({last})", file=sys.stderr)
             sys.stdout.flush()
+    print(
+        f"sweep: {len(todo) - failed} runs done, {failed} failed, {len(runs) - len(todo)} "
+        f"skipped (complete) in {time.perf_counter() - started:.0f} s"
+    )
     return failed
