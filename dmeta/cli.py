@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         help="say which members' run files are complete; exit 1 unless all are",
     )
     only.add_argument("--count", action="store_true", help="print the number of members")
+    sweep.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run members whose run file is complete again, replacing it (default: skip them)",
+    )
 
     graph = commands.add_parser("graph", help="describe a config's graph and combination matrix")
     graph.add_argument("config", help="TOML job file (see jobs/)")
@@ -333,6 +338,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise DmetaError("--ranks and --parallel must be at least 1")
     out_dir = Path(args.out_dir) if args.out_dir else None
     base, runs = load_sweep(args.sweep, out_dir, args.overrides)
+    for run in runs:
+        run.rerun = args.rerun
     if args.count:
         print(len(runs))
         return 0
@@ -345,7 +352,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if not 0 <= args.index < len(runs):
             raise DmetaError(f"--index {args.index}: the sweep has members 0..{len(runs) - 1}")
         member = runs[args.index]
-        if member.out.exists():
+        if member.done:
             print(skip_message(args.index + 1, len(runs), member))
             return 0
         check_members([member], args.ranks)

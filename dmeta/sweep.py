@@ -1,18 +1,24 @@
 """`dmeta sweep`: run one job file several times with some config keys varied, one file each.
 
-A sweep file (TOML) names its base job and the values to vary; the lists are zipped, so run i
-takes the i-th value of every key:
+A sweep file (TOML) names its base job and the values to vary:
 
     base = "theorems.toml"                      # relative to the sweep file
-    [vary]
+    repeat = 3                                  # optional: seeds seed, seed + 1, seed + 2
+    [vary]                                      # zipped: run i takes the i-th value of each key
     "optimizer.lr" = [0.001, 0.00316, 0.01]
     iterations = [6000, 1900, 600]
+    [grid]                                      # every combination (Cartesian product)
+    "learner.name" = ["maml", "fomaml"]
 
-Each run is a `dmeta run` subprocess (under `mpiexec -n RANKS` when asked), so runs are as
-independent as on a cluster; `parallel` of them run at once. Every run is checked before the
-first one starts (its config, graph, data and rank layout: `check_members`), so a bad value
+The members are every zipped [vary] tuple times every [grid] combination times every repeat
+(either table may be left out). A member's run file is named by its values,
+`lr=0.001_iterations=6000_name=maml_seed=1.h5` (the last part of each key), so the files
+of a sweep say what they hold. Each run is a `dmeta run` subprocess (under `mpiexec -n RANKS`
+when asked), so runs are as independent as on a cluster; `parallel` of them run at once, and
+each is reported as it ends, its output kept in `<run file>.log`. Every run is checked before
+the first one starts (its config, graph, data and rank layout: `check_members`), so a bad value
 fails the sweep at once with one line. A member whose run file is already complete is skipped
-with a message, so a sweep run again continues where it stopped.
+with a message (`--rerun` runs it again), so a sweep run again continues where it stopped.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 from dmeta.checkpoint import checkpoint_path
@@ -41,6 +48,47 @@ class SweepRun:
     overrides: list[str]
     config: Config
     out: Path
+    rerun: bool = False  # run (and overwrite) even when the run file is complete
+
+    @property
+    def done(self) -> bool:
+        """Whether the member is skipped: its run file is complete and no rerun is asked."""
+        return self.out.exists() and not self.rerun
+
+
+def _lists(path: Path, table: object, what: str, same_length: bool) -> dict[str, list]:
+    """The KEY = [values] of a [vary] or [grid] table, checked."""
+    values = _flatten(table)
+    lengths = {key: len(v) if isinstance(v, list) else -1 for key, v in values.items()}
+    if values and (min(lengths.values()) < 1 or (same_length and len(set(lengths.values())) > 1)):
+        rule = "a non-empty list, all of one length" if same_length else "a non-empty list"
+        raise DmetaError(f"sweep file {path}: every [{what}] key needs {rule} (got {lengths})")
+    return values  # type: ignore[return-value]
+
+
+def _members(path: Path, table: dict) -> tuple[list[list[tuple[str, object]]], int]:
+    """Every member's (key, value) pairs (zipped [vary] x product of [grid]) and the repeats."""
+    vary = _lists(path, table.get("vary"), "vary", same_length=True)
+    grid = _lists(path, table.get("grid"), "grid", same_length=False)
+    repeat = table.get("repeat", 1)
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise DmetaError(f"sweep file {path}: repeat = {repeat!r} must be a positive integer")
+    if not vary and not grid and repeat == 1:
+        raise DmetaError(
+            f"sweep file {path}: give [vary] or [grid] with at least one KEY = [values], "
+            "or repeat = N"
+        )
+    columns = zip(*vary.values(), strict=True)
+    zipped = [list(zip(vary, column, strict=True)) for column in columns] or [[]]
+    combinations = [list(zip(grid, values, strict=True)) for values in product(*grid.values())]
+    return [z + g for z in zipped for g in combinations or [[]]], repeat
+
+
+def _file_name(pairs: list[tuple[str, object]]) -> str:
+    """`lr=0.001_name=maml.h5`: the last part of each key and its value."""
+    parts = [f"{key.rsplit('.', 1)[-1]}={_toml_value(value)}" for key, value in pairs]
+    name = "_".join(parts).replace("/", "-").replace(" ", "")
+    return (name or "run") + ".h5"
 
 
 def load_sweep(
@@ -49,31 +97,31 @@ def load_sweep(
     """The base job file and the runs of the sweep file at `path`, each config checked."""
     path = Path(path)
     table = read_toml(path, "sweep file")
-    unknown = table.keys() - {"base", "vary"}
+    unknown = table.keys() - {"base", "vary", "grid", "repeat"}
     if unknown:
-        raise DmetaError(f"sweep file {path}: unknown keys {sorted(unknown)}; use base and [vary]")
+        raise DmetaError(
+            f"sweep file {path}: unknown keys {sorted(unknown)}; use base, repeat, [vary], [grid]"
+        )
     if not isinstance(table.get("base"), str):
         raise DmetaError(f'sweep file {path}: base = "JOB.toml" (the job to vary) is missing')
     base = path.parent / table["base"]
-    vary = _flatten(table.get("vary"))
-    if not vary:
-        raise DmetaError(f"sweep file {path}: [vary] must give at least one KEY = [values]")
-    lengths = {key: len(values) if isinstance(values, list) else -1 for key, values in vary.items()}
-    if min(lengths.values()) < 1 or len(set(lengths.values())) > 1:
-        raise DmetaError(
-            f"sweep file {path}: every [vary] key needs a non-empty list, all of one length "
-            f"(got {lengths})"
-        )
+    members, repeat = _members(path, table)
     out_dir = out_dir or Path("runs") / path.stem
-    first_key = next(iter(vary))
     runs = []
-    for index in range(next(iter(lengths.values()))):
-        overrides = [f"{key}={_toml_value(values[index])}" for key, values in vary.items()]
+    for pairs in members:
+        overrides = [f"{key}={_toml_value(value)}" for key, value in pairs]
         # Every run is checked before any starts.
         config = load_config(base, [*extra, *overrides])
-        label = f"{first_key.rsplit('.', 1)[-1]}={vary[first_key][index]}"
-        name = f"{index:02d}_{label.replace('=', '')}.h5"
-        runs.append(SweepRun(label, [*extra, *overrides], config, out_dir / name))
+        for copy in range(repeat):
+            seeded = pairs + [("seed", config.seed + copy)] if repeat > 1 else pairs
+            more = [f"seed={config.seed + copy}"] if repeat > 1 else []
+            label = " ".join(f"{k.rsplit('.', 1)[-1]}={_toml_value(v)}" for k, v in seeded)
+            member_config = load_config(base, [*extra, *overrides, *more]) if more else config
+            out = out_dir / _file_name(seeded)
+            runs.append(SweepRun(label, [*extra, *overrides, *more], member_config, out))
+    names = [run.out.name for run in runs]
+    if len(set(names)) < len(names):
+        raise DmetaError(f"sweep file {path}: two members would write the same file: {names}")
     return base, runs
 
 
@@ -83,7 +131,7 @@ def check_members(runs: list[SweepRun], ranks: int) -> None:
     from dmeta.runner import plan_run
 
     for index, run in enumerate(runs):
-        if run.out.exists():
+        if run.done:
             continue
         try:
             plan_run(run.config, ranks, 0, 0, ranks)
@@ -139,7 +187,7 @@ def run_command(base: Path, run: SweepRun, prefix: list[str], threads: int) -> l
         overrides.append(f"runtime.threads={threads}")  # share the cores among the runs
     command = [*prefix, sys.executable, "-m", "dmeta.cli", "run", str(base), "--quiet"]
     command += [item for o in overrides for item in ("--set", o)]
-    return [*command, "--out", str(run.out)]
+    return [*command, "--out", str(run.out), *(["--overwrite"] if run.rerun else [])]
 
 
 def exec_member(base: Path, run: SweepRun, ranks: int, launcher: str) -> None:
@@ -183,9 +231,9 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
         return run, result.returncode, time.perf_counter() - began, result.stderr
 
     failed = 0
-    todo = [run for run in runs if not run.out.exists()]
+    todo = [run for run in runs if not run.done]
     for number, run in enumerate(runs, start=1):
-        if run.out.exists():
+        if run.done:
             print(skip_message(number, len(runs), run))
     numbers = {id(run): number for number, run in enumerate(runs, start=1)}
     with ThreadPoolExecutor(max_workers=parallel) as pool:

@@ -323,7 +323,7 @@ def test_a_sweep_skips_complete_members(tmp_path, capsys, result) -> None:
     sweep = tmp_path / "sweep.toml"
     sweep.write_text('base = "small.toml"\n[vary]\nseed = [0]\n')
     (tmp_path / "o").mkdir()
-    shutil.copy(result, tmp_path / "o" / "00_seed0.h5")
+    shutil.copy(result, tmp_path / "o" / "seed=0.h5")
     assert cli.main(["sweep", str(sweep), "--out-dir", str(tmp_path / "o")]) == 0
     assert "complete, skipped" in capsys.readouterr().out
     code = cli.main(["sweep", str(sweep), "--out-dir", str(tmp_path / "o"), "--index", "0"])

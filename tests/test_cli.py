@@ -156,7 +156,8 @@ def test_sweep_runs_each_variation_into_its_own_file(tmp_path) -> None:
     graph = ["--set", "graph.topology=ring", "--set", "model.hidden=[8]"]
     result = dmeta("sweep", str(sweep), *graph, "--parallel", "2", "--out-dir", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
-    first, second = tmp_path / "o" / "00_lr0.001.h5", tmp_path / "o" / "01_lr0.002.h5"
+    first = tmp_path / "o" / "lr=0.001_iterations=4.h5"
+    second = tmp_path / "o" / "lr=0.002_iterations=8.h5"
     assert f"-> {first}" in result.stdout and f"-> {second}" in result.stdout
     assert read_datasets(first)["time/iteration"][-1] == 4
     assert read_datasets(second)["time/iteration"][-1] == 8
@@ -175,3 +176,26 @@ def test_a_bad_sweep_fails_before_any_run(tmp_path, vary, fragment) -> None:
     result = dmeta("sweep", str(sweep), "--out-dir", str(tmp_path / "o"))
     assert_one_error_line(result, fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_sweep_combines_vary_grid_and_repeats(tmp_path) -> None:
+    from dmeta.sweep import load_sweep
+
+    (tmp_path / "small.toml").write_text("agents = 7\nseed = 5\n")
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(
+        'base = "small.toml"\nrepeat = 2\n'
+        '[vary]\n"optimizer.lr" = [0.1, 0.2]\niterations = [3, 4]\n'
+        '[grid]\n"learner.name" = ["maml", "fomaml"]\n'
+    )
+    _, runs = load_sweep(sweep, tmp_path / "o", [])
+    assert len(runs) == 2 * 2 * 2
+    names = [run.out.name for run in runs]
+    assert names[:2] == [
+        "lr=0.1_iterations=3_name=maml_seed=5.h5",
+        "lr=0.1_iterations=3_name=maml_seed=6.h5",
+    ]
+    assert len(set(names)) == 8
+    assert {(r.config.optimizer.lr, r.config.iterations) for r in runs} == {(0.1, 3), (0.2, 4)}
+    assert {r.config.learner.name for r in runs} == {"maml", "fomaml"}
+    assert {r.config.seed for r in runs} == {5, 6}

@@ -198,7 +198,7 @@ def test_sweep_array_writes_one_file_per_element_and_collects_them(slurm, tmp_pa
     wait_until(lambda: job_state(slurm, collect) == "", 120, "the collect job")
     logs = "".join(log.read_text() for log in sorted(out_dir.glob("slurm-*.out")))
     files = sorted(out_dir.glob("*.h5"))
-    assert [f.name for f in files] == ["00_lr0.001.h5", "01_lr0.002.h5", "02_lr0.004.h5"], logs
+    assert [f.name for f in files] == ["lr=0.001.h5", "lr=0.002.h5", "lr=0.004.h5"], logs
     for path in files:
         with h5py.File(path) as f:
             assert f.attrs["complete"]
