@@ -260,3 +260,44 @@ def test_the_character_lstm_vmaps_over_clients() -> None:
         torch.testing.assert_close(
             batched[client], model.forward(theta[client], characters[client])
         )
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("federated.paths=[]", "problem = 'federated' needs federated.paths"),
+        ("federated.support_fraction=1", "federated.support_fraction = 1.0 must lie in (0, 1)"),
+        ("federated.support_fraction=0", "federated.support_fraction = 0.0 must lie in (0, 1)"),
+        ("federated.min_samples=1", "federated.min_samples = 1 must be at least 2"),
+        ("federated.max_samples=5", "federated.max_samples = 5 must be 0 (no cap) or at least"),
+        ("federated.test_fraction=0.95", "must be positive and sum to less than 1"),
+    ],
+)
+def test_bad_federated_data_settings_give_one_line(leaf, setting, message) -> None:
+    with pytest.raises(DmetaError) as error:
+        federated_config(leaf, setting)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_batch_norm_is_refused_on_padded_clients(leaf, tmp_path) -> None:
+    config = federated_config(leaf, "model.norm=batch")
+    with pytest.raises(DmetaError, match="set model.norm = 'group'"):
+        Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(9), tmp_path / "r.h5")
+
+
+def test_omniglot_writers_are_clients_of_their_alphabets_characters() -> None:
+    from test_omniglot import SOURCES
+
+    if not all(source.exists() for source in SOURCES):
+        pytest.skip(f"the Omniglot subsets are not at {SOURCES[0].parent} (set DMETA_OMNIGLOT)")
+    data = fd.omniglot_writers(SOURCES, 8)
+    alphabets = sorted({name.split("/")[0] for name in data.names})
+    assert len(alphabets) == 8 and len(data.names) == 8 * 20
+    assert data.x.shape[1:] == (1, 8, 8) and data.classes == 242
+    for client, name in enumerate(data.names[:40]):
+        labels = data.y[data.offsets[client] : data.offsets[client + 1]]
+        # One drawing of each of the alphabet's characters: distinct labels, the same count
+        # for every drawer of the alphabet.
+        assert len(set(labels.tolist())) == len(labels)
+        first = data.names.index(f"{name.split('/')[0]}/drawer01")
+        assert len(labels) == data.counts()[first]
