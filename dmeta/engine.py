@@ -26,6 +26,7 @@ from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_ch
 from dmeta.config import config_digest
 from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
+from dmeta.federated_data import weighted_ci95
 from dmeta.fewshot import confidence_interval_95
 from dmeta.output import RowSchema, RunWriter, open_writer
 from dmeta.runner import DTYPES, RunPlan, build_learner, build_task, run_attributes
@@ -191,7 +192,10 @@ class Engine:
         )
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
         self.validation_tasks = self.task.validation_set(config.validation)
-        self.validation_steps = config.validation.inner_steps or config.learner.inner_steps
+        self.validation_weights = self.task.validation_weights()
+        self.validation_steps = self.algorithm.evaluation_steps(
+            config.validation.inner_steps or config.learner.inner_steps
+        )
         # Drawn at a counter given by the run's config, so the runs of a sweep have
         # independent stationarity sets and their noise averages out across the sweep.
         stationarity = self.task.sample(
@@ -201,9 +205,11 @@ class Engine:
             stream=rng.STREAM_STATIONARITY,
         )
         # Population mode with fixed heads draws all of an agent's heads, whatever was asked.
+        # A family with one fixed task per agent (federated data) has an exact meta-gradient:
+        # that task is both halves, and the estimate is ||grad J||^2 itself.
         half = stationarity.support_x.shape[1] // 2
         self.stationarity_halves = [
-            TaskBatch(*(part[:, :half] for part in stationarity)),
+            TaskBatch(*(part[:, :half] for part in stationarity)) if half else stationarity,
             TaskBatch(*(part[:, half:] for part in stationarity)),
         ]
         self.window = RowWindow(len(self.agents), self.device)
@@ -286,15 +292,24 @@ class Engine:
         ]
 
     def _evaluate(self, models: torch.Tensor) -> torch.Tensor:
-        """[agents or 1, 1 + scores]: validation loss, then the task's scores, task-averaged."""
+        """[agents or 1, 1 + scores]: validation loss, then the task's scores, averaged over the
+        tasks (weighted by the task's validation weights); a shared model is evaluated once."""
+        count = len(models)
+        if self.algorithm.shared_model:
+            models = models[:1]
         with torch.no_grad():
-            return self.learner.evaluate(
+            outcome = self.learner.evaluate(
                 models,
                 self.validation_tasks,
                 self.validation_steps,
                 tuple(self.task.scores.values()),
                 self.config.validation.tasks_at_once,
-            ).mean(dim=1)
+            )
+        if self.validation_weights is None:
+            means = outcome.mean(dim=1)
+        else:
+            means = torch.einsum("atj,t->aj", outcome, self.validation_weights.to(outcome))
+        return means.expand(count, -1)
 
     def _rank0_scalars(self, centroid: torch.Tensor, began: float) -> dict[str, float]:
         """The scalars only rank 0 computes: clocks and the centroid's validation (NaN on the
@@ -443,6 +458,9 @@ class Engine:
 
     def final_evaluation(self) -> None:
         """Meta-test scores per agent and the network's interval (a collective call)."""
+        if self.task.final_per_task:
+            self._final_per_task()
+            return
         models = self.algorithm.models().detach()
         scores = tuple(self.task.scores.values())
         steps = self.validation_steps
@@ -478,6 +496,53 @@ class Engine:
                 confidence_interval_95(per_task).cpu().numpy(),
                 units=units,
                 description=f"half-width of the 95% normal confidence interval of {name}",
+            )
+
+    def _final_per_task(self) -> None:
+        """The centroid's (a shared model's) scores on each test task, one value per task, and
+        their weighted network mean and 95% interval (a collective call)."""
+        models = self.algorithm.models().detach()
+        # All ranks synchronise here: the centroid, one all-reduce.
+        centroid = self.exchange.allreduce_sum(
+            self._weighted(models, self.algorithm.centroid_weights())
+        )
+        model = models[0] if self.algorithm.shared_model else centroid.to(models)
+        outcome = None
+        if self.rank == 0:  # rank 0 holds agent 0; the others receive its scores
+            scores = tuple(self.task.scores.values())
+            batches = self.task.test_batches(self.config.validation.tasks_at_once)
+            with torch.no_grad():
+                outcome = (
+                    torch.cat(
+                        [
+                            self.learner.evaluate(
+                                model[None], batch, self.validation_steps, scores
+                            )[0]
+                            for batch in batches
+                        ]
+                    )
+                    .to(torch.float64)
+                    .cpu()
+                    .numpy()
+                )
+        # All ranks synchronise here: every rank writes the same datasets and attributes.
+        outcome = self.exchange.allgather_object(outcome)[0]
+        weights = self.task.test_weights()
+        weights = (
+            np.full(len(outcome), 1 / len(outcome)) if weights is None else weights.cpu().numpy()
+        )
+        for j, name in enumerate(("loss", *self.task.scores)):
+            values = outcome[:, j]
+            self.writer.write_global(
+                f"final/test_{name}",
+                values,
+                units="1" if name != "loss" else "loss units",
+                description=(
+                    f"query {name} of each test task after {self.validation_steps} inner steps "
+                    "on its support set, with the network centroid (the server model)"
+                ),
+                network_mean=float(weights @ values),
+                network_ci95=weighted_ci95(values, weights),
             )
 
     def finish(self) -> None:

@@ -39,13 +39,19 @@ class ImageClasses:
 
 def source_paths(config: FewShotConfig) -> list[Path]:
     """fewshot.paths with $VARIABLES and ~ expanded; DmetaError for an unset variable."""
+    return expand_paths(config.paths, "fewshot.paths")
+
+
+def expand_paths(entries: list[str], key: str) -> list[Path]:
+    """The paths of the config key `key` with $VARIABLES and ~ expanded; DmetaError for an
+    unset variable."""
     paths = []
-    for path in config.paths:
+    for path in entries:
         expanded = os.path.expandvars(path)
         unset = re.search(r"\$\{?(\w+)", expanded)
         if unset:
             raise DmetaError(
-                f"fewshot.paths entry {path!r} uses ${unset.group(1)}, which is not set: "
+                f"{key} entry {path!r} uses ${unset.group(1)}, which is not set: "
                 f"export {unset.group(1)}=/path/to/the/data or give the path itself"
             )
         paths.append(Path(os.path.expanduser(expanded)))

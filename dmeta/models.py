@@ -143,3 +143,57 @@ def build_convnet(
         size //= 2
     layers += [nn.Flatten(), nn.Linear(filters * size * size, outputs)]
     return FlatModel(nn.Sequential(*layers))
+
+
+class LSTMLayer(nn.Module):
+    """One LSTM layer over a sequence, written out step by step (functional, vmappable and
+    twice differentiable, unlike the fused nn.LSTM): gates i, f, g, o as in torch.nn.LSTM."""
+
+    def __init__(self, inputs: int, hidden: int) -> None:
+        super().__init__()
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden, inputs))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
+        self.bias = nn.Parameter(torch.empty(4 * hidden))
+
+    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Hidden states [batch, steps, hidden] of a sequence [batch, steps, inputs]."""
+        batch, steps, _ = sequence.shape
+        hidden = self.weight_hh.shape[1]
+        h = sequence.new_zeros(batch, hidden)
+        c = sequence.new_zeros(batch, hidden)
+        projected = sequence @ self.weight_ih.T + self.bias  # all steps' input terms at once
+        outputs = []
+        for step in range(steps):
+            gates = projected[:, step] + h @ self.weight_hh.T
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+
+class CharLSTM(nn.Module):
+    """LEAF's Shakespeare model (Chen et al., App. A.1): a character embedding, stacked LSTMs,
+    and a linear head on the last step's state giving the next character's logits."""
+
+    def __init__(self, vocabulary: int, embedding: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, embedding)
+        widths = [embedding] + [hidden] * layers
+        self.layers = nn.ModuleList(
+            LSTMLayer(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        )
+        self.head = nn.Linear(hidden, vocabulary)
+
+    def forward(self, characters: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, vocabulary] of the character after each sequence [batch, steps]."""
+        states = self.embedding(characters)
+        for layer in self.layers:
+            states = layer(states)
+        return self.head(states[:, -1])
+
+
+def build_char_lstm(vocabulary: int, embedding: int, hidden: int, layers: int) -> FlatModel:
+    """LEAF's stacked character LSTM (8-dim embedding, 2 x 256 LSTM, 80 characters) as a flat
+    model, vmappable over clients."""
+    return FlatModel(CharLSTM(vocabulary, embedding, hidden, layers))

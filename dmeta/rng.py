@@ -34,6 +34,10 @@ Streams: independent families of random numbers, one per use. A new use gets a n
     10 STREAM_INIT_DIRECTIONS  directions of the linear-representation launch at a distance
     11 STREAM_CLIENTS          the server's sample of clients in a federated round (agent 0,
                                iteration = round)
+    12 STREAM_CLIENT_SPLIT     federated data: the shuffle of clients into train, validation
+                               and test clients (agent 0, iteration 0)
+    13 STREAM_CLIENT_EXAMPLES  federated data: the order of a client's examples, which fixes
+                               its support and query sets (key: the client's source index)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -71,6 +75,8 @@ STREAM_SPLIT = 8
 STREAM_PARTITION = 9
 STREAM_INIT_DIRECTIONS = 10
 STREAM_CLIENTS = 11
+STREAM_CLIENT_SPLIT = 12
+STREAM_CLIENT_EXAMPLES = 13
 
 PART_HEADS = 1
 PART_PICKS = 2

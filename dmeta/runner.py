@@ -23,6 +23,7 @@ from dmeta.algorithms.base import Algorithm
 from dmeta.config import Config, LearnerConfig
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
+from dmeta.federated_data import FederatedDataTask
 from dmeta.fewshot import FewShotTask, check_sources
 from dmeta.meta import MAML, Reptile
 from dmeta.models import FlatModel
@@ -112,6 +113,8 @@ def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> Task
         return LinearRepresentationTask(config.linear, config.agents, config.seed, dtype, device)
     if config.problem == "fewshot":
         return FewShotTask(config.fewshot, config.agents, config.seed, dtype, device)
+    if config.problem == "federated":
+        return FederatedDataTask(config.federated, config.agents, config.seed, dtype, device)
     return SineTask(config.task, config.agents, config.seed, dtype, device)
 
 

@@ -38,10 +38,14 @@ class TaskFamily:
     `series` lists extra row-wise datasets (path -> (per agent?, units, meaning)), `scores`
     extra validation measures (name -> score(prediction, target)) logged as
     /metrics/val_<name>; with `final_evaluation`, `test_batches` gives the fixed meta-test tasks
-    of the evaluation that ends the run.
+    of the evaluation that ends the run. Federated strategies ask `example_counts` for a
+    client's weight and FedAvg `training_data` for what it trains on.
     """
 
     final_evaluation = False
+    # With final_evaluation: score the network centroid on each test task (one value per task,
+    # weighted by `test_weights`: e.g. held-out clients) rather than every agent on all of them.
+    final_per_task = False
 
     series: dict[str, tuple[bool, str, str]] = {}
     scores: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
@@ -63,6 +67,25 @@ class TaskFamily:
         """The fixed meta-test tasks of the final evaluation, in groups of `tasks_at_once`
         (0: all at once); none by default (`final_evaluation` False)."""
         return iter(())
+
+    def validation_weights(self) -> torch.Tensor | None:
+        """Weights (summing to one) of the validation tasks in the logged means; None: equal."""
+        return None
+
+    def test_weights(self) -> torch.Tensor | None:
+        """Weights (summing to one) of the test tasks in `final_per_task`'s mean; None: equal."""
+        return None
+
+    def training_data(self, agents: torch.Tensor, iteration: int, tasks: int) -> TaskBatch:
+        """What a plain (non-meta) learner trains on, as query sets: the tasks by default."""
+        return self.sample(agents, iteration, tasks)
+
+    def example_counts(self, agents: torch.Tensor, tasks: TaskBatch) -> torch.Tensor:
+        """n_u: the examples each agent holds in `tasks` [agents, tasks, shots, ...] (federated
+        weighting); by default its support and query examples of the batch."""
+        per_agent, support = tasks.support_y.shape[1:3]
+        examples = per_agent * (support + tasks.query_y.shape[2])
+        return torch.full((len(agents),), float(examples), device=tasks.support_y.device)
 
     def initial_parameters(
         self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype

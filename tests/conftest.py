@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -144,3 +145,34 @@ FEWSHOT = [
     "optimizer.name=sgd",
     "optimizer.lr=0.1",
 ]
+
+
+def write_leaf(path: Path, sizes: list[int], features: int = 16, classes: int = 3) -> Path:
+    """A LEAF JSON file of len(sizes) users, user i holding sizes[i] examples of `features`
+    numbers (a 4 x 4 image for 16) whose label shifts their mean."""
+    state = np.random.default_rng(len(sizes))
+    users = [f"user{i:02d}" for i in range(len(sizes))]
+    data = {}
+    for user, size in zip(users, sizes, strict=True):
+        labels = state.integers(0, classes, size)
+        x = state.normal(0, 1, (size, features)) + labels[:, None]
+        data[user] = {"x": x.round(4).tolist(), "y": labels.tolist()}
+    table = {"users": users, "num_samples": sizes, "user_data": data}
+    path.write_text(json.dumps(table))
+    return path
+
+
+# Clients of unequal sizes: with federated.min_samples = 8, 12 are kept (the 6s dropped), with
+# federated.test_fraction = 0.2: 2 test, 1 validation and 9 training clients.
+LEAF_SIZES = [14, 12, 10, 6, 8, 9, 6, 13, 12, 15, 11, 9, 10, 6, 8]
+
+
+def federated_config(leaf: Path, *overrides: str) -> Config:
+    """A federated run on the LEAF file `leaf` (written with LEAF_SIZES): 9 training clients."""
+    return small_config(
+        "problem=federated", "strategy=fedmeta", "agents=9", f"federated.paths=[{leaf}]",
+        "federated.test_fraction=0.2",
+        "federated.min_samples=8", "federated.clients_per_round=4", "model.norm=group",
+        "model.filters=4", "model.blocks=1", "runtime.dtype=float64", "learner.inner_lr=0.1",
+        "validation.stationarity_tasks=2", *overrides,
+    )  # fmt: skip

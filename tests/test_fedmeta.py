@@ -98,6 +98,8 @@ def test_fedavg_with_every_client_and_one_step_equals_the_centralized_strategy(t
         "federated.client_lr=0.05",
         "federated.server_optimizer=sgd",
         "federated.server_lr=1",
+        # FedAvg(Meta): validation adapts the server model, as it adapts centralized's models.
+        "federated.finetune_at_test=true",
     )
     expected = run_local(centralized, tmp_path / "centralized.h5")
     got = run_local(fedavg, tmp_path / "fedavg.h5")

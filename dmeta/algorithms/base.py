@@ -8,7 +8,8 @@ An algorithm is one module holding a subclass of `Algorithm`, registered by stra
   models, optimizer moments and step counts) and shared state (`state_shared`), which the
   engine checkpoints by agent id and puts back with `load_state`;
 - `round(t)`: the local computation of round t and its calls to the exchange;
-- `models()`: the launch models the engine evaluates and stores;
+- `models()`: the launch models the engine evaluates and stores (`shared_model`: all one
+  model, evaluated once), adapted with `evaluation_steps` inner steps;
 - `series` and `row_values()`: extra row-wise series it logs;
 - `topology()`: what the run file records of its communication graph.
 The engine owns the loop, logging, evaluation, checkpoints and signals, and knows no names.
@@ -103,6 +104,8 @@ class Algorithm(ABC):
     series: ClassVar[dict[str, tuple[bool, str, str]]] = {}
     # Config sections only this family reads (`dmeta config` hides them from other runs).
     config_sections: ClassVar[tuple[str, ...]] = ()
+    # Every agent's launch model is one model (a server's): the engine evaluates it once.
+    shared_model: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -137,6 +140,11 @@ class Algorithm(ABC):
         """p_k of this rank's agents in the network centroid w_c = sum_k p_k w_k: the Perron
         vector of A when A is not doubly stochastic (Dif-MAML, eq. (18)); None for 1/K."""
         return None
+
+    def evaluation_steps(self, steps: int) -> int:
+        """Inner steps that adapt a model at evaluation (validation, test), given the
+        configured ones; those by default."""
+        return steps
 
     def row_values(self) -> dict[str, torch.Tensor | float]:
         """Values of `series` at a logged row; none by default."""

@@ -11,10 +11,13 @@ FedMeta: g_u is the learner's meta-gradient on the client's tasks of the round (
 steps on the support sets, the query loss; `maml` keeps the graph through the inner steps,
 `metasgd` sends its step sizes down with theta and gets their gradient back; lines 12-18).
 FedAvg: the client runs `federated.local_steps` SGD steps of size `client_lr` on its plain
-loss (the learner with no inner step: the query sets' loss) and returns its model w_u; the server
+loss (the learner with no inner step on the task's `training_data`: the query sets' loss, or all
+of a client's data for federated data) and returns its model w_u; the server
 steps with theta - sum_u n_u w_u / sum_u n_u, so SGD with server_lr = 1 sets theta to the
-weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. n_u is the client's example
-count of the round (equal for the synthetic task families).
+weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. n_u is the task's
+`example_counts`: the client's examples of the round (equal for the synthetic task families),
+its whole data set's size for federated data. At evaluation FedAvg scores the server model
+unadapted, FedAvg(Meta) (`federated.finetune_at_test`) after fine-tuning on the support set.
 
 Every rank holds the server model and the server optimizer's state (one row) and applies the
 same reduced update, so they stay identical; the one reduction of a round is an all-reduce of
@@ -43,7 +46,6 @@ from dmeta.config import Config, OptimizerConfig
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
 from dmeta.meta import MAML
-from dmeta.tasks import TaskBatch
 
 
 def sample_clients(
@@ -58,13 +60,6 @@ def sample_clients(
     return torch.sort(chosen).values
 
 
-def example_counts(tasks: TaskBatch) -> torch.Tensor:
-    """n_u: the examples each client of `tasks` [clients, tasks, shots, ...] holds this round."""
-    clients, per_client, support = tasks.support_y.shape[:3]
-    examples = per_client * (support + tasks.query_y.shape[2])
-    return torch.full((clients,), float(examples), device=tasks.support_y.device)
-
-
 @dataclass
 class FederatedPlan:
     """The checked server settings."""
@@ -77,6 +72,8 @@ class Federated(Algorithm):
     """A server model trained by sampled clients; subclasses say what a client returns."""
 
     config_sections = ("federated",)
+    shared_model = True
+
     series = {
         "comm/bytes_up": (
             False,
@@ -253,7 +250,7 @@ class FedMeta(Federated):
         context = self.context
         tasks = context.task.sample(clients, t, context.config.learner.tasks_per_agent)
         gradients, losses = context.meta_gradients(launch, tasks)
-        return gradients, losses, example_counts(tasks)
+        return gradients, losses, context.task.example_counts(clients, tasks)
 
 
 class FedAvg(Federated):
@@ -285,14 +282,21 @@ class FedAvg(Federated):
         for step in range(settings.local_steps):
             # Task draws numbered by client step, as in the diffusion strategies' local steps.
             draw = (t - 1) * settings.local_steps + step + 1
-            tasks = context.task.sample(clients, draw, context.config.learner.tasks_per_agent)
+            tasks = context.task.training_data(
+                clients, draw, context.config.learner.tasks_per_agent
+            )
             gradients, losses = self.plain.meta_gradients(models, tasks)
             models = models - settings.client_lr * gradients
             loss_sum += losses.detach().to(torch.float64)
-        return models, loss_sum, example_counts(tasks)
+        return models, loss_sum, context.task.example_counts(clients, tasks)
 
     def server_gradient(self, average: torch.Tensor) -> torch.Tensor:
         return self.server[0] - average
+
+    def evaluation_steps(self, steps: int) -> int:
+        """FedAvg(Meta) fine-tunes on a held-out client's support set before scoring it
+        (`federated.finetune_at_test`); plain FedAvg scores the server model as it is (Sec. 4.1)."""
+        return steps if self.context.config.federated.finetune_at_test else 0
 
     def steps_per_round(self) -> int:
         return self.context.config.federated.local_steps

@@ -1,0 +1,152 @@
+"""FedMeta's communication claim (Chen et al., Sec. 4.2, Fig. 2 and Table 2): validation-client
+accuracy against rounds and against cumulative bytes, and the bytes each run needs to reach a
+target accuracy, with the ratio to FedAvg's.
+
+Usage (from the repository root):
+
+    python analysis/fedmeta.py RUN.h5 [RUN.h5 ...] [--target ACC] [--out FIG.png]
+
+A run's bytes are the cumulative sum of /comm/bytes_up + /comm/bytes_down; its accuracy is
+/centroid/val_accuracy (the server model on the validation clients). The target is --target,
+or FedAvg's final validation accuracy (the first fedavg run without fine-tuning, else any
+fedavg run): the paper's "reaches FedAvg's accuracy with less communication". The table also
+gives the example-weighted test accuracy (/final/test_accuracy's network_mean and network_ci95).
+Reads HDF5 only: no torch, no mpi4py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+from runfile import RunFileError, expand_paths, table_lines
+
+PROG = "fedmeta"
+
+
+@dataclass
+class FederatedRun:
+    """What the analysis needs of one federated run file."""
+
+    path: str
+    label: str
+    is_fedavg: bool
+    rounds: np.ndarray
+    accuracy: np.ndarray
+    cumulative_bytes: np.ndarray
+    test_mean: float
+    test_ci95: float
+
+
+def label_of(config: dict) -> str:
+    """FedMeta (learner), FedAvg or FedAvg(Meta), with the support fraction."""
+    federated = config["federated"]
+    if config["strategy"] == "fedavg":
+        name = "FedAvg(Meta)" if federated.get("finetune_at_test") else "FedAvg"
+    else:
+        name = f"FedMeta ({config['learner']['name']})"
+    return f"{name}, p = {federated.get('support_fraction')}"
+
+
+def read_run(path: str) -> FederatedRun:
+    """One run file; RunFileError naming the file and what is missing."""
+    try:
+        with h5py.File(path, "r") as file:
+            config = json.loads(file.attrs["config"])
+            if config.get("strategy") not in ("fedmeta", "fedavg"):
+                raise RunFileError(f"{path}: strategy {config.get('strategy')!r} is not federated")
+            sent = file["comm/bytes_up"][()] + file["comm/bytes_down"][()]
+            final = file["final/test_accuracy"] if "final/test_accuracy" in file else None
+            return FederatedRun(
+                path,
+                label_of(config),
+                config["strategy"] == "fedavg",
+                file["time/iteration"][()],
+                file["centroid/val_accuracy"][()],
+                np.cumsum(sent),
+                float(final.attrs["network_mean"]) if final is not None else np.nan,
+                float(final.attrs["network_ci95"]) if final is not None else np.nan,
+            )
+    except (OSError, KeyError) as error:
+        raise RunFileError(f"{path}: not a federated run file with accuracy ({error})") from None
+
+
+def bytes_to_reach(run: FederatedRun, target: float) -> float:
+    """Cumulative bytes at the first logged row whose accuracy reaches `target` (NaN: never)."""
+    reached = np.flatnonzero(run.accuracy >= target)
+    return float(run.cumulative_bytes[reached[0]]) if len(reached) else np.nan
+
+
+def default_target(runs: list[FederatedRun]) -> float:
+    """FedAvg's final validation accuracy: plain FedAvg's if present."""
+    fedavg = [run for run in runs if run.is_fedavg]
+    plain = [run for run in fedavg if run.label.startswith("FedAvg,")]
+    if not fedavg:
+        raise RunFileError("no fedavg run to take the target from; give --target")
+    return float((plain or fedavg)[0].accuracy[-1])
+
+
+def table(runs: list[FederatedRun], target: float) -> list[str]:
+    """One line per run: final accuracies, bytes to the target and the ratio to FedAvg's."""
+    reference = next((bytes_to_reach(r, target) for r in runs if r.is_fedavg), np.nan)
+    rows = []
+    for run in runs:
+        needed = bytes_to_reach(run, target)
+        rows.append(
+            [
+                run.label,
+                f"{run.accuracy[-1]:.4f}",
+                f"{run.test_mean:.4f} +- {run.test_ci95:.4f}",
+                f"{needed:.4g}",
+                f"{reference / needed:.2f}" if needed > 0 else "nan",
+            ]
+        )
+    header = ["run", "final val acc", "test acc (95%)", f"bytes to {target:.4f}", "FedAvg/run"]
+    return table_lines(header, rows)
+
+
+def plot(runs: list[FederatedRun], target: float, out: str) -> None:
+    """Accuracy against rounds and against cumulative bytes, the target as a line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4))
+    rounds, sent = figure.subplots(1, 2)
+    for run in runs:
+        rounds.plot(run.rounds, run.accuracy, label=run.label)
+        sent.plot(run.cumulative_bytes, run.accuracy, label=run.label)
+    for axis, name in ((rounds, "round"), (sent, "cumulative bytes (up + down)")):
+        axis.axhline(target, color="grey", linestyle=":")
+        axis.set_xlabel(name)
+        axis.set_ylabel("validation-client accuracy")
+    rounds.legend()
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_figure(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table (and draw the figure with --out); 2 on a bad input file."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--target", type=float, default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_run(path) for path in expand_paths(args.runs)]
+        target = default_target(runs) if args.target is None else args.target
+    except RunFileError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(table(runs, target)))
+    if args.out:
+        plot(runs, target, args.out)
+        print(f"figure: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

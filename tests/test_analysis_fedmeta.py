@@ -1,0 +1,56 @@
+"""analysis/fedmeta.py on synthetic run files: bytes to a target accuracy and the FedAvg ratio."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
+
+import fedmeta  # noqa: E402
+
+
+def write_federated_run(path: Path, strategy: str, accuracy: list[float], row_bytes: float):
+    """A run file with the datasets the analysis reads: rows every 10 rounds, `row_bytes`
+    each way per row, a test accuracy of 0.5 +- 0.1."""
+    config = {
+        "strategy": strategy,
+        "learner": {"name": "maml"},
+        "federated": {"support_fraction": 0.2, "finetune_at_test": False},
+    }
+    with h5py.File(path, "w") as file:
+        file.attrs["config"] = json.dumps(config)
+        rows = len(accuracy)
+        file["time/iteration"] = np.arange(rows) * 10
+        file["centroid/val_accuracy"] = np.array(accuracy)
+        file["comm/bytes_up"] = np.full(rows, row_bytes)
+        file["comm/bytes_down"] = np.full(rows, row_bytes)
+        final = file.create_dataset("final/test_accuracy", data=np.array([0.4, 0.6]))
+        final.attrs.update(network_mean=0.5, network_ci95=0.1)
+    return path
+
+
+def test_bytes_to_fedavgs_final_accuracy_and_the_ratio(tmp_path, capsys) -> None:
+    fedavg = write_federated_run(tmp_path / "fedavg.h5", "fedavg", [0.1, 0.3, 0.5, 0.6], 100)
+    meta = write_federated_run(tmp_path / "fedmeta.h5", "fedmeta", [0.2, 0.6, 0.7, 0.8], 100)
+    runs = [fedmeta.read_run(str(fedavg)), fedmeta.read_run(str(meta))]
+    assert fedmeta.default_target(runs) == 0.6
+    # Cumulative bytes 200, 400, 600, 800: FedAvg reaches 0.6 in row 3, FedMeta in row 1.
+    assert fedmeta.bytes_to_reach(runs[0], 0.6) == 800
+    assert fedmeta.bytes_to_reach(runs[1], 0.6) == 400
+    assert np.isnan(fedmeta.bytes_to_reach(runs[1], 0.9))
+    out = tmp_path / "fedmeta.png"
+    assert fedmeta.main([str(tmp_path / "*.h5"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FedMeta (maml), p = 0.2" in printed and "2.00" in printed and out.exists()
+
+
+def test_a_run_that_is_not_federated_gives_one_line(tmp_path, capsys) -> None:
+    with h5py.File(tmp_path / "atc.h5", "w") as file:
+        file.attrs["config"] = json.dumps({"strategy": "atc"})
+    assert fedmeta.main([str(tmp_path / "atc.h5")]) == 2
+    assert "strategy 'atc' is not federated" in capsys.readouterr().err
