@@ -34,6 +34,11 @@ Streams: independent families of random numbers, one per use. A new use gets a n
     10 STREAM_INIT_DIRECTIONS  directions of the linear-representation launch at a distance
     11 STREAM_CLIENTS          the server's sample of clients in a federated round (agent 0,
                                iteration = round)
+    12 STREAM_WAKE             push-sum wake-ups (per agent, iteration = round)
+    13 STREAM_DELAY            push-sum message delays (key: global edge id, iteration = send
+                               round)
+    14 STREAM_LOSS             push-sum message losses (key: global edge id, iteration = send
+                               round)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -71,6 +76,9 @@ STREAM_SPLIT = 8
 STREAM_PARTITION = 9
 STREAM_INIT_DIRECTIONS = 10
 STREAM_CLIENTS = 11
+STREAM_WAKE = 12
+STREAM_DELAY = 13
+STREAM_LOSS = 14
 
 PART_HEADS = 1
 PART_PICKS = 2
