@@ -269,9 +269,8 @@ class PushSum(Algorithm):
             context.exchange, plan, context.agents, context.config.seed, initial_models
         )
         # The loss and meta-gradient norm of each agent's latest round (NaN before its first).
-        self.last_loss = torch.full((len(context.agents),), torch.nan, dtype=F64)
-        self.last_loss = self.last_loss.to(context.device)
-        self.last_norm = self.last_loss.clone()
+        nan = torch.full((len(context.agents),), torch.nan, dtype=F64, device=context.device)
+        self.last_loss, self.last_norm = nan, nan.clone()
 
     def state_rows(self) -> dict[str, torch.Tensor]:
         optimizer = {f"optimizer/{name}": value for name, value in self.optimizer_state.items()}
