@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from dmeta.errors import DmetaError
 
-Strategy = Literal["atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg"]
+Strategy = Literal["atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg", "pushsum"]
 Topology = Literal[
     "ring", "grid", "erdos_renyi", "geometric", "complete", "star", "exponential", "edge_list"
 ]
@@ -245,6 +245,24 @@ class FederatedConfig:
 
 
 @dataclass
+class AsynchronyConfig:
+    """Simulated asynchrony of `strategy = "pushsum"` (PARS-Push; dmeta/algorithms/pushsum.py).
+
+    Every event is a function of (seed, agent or edge, round): an agent wakes in a round with
+    probability `wake_probability`, and surely after `max_sleep` - 1 rounds asleep (Gamma_w); a
+    message takes 1..`max_delay` rounds, uniformly (Gamma_d; 1 is synchronous); a link loses a
+    message with probability `loss_probability`, but never more than `max_consecutive_losses`
+    in a row (Gamma_f). The defaults are synchronous push-sum.
+    """
+
+    wake_probability: float = 1.0
+    max_sleep: int = 10
+    max_delay: int = 1
+    loss_probability: float = 0.0
+    max_consecutive_losses: int = 3
+
+
+@dataclass
 class ValidationConfig:
     """A fixed set of tasks from the whole task range, the same for every agent."""
 
@@ -331,6 +349,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    asynchrony: AsynchronyConfig = field(default_factory=AsynchronyConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -566,6 +585,7 @@ def _check(config: Config) -> None:
         raise DmetaError(
             f"graph.failure_probability = {config.graph.failure_probability} must lie in [0, 1)"
         )
+    _check_asynchrony(config.asynchrony)
     if config.graph.radius <= 0:
         raise DmetaError(f"graph.radius = {config.graph.radius} must be positive")
     if not 0 <= config.graph.edge_probability <= 1:
@@ -646,6 +666,26 @@ def _check_federated(config: Config) -> None:
     for key in ("embedding", "lstm_hidden", "lstm_layers"):
         if getattr(model, key) < 1:
             raise DmetaError(f"model.{key} = {getattr(model, key)} must be at least 1")
+
+
+def _check_asynchrony(settings: AsynchronyConfig) -> None:
+    """Ranges of the [asynchrony] keys."""
+    if not 0 < settings.wake_probability <= 1:
+        raise DmetaError(
+            f"asynchrony.wake_probability = {settings.wake_probability} must lie in (0, 1]"
+        )
+    if not 0 <= settings.loss_probability <= 1:
+        raise DmetaError(
+            f"asynchrony.loss_probability = {settings.loss_probability} must lie in [0, 1]"
+        )
+    for key in ("max_sleep", "max_delay"):
+        if getattr(settings, key) < 1:
+            raise DmetaError(f"asynchrony.{key} = {getattr(settings, key)} must be at least 1")
+    if settings.max_consecutive_losses < 0:
+        raise DmetaError(
+            f"asynchrony.max_consecutive_losses = {settings.max_consecutive_losses} must not be "
+            "negative"
+        )
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -38,6 +38,11 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                and test clients (agent 0, iteration 0)
     13 STREAM_CLIENT_EXAMPLES  federated data: the order of a client's examples, which fixes
                                its support and query sets (key: the client's source index)
+    14 STREAM_WAKE             push-sum wake-ups (per agent, iteration = round)
+    15 STREAM_DELAY            push-sum message delays (key: global edge id, iteration = send
+                               round)
+    16 STREAM_LOSS             push-sum message losses (key: global edge id, iteration = send
+                               round)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -77,6 +82,9 @@ STREAM_INIT_DIRECTIONS = 10
 STREAM_CLIENTS = 11
 STREAM_CLIENT_SPLIT = 12
 STREAM_CLIENT_EXAMPLES = 13
+STREAM_WAKE = 14
+STREAM_DELAY = 15
+STREAM_LOSS = 16
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -11,6 +11,7 @@ from dmeta.algorithms.centralized import Centralized
 from dmeta.algorithms.diffusion import ATC, CTA
 from dmeta.algorithms.federated import FedAvg, FedMeta
 from dmeta.algorithms.noncooperative import NonCooperative
+from dmeta.algorithms.pushsum import PushSum
 from dmeta.errors import DmetaError
 
 REGISTRY: dict[str, type[Algorithm]] = {
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "noncooperative": NonCooperative,
     "fedmeta": FedMeta,
     "fedavg": FedAvg,
+    "pushsum": PushSum,
 }
 
 
