@@ -53,14 +53,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _flat(config: dict, prefix: str = "") -> dict[str, object]:
+    """Nested config sections as {"section.key": value}."""
+    flat: dict[str, object] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def labels(runs: list[Run]) -> list[str]:
-    """Legend label of each run: its strategy, plus the file name when strategies repeat."""
+    """Legend label of each run: its strategy, plus, when strategies repeat, the config keys
+    in which the runs differ (e.g. "name=maml" for a sweep over learner.name), or else the
+    file name."""
     names = [LABELS.get(run.strategy, run.strategy) for run in runs]
     counts = Counter(names)
-    return [
-        f"{name} [{os.path.basename(run.path)}]" if counts[name] > 1 else name
-        for name, run in zip(names, runs, strict=True)
-    ]
+    configs = [_flat(run.config) for run in runs]
+    ignored = ("output.", "checkpoint.", "runtime.")
+    keys = sorted(
+        key
+        for key in set().union(*configs)
+        if not key.startswith(ignored) and len({repr(c.get(key)) for c in configs}) > 1
+    )
+    result = []
+    for name, run, config in zip(names, runs, configs, strict=True):
+        if counts[name] == 1:
+            result.append(name)
+            continue
+        differing = ", ".join(f"{key.rsplit('.', 1)[-1]}={config.get(key)}" for key in keys)
+        result.append(f"{name} [{differing or os.path.basename(run.path)}]")
+    return result
 
 
 def final_loss(run: Run, last: int) -> float:
@@ -83,7 +107,7 @@ def plot(runs: list[Run], names: list[str], out: str, title: str, log: bool) -> 
             run.iteration, val.min(axis=1), val.max(axis=1), color=line.get_color(), alpha=0.2
         )
     axes.set_xlabel("iteration")
-    axes.set_ylabel("validation loss (mean over agents)")
+    axes.set_ylabel("validation loss (line: mean over agents,\nband: min to max over agents)")
     if log:
         axes.set_yscale("log")
     if title:
