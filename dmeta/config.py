@@ -19,7 +19,9 @@ from typing import Any, Literal
 
 from dmeta.errors import DmetaError
 
-Strategy = Literal["atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg", "pushsum"]
+Strategy = Literal[
+    "atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg", "pushsum", "l2c"
+]
 Topology = Literal[
     "ring", "grid", "erdos_renyi", "geometric", "complete", "star", "exponential", "edge_list"
 ]
@@ -263,6 +265,26 @@ class AsynchronyConfig:
 
 
 @dataclass
+class L2CConfig:
+    """Learned mixing weights of `strategy = "l2c"` (Li et al., CVPR 2022, Algorithm 1;
+    dmeta/algorithms/l2c.py).
+
+    Each round a node takes `local_epochs` steps of the learner on its training tasks, then
+    aggregates its in-neighbours' model updates with w_i = softmax(alpha_i) (eq. 2), then
+    alpha_i takes one Adam step (`alpha_lr`, `alpha_weight_decay`) on the node's loss over
+    `validation_tasks` tasks of its own (eq. 3). After round `prune_round` each node drops the
+    `prune_count` in-neighbours of smallest weight (never itself); prune_count = 0 never prunes.
+    """
+
+    local_epochs: int = 1
+    alpha_lr: float = 0.1
+    alpha_weight_decay: float = 0.01
+    validation_tasks: int = 5
+    prune_round: int = 10
+    prune_count: int = 0
+
+
+@dataclass
 class ValidationConfig:
     """A fixed set of tasks from the whole task range, the same for every agent."""
 
@@ -350,6 +372,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     asynchrony: AsynchronyConfig = field(default_factory=AsynchronyConfig)
+    l2c: L2CConfig = field(default_factory=L2CConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -586,6 +609,7 @@ def _check(config: Config) -> None:
             f"graph.failure_probability = {config.graph.failure_probability} must lie in [0, 1)"
         )
     _check_asynchrony(config.asynchrony)
+    _check_l2c(config.l2c)
     if config.graph.radius <= 0:
         raise DmetaError(f"graph.radius = {config.graph.radius} must be positive")
     if not 0 <= config.graph.edge_probability <= 1:
@@ -685,6 +709,21 @@ def _check_asynchrony(settings: AsynchronyConfig) -> None:
         raise DmetaError(
             f"asynchrony.max_consecutive_losses = {settings.max_consecutive_losses} must not be "
             "negative"
+        )
+
+
+def _check_l2c(settings: L2CConfig) -> None:
+    """Ranges of the [l2c] keys."""
+    for key in ("local_epochs", "validation_tasks", "prune_round"):
+        if getattr(settings, key) < 1:
+            raise DmetaError(f"l2c.{key} = {getattr(settings, key)} must be at least 1")
+    if settings.alpha_lr <= 0:
+        raise DmetaError(f"l2c.alpha_lr = {settings.alpha_lr} must be positive (e.g. 0.1)")
+    if settings.alpha_weight_decay < 0:
+        raise DmetaError(f"l2c.alpha_weight_decay = {settings.alpha_weight_decay} must be >= 0")
+    if settings.prune_count < 0:
+        raise DmetaError(
+            f"l2c.prune_count = {settings.prune_count} must not be negative (0: never prune)"
         )
 
 

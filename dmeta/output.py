@@ -25,6 +25,7 @@ import errno
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -125,22 +126,23 @@ def _create_layout(
     iteration.attrs["units"] = "iterations"
     iteration.attrs["description"] = "iteration index i of each logged row"
     iteration.make_scale("iteration")
-    chunk_rows = max(1, min(256, 65536 // max(1, num_agents)))
     for name, (per_agent, unit, meaning) in schema.series.items():
-        shape = (0, num_agents) if per_agent else (0,)
+        columns = schema.columns(name, num_agents)
+        shape = (0, columns) if per_agent else (0,)
+        chunk_rows = max(1, min(256, 65536 // max(1, columns)))
         dataset = file.create_dataset(
             name,
             shape,
             maxshape=(None, *shape[1:]),
             dtype="f8",
-            chunks=(chunk_rows, num_agents) if per_agent else (256,),
+            chunks=(chunk_rows, max(1, columns)) if per_agent else (256,),
         )
         dataset.attrs["units"] = unit
         dataset.attrs["description"] = meaning
         dataset.dims[0].attach_scale(iteration)
         dataset.dims[0].label = "iteration"
         if per_agent:
-            dataset.dims[1].label = "agent"
+            dataset.dims[1].label = per_agent.label if isinstance(per_agent, Columns) else "agent"
 
 
 def partial_path(path: Path) -> Path:
@@ -258,14 +260,67 @@ def guarded_write(file: h5py.File | None, path: Path) -> Iterator[None]:
         raise write_failure(error, path) from None
 
 
-class RowSchema:
-    """The row-wise series of one run: the common `SERIES` and a task's own (e.g. the linear
-    representation task's distance to B*), split into per-agent and scalar ones."""
+@dataclass(frozen=True)
+class Columns:
+    """A per-agent series of `counts[k]` values for agent k (e.g. one per edge into k), stored
+    as one [T, sum_k counts[k]] dataset whose columns run agent by agent. A rank appends its
+    agents' values as [local agents, max counts], agent k's first counts[k] entries valid."""
 
-    def __init__(self, extra: dict[str, tuple[bool, str, str]] | None = None) -> None:
+    counts: np.ndarray  # [K] int
+    label: str = "edge"
+
+    @property
+    def width(self) -> int:
+        return int(self.counts.max(initial=0))
+
+    def valid(self, agents: slice) -> np.ndarray:
+        """[agents, width]: which entries of the agents' rows are stored."""
+        return np.arange(self.width) < self.counts[agents, None]
+
+    def span(self, agents: slice) -> slice:
+        """The dataset columns of `agents` (contiguous agent ids)."""
+        starts = np.concatenate([[0], np.cumsum(self.counts)])
+        return slice(int(starts[agents.start]), int(starts[agents.stop]))
+
+
+class RowSchema:
+    """The row-wise series of one run: the common `SERIES` and a task's or an algorithm's own
+    (e.g. the linear representation task's distance to B*), split into per-agent and scalar
+    ones. A per-agent series holds one value per agent, or `Columns` values."""
+
+    def __init__(self, extra: dict[str, tuple[bool | Columns, str, str]] | None = None) -> None:
         self.series = {**SERIES, **(extra or {})}
         self.per_agent = [name for name, (per_agent, _, _) in self.series.items() if per_agent]
         self.scalar = [name for name, (per_agent, _, _) in self.series.items() if not per_agent]
+        widths = [self.width(name) for name in self.per_agent]
+        starts = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+        # Where each per-agent series lies in a buffered row [local agents, sum of widths].
+        self.offsets = {
+            name: slice(int(starts[j]), int(starts[j + 1])) for j, name in enumerate(self.per_agent)
+        }
+
+    def width(self, name: str) -> int:
+        """Values a rank buffers per agent and row of the per-agent series `name`."""
+        per_agent = self.series[name][0]
+        return per_agent.width if isinstance(per_agent, Columns) else 1
+
+    def columns(self, name: str, num_agents: int) -> int:
+        """Columns of the per-agent series `name` in the file."""
+        per_agent = self.series[name][0]
+        return int(per_agent.counts.sum()) if isinstance(per_agent, Columns) else num_agents
+
+    def stored(self, name: str, block: np.ndarray, agents: slice) -> np.ndarray:
+        """[rows, columns of `agents`] of series `name` from a block [agents, rows, widths]."""
+        part = block[:, :, self.offsets[name]]
+        per_agent = self.series[name][0]
+        if not isinstance(per_agent, Columns):
+            return part[:, :, 0].T
+        return np.moveaxis(part, 0, 1)[:, per_agent.valid(agents)]
+
+    def span(self, name: str, agents: slice) -> slice:
+        """The file columns of `agents` in the per-agent series `name`."""
+        per_agent = self.series[name][0]
+        return per_agent.span(agents) if isinstance(per_agent, Columns) else agents
 
 
 class RowBuffer:
@@ -286,8 +341,14 @@ class RowBuffer:
         self.iterations.append(iteration)
         self.scalars.append([float(scalars[name]) for name in schema.scalar])
         self.agents.append(
-            np.stack(
-                [np.asarray(agents[name], dtype=np.float64) for name in schema.per_agent], axis=1
+            np.concatenate(
+                [
+                    np.asarray(agents[name], dtype=np.float64).reshape(
+                        self.num_local, schema.width(name)
+                    )
+                    for name in schema.per_agent
+                ],
+                axis=1,
             )
         )
 
@@ -295,7 +356,7 @@ class RowBuffer:
         return len(self.iterations)
 
     def agent_block(self) -> np.ndarray:
-        """[local agents, rows, per-agent series]: agent-major, ready to gather by agent."""
+        """[local agents, rows, per-agent values]: agent-major, ready to gather by agent."""
         return np.ascontiguousarray(np.stack(self.agents, axis=1))
 
     def clear(self) -> None:
@@ -424,8 +485,9 @@ class SerialWriter(_BufferedRows):
             scalars = np.array(self.buffer.scalars)
             with self._guard():
                 _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
-                for column, name in enumerate(self.schema.per_agent):
-                    self.file[name][start:] = block[:, :, column].T
+                everyone = slice(0, len(block))
+                for name in self.schema.per_agent:
+                    self.file[name][start:] = self.schema.stored(name, block, everyone)
                 self.file.flush()
 
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
@@ -512,10 +574,12 @@ class ParallelWriter(_BufferedRows):
         # All ranks synchronise here: resizing is collective; rank 0 writes the scalar series.
         _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
         block = self.buffer.agent_block()
-        for column, name in enumerate(self.schema.per_agent):
+        for name in self.schema.per_agent:
             dataset = self.file[name]
             with dataset.collective:
-                dataset[start:, self.mine] = block[:, :, column].T
+                dataset[start:, self.schema.span(name, self.mine)] = self.schema.stored(
+                    name, block, self.mine
+                )
         self.file.flush()
 
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:

@@ -43,6 +43,8 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                round)
     16 STREAM_LOSS             push-sum message losses (key: global edge id, iteration = send
                                round)
+    17 STREAM_L2C_VALIDATION   L2C's validation tasks of a node for its mixing-weight step
+                               (per agent, iteration = round)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -85,6 +87,7 @@ STREAM_CLIENT_EXAMPLES = 13
 STREAM_WAKE = 14
 STREAM_DELAY = 15
 STREAM_LOSS = 16
+STREAM_L2C_VALIDATION = 17
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -10,6 +10,7 @@ from dmeta.algorithms.base import Algorithm
 from dmeta.algorithms.centralized import Centralized
 from dmeta.algorithms.diffusion import ATC, CTA
 from dmeta.algorithms.federated import FedAvg, FedMeta
+from dmeta.algorithms.l2c import L2C
 from dmeta.algorithms.noncooperative import NonCooperative
 from dmeta.algorithms.pushsum import PushSum
 from dmeta.errors import DmetaError
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "fedmeta": FedMeta,
     "fedavg": FedAvg,
     "pushsum": PushSum,
+    "l2c": L2C,
 }
 
 

@@ -10,7 +10,7 @@ An algorithm is one module holding a subclass of `Algorithm`, registered by stra
 - `round(t)`: the local computation of round t and its calls to the exchange;
 - `models()`: the launch models the engine evaluates and stores (`shared_model`: all one
   model, evaluated once), adapted with `evaluation_steps` inner steps;
-- `series` and `row_values()`: extra row-wise series it logs;
+- `series` (or `row_series(plan)`) and `row_values()`: extra row-wise series it logs;
 - `topology()`: what the run file records of its communication graph.
 The engine owns the loop, logging, evaluation, checkpoints and signals, and knows no names.
 """
@@ -29,6 +29,7 @@ from dmeta.config import Config, OptimizerConfig
 from dmeta.exchange import AgentLayout, Exchange
 from dmeta.meta import MAML
 from dmeta.optim import SGD, Adam, RowOptimizer
+from dmeta.output import Columns
 from dmeta.tasks import TaskFamily
 
 
@@ -149,6 +150,12 @@ class Algorithm(ABC):
     def row_values(self) -> dict[str, torch.Tensor | float]:
         """Values of `series` at a logged row; none by default."""
         return {}
+
+    @classmethod
+    def row_series(cls, plan: Any) -> dict[str, tuple[bool | Columns, str, str]]:
+        """The extra row-wise series of a run with `plan`: `series` by default; an algorithm
+        whose series have a width given by its graph (`Columns`) builds them here."""
+        return cls.series
 
     @classmethod
     def topology(cls, plan: Any) -> TopologyRecord | None:

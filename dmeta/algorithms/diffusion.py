@@ -110,15 +110,17 @@ class LocalTraining:
             if name.startswith(prefix)
         }
 
-    def adapt(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (6a) tau times; returns (loss sum over the steps, last meta-gradient norm)."""
+    def adapt(self, t: int, steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6a) tau times (`steps`, default `learner.local_steps`); returns (loss sum over
+        the steps, last meta-gradient norm)."""
         context = self.context
         settings = context.config.learner
+        steps = steps or settings.local_steps
         loss_sum = torch.zeros(len(context.agents), dtype=torch.float64, device=context.device)
         norm = torch.full_like(loss_sum, float("nan"))
-        for step in range(settings.local_steps):
+        for step in range(steps):
             # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
-            draw = (t - 1) * settings.local_steps + step + 1
+            draw = (t - 1) * steps + step + 1
             tasks = context.task.sample(context.agents, draw, settings.tasks_per_agent)
             gradients, losses = context.meta_gradients(self.launch_models, tasks)
             self.launch_models, self.optimizer_state = self.optimizer.step(
