@@ -245,7 +245,7 @@ class Engine:
         if resumed_rows is None and self.rank == 0:
             # A checkpoint of an earlier run must never be taken for one of this run.
             self.checkpoint.unlink(missing_ok=True)
-        series = self.task.series | self.plan.algorithm.series
+        series = self.task.series | self.plan.algorithm.row_series(self.plan.algorithm_plan)
         self.writer = open_writer(
             self.config.output.writer, self.out_path, comm, exchange, self.plan.layout,
             attributes, self.config.output.flush_every, RowSchema(series), resumed_rows,

@@ -11,6 +11,7 @@ from dmeta.algorithms.centralized import Centralized
 from dmeta.algorithms.diffusion import ATC, CTA
 from dmeta.algorithms.federated import FedAvg, FedMeta
 from dmeta.algorithms.noncooperative import NonCooperative
+from dmeta.algorithms.persafl import PersAFL
 from dmeta.algorithms.pushsum import PushSum
 from dmeta.errors import DmetaError
 
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "fedmeta": FedMeta,
     "fedavg": FedAvg,
     "pushsum": PushSum,
+    "persafl": PersAFL,
 }
 
 

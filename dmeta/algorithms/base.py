@@ -10,7 +10,8 @@ An algorithm is one module holding a subclass of `Algorithm`, registered by stra
 - `round(t)`: the local computation of round t and its calls to the exchange;
 - `models()`: the launch models the engine evaluates and stores (`shared_model`: all one
   model, evaluated once), adapted with `evaluation_steps` inner steps;
-- `series` and `row_values()`: extra row-wise series it logs;
+- `series` (or `row_series(plan)`, when they depend on the config) and `row_values()`: extra
+  row-wise series it logs;
 - `topology()`: what the run file records of its communication graph.
 The engine owns the loop, logging, evaluation, checkpoints and signals, and knows no names.
 """
@@ -146,8 +147,14 @@ class Algorithm(ABC):
         configured ones; those by default."""
         return steps
 
+    @classmethod
+    def row_series(cls, plan: Any) -> dict[str, tuple[bool, str, str]]:
+        """The extra row-wise series of a run with `plan`: `series` by default (e.g. one series
+        per histogram bin where the bins depend on the config)."""
+        return cls.series
+
     def row_values(self) -> dict[str, torch.Tensor | float]:
-        """Values of `series` at a logged row; none by default."""
+        """Values of `row_series` at a logged row; none by default."""
         return {}
 
     @classmethod

@@ -23,6 +23,10 @@ Every rank holds the server model and the server optimizer's state (one row) and
 same reduced update, so they stay identical; the one reduction of a round is an all-reduce of
 the rank's weighted sums. Only the sampled clients of a rank compute. Every agent's launch model
 is the server model, so the engine evaluates the server model adapted on each agent's tasks.
+
+A virtual clock (slides 003, "FedAvg Algorithm": the server waits to receive all local updates
+back) makes the synchronous baseline of PersA-FL: a job of client k takes d_k virtual time units
+(`client_durations`, [asynchrony] speed keys), so round t lasts max over U_t of d_u.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from dmeta.algorithms.base import (
     TopologyRecord,
     build_optimizer,
 )
-from dmeta.config import Config, OptimizerConfig
+from dmeta.config import AsynchronyConfig, Config, OptimizerConfig
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
 from dmeta.meta import MAML
@@ -60,6 +64,24 @@ def sample_clients(
     return torch.sort(chosen).values
 
 
+def client_durations(seed: int, num_clients: int, settings: AsynchronyConfig) -> np.ndarray:
+    """d_k [num_clients] float64: the virtual time every job of client k takes, drawn once per
+    client (stream STREAM_SPEED, key k, iteration 0) from `settings.speed_distribution`: 1,
+    exponential with mean 1, lognormal exp(shape Z), or Pareto with minimum 1 and tail index
+    shape (1 - u)^(-1/shape). Drawn on the CPU, so every rank gets the same bits."""
+    clients = torch.arange(num_clients)
+    shape = settings.speed_shape
+    if settings.speed_distribution == "lognormal":
+        normal = rng.normal(seed, clients, rng.STREAM_SPEED, 0, (1,), dtype=torch.float64)
+        return torch.exp(shape * normal[:, 0]).numpy()
+    unit = rng.uniform(seed, clients, rng.STREAM_SPEED, 0, (1,), dtype=torch.float64)[:, 0]
+    if settings.speed_distribution == "exponential":
+        return (-torch.log1p(-unit)).numpy()
+    if settings.speed_distribution == "pareto":
+        return torch.pow(1.0 - unit, -1.0 / shape).numpy()
+    return np.ones(num_clients)
+
+
 @dataclass
 class FederatedPlan:
     """The checked server settings."""
@@ -71,10 +93,16 @@ class FederatedPlan:
 class Federated(Algorithm):
     """A server model trained by sampled clients; subclasses say what a client returns."""
 
-    config_sections = ("federated",)
+    config_sections = ("federated", "asynchrony")
     shared_model = True
 
     series = {
+        "time/virtual": (
+            False,
+            "virtual time units",
+            "the virtual clock after the row's round: each round lasts as long as its slowest "
+            "sampled client's job (asynchrony.speed_distribution)",
+        ),
         "comm/bytes_up": (
             False,
             "bytes",
@@ -130,18 +158,22 @@ class Federated(Algorithm):
         )
         # Bytes (up, down) since the previous logged row.
         self.unlogged_bytes = torch.zeros(2, dtype=torch.float64)
+        self.durations = client_durations(config.seed, config.agents, config.asynchrony)
+        self.virtual_time = torch.zeros(1, dtype=torch.float64)
 
     def state_rows(self) -> dict[str, torch.Tensor]:
         return {"participations": self.participations}
 
     def state_shared(self) -> dict[str, torch.Tensor]:
         optimizer = {f"server_optimizer/{k}": v for k, v in self.optimizer_state.items()}
-        return {"server_model": self.server[0], "unlogged_bytes": self.unlogged_bytes} | optimizer
+        clock = {"unlogged_bytes": self.unlogged_bytes, "virtual_time": self.virtual_time}
+        return {"server_model": self.server[0]} | clock | optimizer
 
     def load_state(self, rows: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
         self.participations = rows["participations"].clone()
         self.server = shared["server_model"][None].clone()
         self.unlogged_bytes = shared["unlogged_bytes"].cpu().clone()
+        self.virtual_time = shared["virtual_time"].cpu().clone()
         prefix = "server_optimizer/"
         self.optimizer_state = {
             name[len(prefix) :]: value.clone()
@@ -157,6 +189,7 @@ class Federated(Algorithm):
         up, down = self.unlogged_bytes.tolist()
         self.unlogged_bytes.zero_()
         return {
+            "time/virtual": float(self.virtual_time[0]),
             "comm/bytes_up": up,
             "comm/bytes_down": down,
             "federated/participations": self.participations,
@@ -181,6 +214,8 @@ class Federated(Algorithm):
             context.config.seed, t, self.plan_.num_clients, self.plan_.clients_per_round,
             context.device,
         )  # fmt: skip
+        # The server waits for the slowest sampled client (the synchronous virtual clock).
+        self.virtual_time += float(self.durations[sampled.cpu().numpy()].max())
         local = torch.isin(context.agents, sampled)
         rows = torch.nonzero(local).flatten()
         self.participations[rows] += 1
