@@ -6,8 +6,8 @@ The agents are the clients. The server is FedBuff's buffered asynchronous server
 bounded delay tau and multi-step MAML personalisation:
 
 - A job of client k takes d_k virtual time units, drawn once per client from
-  `asynchrony.speed_distribution` (federated.client_durations). At time 0 the server sends its model
-  (version 0) to `asynchrony.concurrency` clients.
+  `asynchrony.speed_distribution` (federated.client_durations). At time 0 the server sends its
+  model (version 0) to `asynchrony.concurrency` clients.
 - Events happen at instants, the finish times of jobs. At an instant the server takes the
   arriving updates in client order: an update computed at version v that arrives while the
   server is at version V has staleness tau = V - v; it is dropped if tau > `max_staleness`, or
