@@ -31,6 +31,7 @@ back) makes the synchronous baseline of PersA-FL: a job of client k takes d_k vi
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -66,20 +67,25 @@ def sample_clients(
 
 def client_durations(seed: int, num_clients: int, settings: AsynchronyConfig) -> np.ndarray:
     """d_k [num_clients] float64: the virtual time every job of client k takes, drawn once per
-    client (stream STREAM_SPEED, key k, iteration 0) from `settings.speed_distribution`: 1,
-    exponential with mean 1, lognormal exp(shape Z), or Pareto with minimum 1 and tail index
-    shape (1 - u)^(-1/shape). Drawn on the CPU, so every rank gets the same bits."""
+    client from `settings.speed_distribution`: 1, exponential with mean 1, lognormal
+    exp(shape Z) (Z by Box-Muller), or Pareto with minimum 1 and tail index shape,
+    (1 - u)^(-1/shape). From two exact uniforms of (seed, k, stream STREAM_SPEED, iteration 0)
+    through Python's scalar maths, not vectorised kernels, whose last bit can depend on the
+    array's length: every rank and layout gets the same bits, so the same schedule."""
     clients = torch.arange(num_clients)
-    shape = settings.speed_shape
-    if settings.speed_distribution == "lognormal":
-        normal = rng.normal(seed, clients, rng.STREAM_SPEED, 0, (1,), dtype=torch.float64)
-        return torch.exp(shape * normal[:, 0]).numpy()
-    unit = rng.uniform(seed, clients, rng.STREAM_SPEED, 0, (1,), dtype=torch.float64)[:, 0]
-    if settings.speed_distribution == "exponential":
-        return (-torch.log1p(-unit)).numpy()
-    if settings.speed_distribution == "pareto":
-        return torch.pow(1.0 - unit, -1.0 / shape).numpy()
-    return np.ones(num_clients)
+    units = rng.uniform(seed, clients, rng.STREAM_SPEED, 0, (2,), dtype=torch.float64).tolist()
+    shape, name = settings.speed_shape, settings.speed_distribution
+
+    def duration(u: float, v: float) -> float:
+        if name == "exponential":
+            return -math.log1p(-u)
+        if name == "lognormal":
+            return math.exp(shape * math.sqrt(-2.0 * math.log1p(-u)) * math.cos(2 * math.pi * v))
+        if name == "pareto":
+            return math.pow(1.0 - u, -1.0 / shape)
+        return 1.0
+
+    return np.array([duration(u, v) for u, v in units], dtype=np.float64)
 
 
 @dataclass
