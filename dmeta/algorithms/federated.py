@@ -51,6 +51,7 @@ from dmeta.config import AsynchronyConfig, Config, OptimizerConfig
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
 from dmeta.meta import MAML
+from dmeta.tasks import TaskBatch
 
 
 def sample_clients(
@@ -288,10 +289,16 @@ class FedMeta(Federated):
     def client_updates(
         self, t: int, clients: torch.Tensor, launch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        context = self.context
-        tasks = context.task.sample(clients, t, context.config.learner.tasks_per_agent)
-        gradients, losses = context.meta_gradients(launch, tasks)
-        return gradients, losses, context.task.example_counts(clients, tasks)
+        tasks = self.context.task.sample(clients, t, self.context.config.learner.tasks_per_agent)
+        return self.meta_updates(clients, launch, tasks)
+
+    def meta_updates(
+        self, clients: torch.Tensor, launch: torch.Tensor, tasks: TaskBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The meta-gradients of `clients` from `launch` [n, P] on their `tasks`, their query
+        losses [n] and example counts n_u [n]."""
+        gradients, losses = self.context.meta_gradients(launch, tasks)
+        return gradients, losses, self.context.task.example_counts(clients, tasks)
 
 
 class FedAvg(Federated):

@@ -49,6 +49,7 @@ from dmeta.algorithms.federated import FederatedPlan, FedMeta
 from dmeta.config import AsynchronyConfig, Config
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
+from dmeta.tasks import TaskBatch
 
 F64 = torch.float64
 
@@ -265,16 +266,20 @@ class PersAFL(FedMeta):
 
     def _weighted_sums(self, updates: list[Update]) -> torch.Tensor:
         """[sum_i w_i g_i, sum_i w_i, sum_i w_i loss_i] over this rank's `updates`,
-        w_i = n_i / (1 + tau_i); one meta-gradient call per dispatch instant among them."""
+        w_i = n_i / (1 + tau_i): tasks drawn per dispatch instant, one meta-gradient call."""
+        context = self.context
+        ordered = sorted(updates, key=lambda u: (u.draw, u.client))
+        per_client = context.config.learner.tasks_per_agent
         parts = []
-        for draw in sorted({u.draw for u in updates}):
-            group = [u for u in updates if u.draw == draw]
-            clients = torch.as_tensor([u.client for u in group], device=self.context.device)
-            launch = self.versions[[u.version % len(self.versions) for u in group]]
-            gradients, losses, counts = self.client_updates(draw, clients, launch)
-            staleness = torch.as_tensor([u.staleness for u in group], device=counts.device)
-            parts.append((gradients, losses, counts.to(gradients.dtype) / (1 + staleness)))
-        gradients, losses, weights = (torch.cat(column) for column in zip(*parts, strict=True))
+        for draw in sorted({u.draw for u in ordered}):
+            group = torch.as_tensor([u.client for u in ordered if u.draw == draw])
+            parts.append(context.task.sample(group.to(context.device), draw, per_client))
+        tasks = TaskBatch(*(torch.cat(column) for column in zip(*parts, strict=True)))
+        clients = torch.as_tensor([u.client for u in ordered], device=context.device)
+        launch = self.versions[[u.version % len(self.versions) for u in ordered]]
+        gradients, losses, counts = self.meta_updates(clients, launch, tasks)
+        staleness = torch.as_tensor([u.staleness for u in ordered], device=counts.device)
+        weights = counts.to(gradients.dtype) / (1 + staleness)
         weighted_loss = weights @ losses.to(weights.dtype)
         return torch.cat([weights @ gradients, weights.sum()[None], weighted_loss[None]])
 
