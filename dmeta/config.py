@@ -20,7 +20,7 @@ from typing import Any, Literal
 from dmeta.errors import DmetaError
 
 Strategy = Literal[
-    "atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg", "pushsum", "l2c"
+    "atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg", "pushsum", "l2c", "persafl"
 ]
 Topology = Literal[
     "ring", "grid", "erdos_renyi", "geometric", "complete", "star", "exponential", "edge_list"
@@ -255,6 +255,14 @@ class AsynchronyConfig:
     message takes 1..`max_delay` rounds, uniformly (Gamma_d; 1 is synchronous); a link loses a
     message with probability `loss_probability`, but never more than `max_consecutive_losses`
     in a row (Gamma_f). The defaults are synchronous push-sum.
+
+    Client speeds of `strategy = "persafl"` (PersA-FL; dmeta/algorithms/persafl.py) and of the
+    virtual clock of "fedmeta" and "fedavg": a job of client k takes d_k virtual time units, d_k
+    drawn once per client from `speed_distribution` (constant 1, exponential with mean 1,
+    lognormal exp(speed_shape Z) with Z standard normal, or Pareto with minimum 1 and tail index
+    speed_shape: heavy-tailed). PersA-FL keeps `concurrency` clients training at once, drops an
+    update more than `max_staleness` server versions old and steps the server after every
+    `buffer_size` accepted updates.
     """
 
     wake_probability: float = 1.0
@@ -262,6 +270,11 @@ class AsynchronyConfig:
     max_delay: int = 1
     loss_probability: float = 0.0
     max_consecutive_losses: int = 3
+    concurrency: int = 10
+    speed_distribution: Literal["constant", "exponential", "lognormal", "pareto"] = "constant"
+    speed_shape: float = 1.5
+    max_staleness: int = 4
+    buffer_size: int = 5
 
 
 @dataclass
@@ -702,7 +715,7 @@ def _check_asynchrony(settings: AsynchronyConfig) -> None:
         raise DmetaError(
             f"asynchrony.loss_probability = {settings.loss_probability} must lie in [0, 1]"
         )
-    for key in ("max_sleep", "max_delay"):
+    for key in ("max_sleep", "max_delay", "concurrency", "buffer_size"):
         if getattr(settings, key) < 1:
             raise DmetaError(f"asynchrony.{key} = {getattr(settings, key)} must be at least 1")
     if settings.max_consecutive_losses < 0:
@@ -710,6 +723,12 @@ def _check_asynchrony(settings: AsynchronyConfig) -> None:
             f"asynchrony.max_consecutive_losses = {settings.max_consecutive_losses} must not be "
             "negative"
         )
+    if settings.max_staleness < 0:
+        raise DmetaError(
+            f"asynchrony.max_staleness = {settings.max_staleness} must not be negative"
+        )
+    if not settings.speed_shape > 0:
+        raise DmetaError(f"asynchrony.speed_shape = {settings.speed_shape} must be positive")
 
 
 def _check_l2c(settings: L2CConfig) -> None:

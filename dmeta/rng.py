@@ -33,7 +33,7 @@ Streams: independent families of random numbers, one per use. A new use gets a n
     9  STREAM_PARTITION        the shuffle of meta-train classes among agents (agent 0)
     10 STREAM_INIT_DIRECTIONS  directions of the linear-representation launch at a distance
     11 STREAM_CLIENTS          the server's sample of clients in a federated round (agent 0,
-                               iteration = round)
+                               iteration = round; PersA-FL: iteration = dispatch instant)
     12 STREAM_CLIENT_SPLIT     federated data: the shuffle of clients into train, validation
                                and test clients (agent 0, iteration 0)
     13 STREAM_CLIENT_EXAMPLES  federated data: the order of a client's examples, which fixes
@@ -45,6 +45,8 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                round)
     17 STREAM_L2C_VALIDATION   L2C's validation tasks of a node for its mixing-weight step
                                (per agent, iteration = round)
+    18 STREAM_SPEED            a federated client's job duration, drawn once (per client,
+                               iteration 0)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -88,6 +90,7 @@ STREAM_WAKE = 14
 STREAM_DELAY = 15
 STREAM_LOSS = 16
 STREAM_L2C_VALIDATION = 17
+STREAM_SPEED = 18
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -481,3 +481,36 @@ def test_l2c_runs_are_the_same_under_mpi_and_pruning_cuts_the_bytes(comm) -> Non
         assert (parallel["mixing/weights"][-1] == 0).sum() > 0
 
     _verdict(comm, check)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "asynchrony.speed_distribution=pareto",
+        "asynchrony.speed_distribution=lognormal learner.name=metasgd asynchrony.max_staleness=0",
+    ],
+)
+def test_persafl_runs_are_the_same_under_mpi(comm, setting) -> None:
+    """PersA-FL on 7 clients: every rank simulates the same asynchronous server; the clients
+    of a rank whose updates a buffer takes compute at their downloaded versions, and one
+    all-reduce per server step gives the in-process run's numbers."""
+    config = small_config(
+        "strategy=persafl", "runtime.dtype=float64", "model.hidden=[8]",
+        "asynchrony.concurrency=4", "asynchrony.buffer_size=2", "asynchrony.max_staleness=2",
+        *setting.split(),
+    )  # fmt: skip
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        for name in ("metrics/train_loss", "metrics/val_loss", "centroid/val_loss", "params/final"):
+            scale = np.nanmax(np.abs(local_run[name]))
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-12, atol=1e-12 * scale, err_msg=name
+            )
+        exact = [name for name in local_run if name.startswith("federated/")]
+        for name in [*exact, "time/virtual", "comm/bytes_up", "comm/bytes_down"]:
+            np.testing.assert_array_equal(parallel[name], local_run[name], err_msg=name)
+        final = parallel["params/final"]
+        np.testing.assert_array_equal(final, np.broadcast_to(final[0], final.shape))
+
+    _verdict(comm, check)

@@ -12,6 +12,7 @@ from dmeta.algorithms.diffusion import ATC, CTA
 from dmeta.algorithms.federated import FedAvg, FedMeta
 from dmeta.algorithms.l2c import L2C
 from dmeta.algorithms.noncooperative import NonCooperative
+from dmeta.algorithms.persafl import PersAFL
 from dmeta.algorithms.pushsum import PushSum
 from dmeta.errors import DmetaError
 
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "fedavg": FedAvg,
     "pushsum": PushSum,
     "l2c": L2C,
+    "persafl": PersAFL,
 }
 
 

@@ -10,7 +10,8 @@ An algorithm is one module holding a subclass of `Algorithm`, registered by stra
 - `round(t)`: the local computation of round t and its calls to the exchange;
 - `models()`: the launch models the engine evaluates and stores (`shared_model`: all one
   model, evaluated once), adapted with `evaluation_steps` inner steps;
-- `series` (or `row_series(plan)`) and `row_values()`: extra row-wise series it logs;
+- `series` (or `row_series(plan)`, when they depend on the config) and `row_values()`: extra
+  row-wise series it logs;
 - `topology()`: what the run file records of its communication graph.
 The engine owns the loop, logging, evaluation, checkpoints and signals, and knows no names.
 """
@@ -148,13 +149,14 @@ class Algorithm(ABC):
         return steps
 
     def row_values(self) -> dict[str, torch.Tensor | float]:
-        """Values of `series` at a logged row; none by default."""
+        """Values of `row_series` at a logged row; none by default."""
         return {}
 
     @classmethod
     def row_series(cls, plan: Any) -> dict[str, tuple[bool | Columns, str, str]]:
         """The extra row-wise series of a run with `plan`: `series` by default; an algorithm
-        whose series have a width given by its graph (`Columns`) builds them here."""
+        whose series depend on the config (e.g. one per histogram bin) or have a width given by
+        its graph (`Columns`) builds them here."""
         return cls.series
 
     @classmethod

@@ -23,10 +23,15 @@ Every rank holds the server model and the server optimizer's state (one row) and
 same reduced update, so they stay identical; the one reduction of a round is an all-reduce of
 the rank's weighted sums. Only the sampled clients of a rank compute. Every agent's launch model
 is the server model, so the engine evaluates the server model adapted on each agent's tasks.
+
+A virtual clock (slides 003, "FedAvg Algorithm": the server waits to receive all local updates
+back) makes the synchronous baseline of PersA-FL: a job of client k takes d_k virtual time units
+(`client_durations`, [asynchrony] speed keys), so round t lasts max over U_t of d_u.
 """
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -42,10 +47,11 @@ from dmeta.algorithms.base import (
     TopologyRecord,
     build_optimizer,
 )
-from dmeta.config import Config, OptimizerConfig
+from dmeta.config import AsynchronyConfig, Config, OptimizerConfig
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
 from dmeta.meta import MAML
+from dmeta.tasks import TaskBatch
 
 
 def sample_clients(
@@ -60,6 +66,29 @@ def sample_clients(
     return torch.sort(chosen).values
 
 
+def client_durations(seed: int, num_clients: int, settings: AsynchronyConfig) -> np.ndarray:
+    """d_k [num_clients] float64: the virtual time every job of client k takes, drawn once per
+    client from `settings.speed_distribution`: 1, exponential with mean 1, lognormal
+    exp(shape Z) (Z by Box-Muller), or Pareto with minimum 1 and tail index shape,
+    (1 - u)^(-1/shape). From two exact uniforms of (seed, k, stream STREAM_SPEED, iteration 0)
+    through Python's scalar maths, not vectorised kernels, whose last bit can depend on the
+    array's length: every rank and layout gets the same bits, so the same schedule."""
+    clients = torch.arange(num_clients)
+    units = rng.uniform(seed, clients, rng.STREAM_SPEED, 0, (2,), dtype=torch.float64).tolist()
+    shape, name = settings.speed_shape, settings.speed_distribution
+
+    def duration(u: float, v: float) -> float:
+        if name == "exponential":
+            return -math.log1p(-u)
+        if name == "lognormal":
+            return math.exp(shape * math.sqrt(-2.0 * math.log1p(-u)) * math.cos(2 * math.pi * v))
+        if name == "pareto":
+            return math.pow(1.0 - u, -1.0 / shape)
+        return 1.0
+
+    return np.array([duration(u, v) for u, v in units], dtype=np.float64)
+
+
 @dataclass
 class FederatedPlan:
     """The checked server settings."""
@@ -71,10 +100,16 @@ class FederatedPlan:
 class Federated(Algorithm):
     """A server model trained by sampled clients; subclasses say what a client returns."""
 
-    config_sections = ("federated",)
+    config_sections = ("federated", "asynchrony")
     shared_model = True
 
     series = {
+        "time/virtual": (
+            False,
+            "virtual time units",
+            "the virtual clock after the row's round: each round lasts as long as its slowest "
+            "sampled client's job (asynchrony.speed_distribution)",
+        ),
         "comm/bytes_up": (
             False,
             "bytes",
@@ -130,18 +165,22 @@ class Federated(Algorithm):
         )
         # Bytes (up, down) since the previous logged row.
         self.unlogged_bytes = torch.zeros(2, dtype=torch.float64)
+        self.durations = client_durations(config.seed, config.agents, config.asynchrony)
+        self.virtual_time = torch.zeros(1, dtype=torch.float64)
 
     def state_rows(self) -> dict[str, torch.Tensor]:
         return {"participations": self.participations}
 
     def state_shared(self) -> dict[str, torch.Tensor]:
         optimizer = {f"server_optimizer/{k}": v for k, v in self.optimizer_state.items()}
-        return {"server_model": self.server[0], "unlogged_bytes": self.unlogged_bytes} | optimizer
+        clock = {"unlogged_bytes": self.unlogged_bytes, "virtual_time": self.virtual_time}
+        return {"server_model": self.server[0]} | clock | optimizer
 
     def load_state(self, rows: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
         self.participations = rows["participations"].clone()
         self.server = shared["server_model"][None].clone()
         self.unlogged_bytes = shared["unlogged_bytes"].cpu().clone()
+        self.virtual_time = shared["virtual_time"].cpu().clone()
         prefix = "server_optimizer/"
         self.optimizer_state = {
             name[len(prefix) :]: value.clone()
@@ -157,6 +196,7 @@ class Federated(Algorithm):
         up, down = self.unlogged_bytes.tolist()
         self.unlogged_bytes.zero_()
         return {
+            "time/virtual": float(self.virtual_time[0]),
             "comm/bytes_up": up,
             "comm/bytes_down": down,
             "federated/participations": self.participations,
@@ -181,6 +221,8 @@ class Federated(Algorithm):
             context.config.seed, t, self.plan_.num_clients, self.plan_.clients_per_round,
             context.device,
         )  # fmt: skip
+        # The server waits for the slowest sampled client (the synchronous virtual clock).
+        self.virtual_time += float(self.durations[sampled.cpu().numpy()].max())
         local = torch.isin(context.agents, sampled)
         rows = torch.nonzero(local).flatten()
         self.participations[rows] += 1
@@ -247,10 +289,16 @@ class FedMeta(Federated):
     def client_updates(
         self, t: int, clients: torch.Tensor, launch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        context = self.context
-        tasks = context.task.sample(clients, t, context.config.learner.tasks_per_agent)
-        gradients, losses = context.meta_gradients(launch, tasks)
-        return gradients, losses, context.task.example_counts(clients, tasks)
+        tasks = self.context.task.sample(clients, t, self.context.config.learner.tasks_per_agent)
+        return self.meta_updates(clients, launch, tasks)
+
+    def meta_updates(
+        self, clients: torch.Tensor, launch: torch.Tensor, tasks: TaskBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The meta-gradients of `clients` from `launch` [n, P] on their `tasks`, their query
+        losses [n] and example counts n_u [n]."""
+        gradients, losses = self.context.meta_gradients(launch, tasks)
+        return gradients, losses, self.context.task.example_counts(clients, tasks)
 
 
 class FedAvg(Federated):
