@@ -57,7 +57,7 @@ figure: $(STAMP)
 	$(BIN)/python analysis/fig1b.py $(addprefix $(RUNS)/sine40_,$(addsuffix .h5,$(STRATEGIES))) \
 	  --last 5 --out docs/fig1b.png
 
-# Theorems 1 and 2 on the mu-sweep (about 1 minute on 2 cores); see README.
+# Theorems 1 and 2 on the mu-sweep (about 80 s on 2 cores); see README.
 theorems: $(STAMP)
 	$(BIN)/dmeta sweep jobs/theorems_mu_sweep.toml --parallel 2 --out-dir $(RUNS)/theorems_mu_sweep
 	$(BIN)/python analysis/theorem1.py '$(RUNS)/theorems_mu_sweep/*.h5' --out docs/theorem1.png
