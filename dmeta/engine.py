@@ -263,6 +263,10 @@ class Engine:
                 "topology/weights", record.weights, units="1", description="a[l, k] of each edge"
             )
             self.writer.set_attributes("topology", **record.attributes)
+        weights = "uniform" if self.algorithm.centroid_weights() is None else "perron"
+        for name in ("centroid/disagreement", "centroid/stationarity", "metrics/disagreement"):
+            # Which network average w_c these series use (Theorem 1's centroid).
+            self.writer.set_attributes(name, centroid_weights=weights)
         for name, array in self.task.arrays().items():
             self.writer.write_global(name, array.cpu().numpy())
         self.writer.write_agents(

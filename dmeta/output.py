@@ -376,7 +376,8 @@ class RunWriter(Protocol):
         """A dataset with one row per agent, each rank passing its own agents' rows."""
 
     def set_attributes(self, name: str, **attributes: Any) -> None:
-        """Attributes of the group `name` (e.g. /topology's lambda2), the same on every rank."""
+        """Attributes of the group or dataset `name` (e.g. /topology's lambda2; a missing name
+        becomes a group), the same on every rank."""
 
     def finish(self) -> None:
         """Write what is buffered, mark the run complete and give the file its final name."""
@@ -504,7 +505,7 @@ class SerialWriter(_BufferedRows):
         """Attributes of the group or dataset `name` (created as a group when missing)."""
         if self.file is not None:
             with self._guard():
-                self.file.require_group(name).attrs.update(attributes)
+                _node(self.file, name).attrs.update(attributes)
 
     def finish(self) -> None:
         self.flush()
@@ -598,8 +599,8 @@ class ParallelWriter(_BufferedRows):
             dataset[self.mine] = rows
 
     def set_attributes(self, name: str, **attributes: Any) -> None:
-        """Attributes of the group `name`, set by every rank alike (collective)."""
-        self.file.require_group(name).attrs.update(attributes)
+        """Attributes of the group or dataset `name`, set by every rank alike (collective)."""
+        _node(self.file, name).attrs.update(attributes)
 
     def finish(self) -> None:
         self.flush()
@@ -616,6 +617,11 @@ class ParallelWriter(_BufferedRows):
 
     def abandon(self) -> None:
         """Nothing: closing is collective, and the failing job is about to be aborted."""
+
+
+def _node(file: h5py.File, name: str) -> h5py.Group | h5py.Dataset:
+    """The object at `name`: an existing dataset or group, else a new group."""
+    return file[name] if name in file else file.require_group(name)
 
 
 def parallel_hdf5_available() -> bool:

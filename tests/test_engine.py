@@ -241,6 +241,7 @@ def test_centroid_is_the_perron_average_when_a_is_not_doubly_stochastic(tmp_path
     np.testing.assert_allclose(data["metrics/disagreement"][-1], expected, rtol=1e-10)
     with h5py.File(tmp_path / "star.h5") as f:
         assert f["topology"].attrs["centroid"] == "perron"
+        assert f["centroid/disagreement"].attrs["centroid_weights"] == "perron"
 
 
 def test_stationarity_sets_differ_between_runs_of_a_sweep() -> None:
