@@ -248,7 +248,8 @@ def open_run(
     evaluations by name (e.g. "test_accuracy": /final/test_accuracy and its _ci95).
 
     A run whose root attribute `complete` is not True (a `.partial` file) is refused unless
-    `allow_partial`; it is then cut to the rows that every loaded dataset holds.
+    `allow_partial`; it is then cut to the rows that every loaded dataset holds. A run still
+    writing its file is read in HDF5's SWMR mode: the rows flushed so far.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -256,10 +257,16 @@ def open_run(
     if not os.path.isfile(path):
         raise RunFileError(f"{path}: not a regular file")
     try:
-        with h5py.File(path, "r") as file:
+        # SWMR mode, without a file lock: a run still writing the file lets it be read.
+        with h5py.File(path, "r", swmr=True, locking=False) as file:
             return _load(file, path, metrics, series, allow_partial, finals)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "already open for write" in reason:
+            raise RunFileError(
+                f"{path}: a run is setting it up or writing its final datasets (or was killed "
+                "then): try again in a moment"
+            ) from None
         raise RunFileError(f"{path}: not an HDF5 file or corrupt ({reason})") from None
 
 
