@@ -55,7 +55,8 @@ def label_of(config: dict) -> str:
 def read_run(path: str) -> FederatedRun:
     """One run file; RunFileError naming the file and what is missing."""
     try:
-        with h5py.File(path, "r") as file:
+        # SWMR mode, without a file lock, as runfile.open_run: a running file is read too.
+        with h5py.File(path, "r", swmr=True, locking=False) as file:
             config = json.loads(file.attrs["config"])
             if config.get("strategy") not in ("fedmeta", "fedavg"):
                 raise RunFileError(f"{path}: strategy {config.get('strategy')!r} is not federated")
