@@ -412,6 +412,7 @@ class SerialWriter(_BufferedRows):
         self.exchange = exchange
         self.file: h5py.File | None = None
         self.partial = partial_path(self.path)
+        self.swmr_format = True  # whether the file's format allows SWMR mode
         if exchange.rank != 0:
             self.rows = resume_rows or 0
             return
@@ -426,6 +427,8 @@ class SerialWriter(_BufferedRows):
                 _create_layout(self.file, num_agents, attributes, schema)
         else:
             swmr.recover(self.partial)
+            # A run begun by the parallel writer has a format without SWMR: it stays so.
+            self.swmr_format = swmr.superblock(self.partial)[0] >= 3
             self.file = _reopen(
                 self.partial, resume_rows, attributes, schema, {"libver": swmr.LIBVER}
             )
@@ -453,9 +456,9 @@ class SerialWriter(_BufferedRows):
                 self.file.flush()
 
     def live(self) -> None:
-        """Switch the file to SWMR mode (readers open it with `swmr=True`); a file of a format
-        without SWMR (a resumed run begun by the parallel writer) stays as it is."""
-        if self.file is not None and swmr.superblock(self.partial)[0] >= 3:
+        """Switch the file to SWMR mode (readers open it with `swmr=True`), unless its format
+        has none."""
+        if self.file is not None and self.swmr_format:
             with self._guard():
                 self.file.swmr_mode = True
 

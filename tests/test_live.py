@@ -143,7 +143,9 @@ def test_lookup3_matches_bob_jenkins_test_vectors() -> None:
     assert swmr.lookup3(b"Four score and seven years ago", 1) == 0xCD628161
 
 
-def synthetic_run(path: Path, rows: int, agents: int = 3, finish: bool = True) -> None:
+def synthetic_run(
+    path: Path, rows: int, agents: int = 3, finish: bool = True, live: bool = True
+) -> None:
     """A run file from the serial writer whose values say where they belong."""
     schema = RowSchema()
     attributes = {"config": '{"agents": 3, "iterations": 40, "strategy": "atc"}', "seed": 1}
@@ -151,7 +153,8 @@ def synthetic_run(path: Path, rows: int, agents: int = 3, finish: bool = True) -
         "serial", path, None, LocalExchange(agents), AgentLayout(agents, 1),
         {**attributes, "strategy": "atc", "started_at": "2026-01-01T00:00:00Z"}, 2, schema,
     )  # fmt: skip
-    writer.live()
+    if live:
+        writer.live()
     for row in range(rows):
         scalars = {name: 100.0 * i + row for i, name in enumerate(schema.scalar)}
         per_agent = {
@@ -247,3 +250,19 @@ def test_a_resumed_run_keeps_its_start_time(tmp_path) -> None:
     with h5py.File(f"{path}.partial", "r") as file:
         assert file.attrs["started_at"] == "2026-01-01T00:00:00Z"
         assert file.attrs["command_line"] == "again"
+
+
+def test_a_resumed_file_of_a_format_without_swmr_stays_out_of_swmr_mode(tmp_path, monkeypatch):
+    path = tmp_path / "run.h5"
+    with monkeypatch.context() as patch:
+        patch.setattr(swmr, "LIBVER", ("earliest", "latest"))  # as the parallel writer's files
+        synthetic_run(path, rows=4, finish=False, live=False)
+    writer = open_writer(
+        "serial", path, None, LocalExchange(3), AgentLayout(3, 1), {}, 2, resume_rows=4
+    )
+    writer.live()
+    assert not writer.file.swmr_mode
+    writer.write_agents("params/final", np.zeros((3, 2)))
+    writer.finish()
+    with h5py.File(path, "r") as file:
+        assert file.attrs["complete"] and swmr.superblock(path)[0] < 3
