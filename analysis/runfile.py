@@ -235,6 +235,17 @@ def _load(
     )
 
 
+def open_hdf5(path: str) -> h5py.File:
+    """Open an HDF5 file to read without a file lock, in SWMR mode while a run writes it: its
+    superblock (version 2 or later) has the SWMR-writer status flag 0x04. Not otherwise: SWMR
+    readers retry a damaged file's bad checksums for hours. Raises OSError."""
+    with open(path, "rb") as raw:
+        head = raw.read(12)
+    signed = len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n"
+    writing = signed and head[8] >= 2 and bool(head[11] & 0x04)
+    return h5py.File(path, "r", swmr=writing, locking=False)
+
+
 def open_run(
     path: str | os.PathLike[str],
     *,
@@ -257,8 +268,7 @@ def open_run(
     if not os.path.isfile(path):
         raise RunFileError(f"{path}: not a regular file")
     try:
-        # SWMR mode, without a file lock: a run still writing the file lets it be read.
-        with h5py.File(path, "r", swmr=True, locking=False) as file:
+        with open_hdf5(path) as file:
             return _load(file, path, metrics, series, allow_partial, finals)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__

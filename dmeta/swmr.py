@@ -21,6 +21,7 @@ import h5py
 # The format bounds of a run file written by the serial writer.
 LIBVER = ("v110", "latest")
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
+SWMR_WRITE = 0x04  # superblock status flag: a SWMR writer has the file open
 _MASK = 0xFFFFFFFF
 
 
@@ -94,9 +95,12 @@ def recover(path: str | os.PathLike[str]) -> None:
 
 
 def open_for_reading(path: str | os.PathLike[str]) -> h5py.File:
-    """Open a run file to read, complete or still being written: SWMR mode, taking no file
-    lock (so a reader never blocks the writer); raises h5py's OSError."""
-    return h5py.File(path, "r", swmr=True, locking=False)
+    """Open a run file to read, complete or still being written, taking no file lock (a
+    reader never blocks the writer); raises OSError. SWMR mode only while the superblock says
+    a SWMR writer has the file (or had, and was killed): SWMR readers take a bad checksum for
+    a write in progress and retry it for hours, so a damaged file must be read plainly."""
+    writing = bool(superblock(path)[1] & SWMR_WRITE)
+    return h5py.File(path, "r", swmr=writing, locking=False)
 
 
 def being_written(error: OSError) -> bool:
