@@ -1,9 +1,9 @@
 """Reading a run file, complete or still being written: `dmeta status` and pandas frames.
 
 Imports only h5py and numpy (pandas inside `load_run`, an optional extra): no torch, no mpi4py,
-so `dmeta status` answers at once. Files are opened in HDF5's SWMR mode (`dmeta.swmr`), so a
-running serial-writer run shows the rows flushed so far. The analysis scripts have their own
-reader (analysis/runfile.py), which needs no dmeta at all.
+so `dmeta status` answers at once. A file a run is writing is opened in HDF5's SWMR mode
+(`dmeta.swmr`): a running serial-writer run shows the rows flushed so far. The analysis
+scripts have their own reader (analysis/runfile.py), which needs no dmeta at all.
 
     from dmeta.runfile import load_run
     run = load_run("runs/sine_quick.h5")
@@ -52,7 +52,7 @@ def resolve(path: str | os.PathLike[str]) -> Path:
 
 @contextlib.contextmanager
 def reading(path: Path) -> Iterator[h5py.File]:
-    """The run file `path` open to read (SWMR mode), or RunFileError saying why not."""
+    """The run file `path` open to read (`swmr.open_for_reading`), or RunFileError why not."""
     try:
         file = swmr.open_for_reading(path)
     except OSError as error:
