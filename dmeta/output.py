@@ -164,6 +164,15 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _recover(partial: Path) -> None:
+    """Clear the "being written" mark of a killed writer's file (`swmr.recover`), or say why
+    it cannot be cleared in one line."""
+    try:
+        swmr.recover(partial)
+    except OSError as error:
+        raise DmetaError(f"cannot reopen {partial} to resume: {error}") from None
+
+
 def _reopen(
     partial: Path,
     rows: int,
@@ -426,7 +435,7 @@ class SerialWriter(_BufferedRows):
             with self._guard():
                 _create_layout(self.file, num_agents, attributes, schema)
         else:
-            swmr.recover(self.partial)
+            _recover(self.partial)
             # A run begun by the parallel writer has a format without SWMR: it stays so.
             self.swmr_format = swmr.superblock(self.partial)[0] >= 3
             self.file = _reopen(
@@ -530,7 +539,7 @@ class ParallelWriter(_BufferedRows):
         self.partial = partial_path(self.path)
         if resume_rows is not None:
             if rank == 0:
-                swmr.recover(self.partial)  # a run begun by the serial writer and killed
+                _recover(self.partial)  # a run begun by the serial writer and killed
             # All ranks synchronise here: no rank opens the file before it is recovered.
             comm.Barrier()
             # Structural changes are collective: every rank makes the same calls in order.
