@@ -292,7 +292,8 @@ def status_lines(status: RunStatus, now: float | None = None) -> list[str]:
 def _time_line(status: RunStatus, left: int) -> str:
     """Wall time so far, the rate and, for an unfinished run, the time left at that rate."""
     rate = status.rate()
-    text = f"time      {_duration(status.seconds())} so far"
+    so_far = "in all" if status.state == "complete" else "so far"
+    text = f"time      {_duration(status.seconds())} {so_far}"
     if rate is None:
         return text + ", rate not known yet"
     text += f", {rate:.3g} it/s"
