@@ -21,9 +21,8 @@ import json
 import sys
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
-from runfile import RunFileError, expand_paths, table_lines
+from runfile import RunFileError, expand_paths, open_hdf5, table_lines
 
 PROG = "fedmeta"
 
@@ -55,7 +54,7 @@ def label_of(config: dict) -> str:
 def read_run(path: str) -> FederatedRun:
     """One run file; RunFileError naming the file and what is missing."""
     try:
-        with h5py.File(path, "r") as file:
+        with open_hdf5(path) as file:  # also while a run writes it
             config = json.loads(file.attrs["config"])
             if config.get("strategy") not in ("fedmeta", "fedavg"):
                 raise RunFileError(f"{path}: strategy {config.get('strategy')!r} is not federated")

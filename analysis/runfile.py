@@ -235,6 +235,17 @@ def _load(
     )
 
 
+def open_hdf5(path: str) -> h5py.File:
+    """Open an HDF5 file to read without a file lock, in SWMR mode while a run writes it: its
+    superblock (version 2 or later) has the SWMR-writer status flag 0x04. Not otherwise: SWMR
+    readers retry a damaged file's bad checksums for hours. Raises OSError."""
+    with open(path, "rb") as raw:
+        head = raw.read(12)
+    signed = len(head) == 12 and head[:8] == b"\x89HDF\r\n\x1a\n"
+    writing = signed and head[8] >= 2 and bool(head[11] & 0x04)
+    return h5py.File(path, "r", swmr=writing, locking=False)
+
+
 def open_run(
     path: str | os.PathLike[str],
     *,
@@ -248,7 +259,8 @@ def open_run(
     evaluations by name (e.g. "test_accuracy": /final/test_accuracy and its _ci95).
 
     A run whose root attribute `complete` is not True (a `.partial` file) is refused unless
-    `allow_partial`; it is then cut to the rows that every loaded dataset holds.
+    `allow_partial`; it is then cut to the rows that every loaded dataset holds. A run still
+    writing its file is read in HDF5's SWMR mode: the rows flushed so far.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -256,10 +268,15 @@ def open_run(
     if not os.path.isfile(path):
         raise RunFileError(f"{path}: not a regular file")
     try:
-        with h5py.File(path, "r") as file:
+        with open_hdf5(path) as file:
             return _load(file, path, metrics, series, allow_partial, finals)
     except OSError as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "already open for write" in reason:
+            raise RunFileError(
+                f"{path}: a run is setting it up or writing its final datasets (or was killed "
+                "then): try again in a moment"
+            ) from None
         raise RunFileError(f"{path}: not an HDF5 file or corrupt ({reason})") from None
 
 

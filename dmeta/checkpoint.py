@@ -21,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dmeta import swmr
 from dmeta.config import Config, numbers_only
 from dmeta.errors import DmetaError, OutputError
 from dmeta.exchange import Exchange
@@ -186,12 +187,26 @@ def decide_resume(run_path: Path, config: Config, mode: str) -> bool:
     return True
 
 
+def _open_unfinished(partial: Path) -> h5py.File:
+    """Open the unfinished run file of a stopped or killed run to read. One whose writer was
+    killed outside SWMR mode (setting the file up or writing its final datasets) is marked as
+    open for writing, which even SWMR readers refuse: it is recovered first (every rank may
+    do so: the same bytes)."""
+    try:
+        return swmr.open_for_reading(partial)
+    except OSError as error:
+        if not swmr.being_written(error):
+            raise
+    swmr.recover(partial)
+    return swmr.open_for_reading(partial)
+
+
 def check_partial(partial: Path, rows: int) -> None:
     """DmetaError unless the unfinished run file `partial` is readable and holds the `rows`
     logged rows a checkpoint counts (checked on every rank before a resumed run starts)."""
     restart = "the checkpoint cannot continue without it; pass --restart to start over"
     try:
-        with h5py.File(partial, "r") as file:
+        with _open_unfinished(partial) as file:
             iteration = file.get("time/iteration")
             held = iteration.shape[0] if isinstance(iteration, h5py.Dataset) else -1
     except OSError as error:

@@ -111,6 +111,15 @@ def _parser() -> argparse.ArgumentParser:
         help="run members whose run file is complete again, replacing it (default: skip them)",
     )
 
+    status = commands.add_parser(
+        "status",
+        help="where a run stands: its config, progress, last row, rate and time left "
+        "(reads the HDF5 file only, also while the run writes it)",
+    )
+    status.add_argument(
+        "run_file", metavar="RUN.h5", help="run file, or its .partial (taken when RUN.h5 is absent)"
+    )
+
     graph = commands.add_parser("graph", help="describe a config's graph and combination matrix")
     graph.add_argument("config", help="TOML job file (see jobs/)")
     graph.add_argument("--set", **SET_OPTION)
@@ -171,6 +180,13 @@ def _check_picture(path: Path) -> None:
         raise DmetaError(f"--plot {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise DmetaError(f"--plot {path}: the folder {folder} is not writable")
+
+
+def _status(args: argparse.Namespace) -> None:
+    """Print where the run of a run file stands (h5py only: no torch, no MPI)."""
+    from dmeta.runfile import read_status, status_lines
+
+    print(*status_lines(read_status(args.run_file)), sep="\n")
 
 
 def _show_config(args: argparse.Namespace) -> None:
@@ -393,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "sweep":
             return _sweep(args)
-        if args.command == "graph":
+        if args.command == "status":
+            _status(args)
+        elif args.command == "graph":
             _graph(args)
         elif args.command == "config":
             _show_config(args)

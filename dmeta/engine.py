@@ -252,6 +252,7 @@ class Engine:
         )  # fmt: skip
         if resumed_rows is None:
             self._write_header()
+        self.writer.live()
 
     def _write_header(self) -> None:
         record = self.plan.algorithm.topology(self.plan.algorithm_plan)

@@ -12,6 +12,12 @@ last flush, every series of the same length. The file is written as `<path>.part
 renamed to `<path>` only when the run completes, so a file under the final name is always a
 whole run; a file already under that name (`dmeta run --overwrite`) is replaced only then.
 
+The serial writer's file can be read while the run goes on (`dmeta.swmr`): once the header
+datasets are written (`live`), it is in HDF5's SWMR mode, where rows are appended and flushed
+but no object is created; the final datasets are written after closing it and reopening it
+out of SWMR mode. The parallel writer's file (MPI-IO, which has no SWMR mode) can be read only
+once the run has stopped.
+
 A write that fails (a full disk, a quota) raises `OutputError` naming the file and its folder.
 HDF5 cannot close a file after a failed write (it crashes), so the file is left open and
 abandoned as it is: the `.partial` keeps whatever its last successful flush wrote.
@@ -26,14 +32,19 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import h5py
 import numpy as np
 
+from dmeta import swmr
 from dmeta.errors import DmetaError, OutputError
 from dmeta.exchange import AgentLayout, Exchange
+
+# Root attributes that keep the first launch's value when a run is resumed.
+KEPT_ON_RESUME = ("started_at",)
 
 # Every row-wise dataset: path -> (one value per agent?, units, meaning). Row r of each holds
 # the values at iteration /time/iteration[r], which is their dimension scale.
@@ -150,18 +161,33 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def utc_now() -> str:
+    """The current time in ISO 8601, UTC, to the second (e.g. 2026-11-27T09:30:00Z)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _recover(partial: Path) -> None:
+    """Clear the "being written" mark of a killed writer's file (`swmr.recover`), or say why
+    it cannot be cleared in one line."""
+    try:
+        swmr.recover(partial)
+    except OSError as error:
+        raise DmetaError(f"cannot reopen {partial} to resume: {error}") from None
+
+
 def _reopen(
     partial: Path,
     rows: int,
     attributes: dict[str, Any],
     schema: RowSchema,
-    driver: dict[str, Any],
+    options: dict[str, Any],
 ) -> h5py.File:
     """Open an unfinished run file to continue it: every series cut to `rows` rows (rows a
     killed run wrote after its last checkpoint are written again), the attributes of this
-    launch (hosts, layout, versions) replacing the old ones, and the resume recorded."""
+    launch (hosts, layout, versions, command line) replacing the old ones except
+    `KEPT_ON_RESUME`, and the resume recorded. `options` go to h5py.File (driver, libver)."""
     try:
-        file = h5py.File(partial, "a", **driver)
+        file = h5py.File(partial, "a", locking=False, **options)
     except OSError as error:
         raise DmetaError(f"cannot reopen {partial} to resume: {error}") from None
     for name in ["time/iteration", *schema.series]:
@@ -175,7 +201,8 @@ def _reopen(
             del file[name]
     resumed = [int(r) for r in file.attrs.get("resumed_at_row", [])]
     for key, value in attributes.items():
-        file.attrs[key] = value
+        if key not in KEPT_ON_RESUME or key not in file.attrs:
+            file.attrs[key] = value
     file.attrs["resumed_at_row"] = np.array([*resumed, rows], dtype=np.int64)
     return file
 
@@ -379,6 +406,9 @@ class RunWriter(Protocol):
         """Attributes of the group or dataset `name` (e.g. /topology's lambda2; a missing name
         becomes a group), the same on every rank."""
 
+    def live(self) -> None:
+        """The header is written: let readers follow the rows from now on, if the file can."""
+
     def finish(self) -> None:
         """Write what is buffered, mark the run complete and give the file its final name."""
 
@@ -453,6 +483,7 @@ class SerialWriter(_BufferedRows):
         self.exchange = exchange
         self.file: h5py.File | None = None
         self.partial = partial_path(self.path)
+        self.swmr_format = True  # whether the file's format allows SWMR mode
         if exchange.rank != 0:
             self.rows = resume_rows or 0
             return
@@ -460,13 +491,18 @@ class SerialWriter(_BufferedRows):
             _prepare_path(self.path)
             quiet_hdf5_write_noise()
             try:
-                self.file = h5py.File(self.partial, "w")
+                self.file = h5py.File(self.partial, "w", libver=swmr.LIBVER)
             except OSError as error:
                 raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
             with self._guard():
                 _create_layout(self.file, num_agents, attributes, schema)
         else:
-            self.file = _reopen(self.partial, resume_rows, attributes, schema, {})
+            _recover(self.partial)
+            # A run begun by the parallel writer has a format without SWMR: it stays so.
+            self.swmr_format = swmr.superblock(self.partial)[0] >= 3
+            self.file = _reopen(
+                self.partial, resume_rows, attributes, schema, {"libver": swmr.LIBVER}
+            )
             self.rows = resume_rows
 
     @contextlib.contextmanager
@@ -491,10 +527,24 @@ class SerialWriter(_BufferedRows):
                     self.file[name][start:] = self.schema.stored(name, block, everyone)
                 self.file.flush()
 
+    def live(self) -> None:
+        """Switch the file to SWMR mode (readers open it with `swmr=True`), unless its format
+        has none."""
+        if self.file is not None and self.swmr_format:
+            with self._guard():
+                self.file.swmr_mode = True
+
+    def _structural(self) -> h5py.File:
+        """The file, out of SWMR mode (closed and reopened) so that objects can be created."""
+        if self.file.swmr_mode:
+            self.file.close()
+            self.file = h5py.File(self.partial, "a", libver=swmr.LIBVER, locking=False)
+        return self.file
+
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
         if self.file is not None:
             with self._guard():
-                dataset = self.file.create_dataset(name, data=data)
+                dataset = self._structural().create_dataset(name, data=data)
                 dataset.attrs.update(attributes)
 
     def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
@@ -505,13 +555,13 @@ class SerialWriter(_BufferedRows):
         """Attributes of the group or dataset `name` (created as a group when missing)."""
         if self.file is not None:
             with self._guard():
-                _node(self.file, name).attrs.update(attributes)
+                _node(self._structural(), name).attrs.update(attributes)
 
     def finish(self) -> None:
         self.flush()
         if self.file is not None:
             with self._guard():
-                self.file.attrs["complete"] = True
+                self._structural().attrs.update(complete=True, finished_at=utc_now())
                 self.file.close()
             try:
                 os.replace(self.partial, self.path)
@@ -551,6 +601,10 @@ class ParallelWriter(_BufferedRows):
         self.mine = slice(first, first + self.buffer.num_local)
         self.partial = partial_path(self.path)
         if resume_rows is not None:
+            if rank == 0:
+                _recover(self.partial)  # a run begun by the serial writer and killed
+            # All ranks synchronise here: no rank opens the file before it is recovered.
+            comm.Barrier()
             # Structural changes are collective: every rank makes the same calls in order.
             self.file = _reopen(
                 self.partial, resume_rows, attributes, schema, {"driver": "mpio", "comm": comm}
@@ -602,9 +656,13 @@ class ParallelWriter(_BufferedRows):
         """Attributes of the group or dataset `name`, set by every rank alike (collective)."""
         _node(self.file, name).attrs.update(attributes)
 
+    def live(self) -> None:
+        """Nothing: HDF5 has no SWMR mode with MPI-IO; the file is readable once closed."""
+
     def finish(self) -> None:
         self.flush()
-        self.file.attrs["complete"] = True
+        # All ranks synchronise here: attributes are written collectively, with equal values.
+        self.file.attrs.update(complete=True, finished_at=self.comm.bcast(utc_now()))
         self.file.close()
         # All ranks synchronise here: every rank has closed before rank 0 renames.
         self.comm.Barrier()

@@ -9,7 +9,9 @@ then runs the plan's algorithm.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from dmeta.federated_data import FederatedDataTask
 from dmeta.fewshot import FewShotTask, check_sources
 from dmeta.meta import MAML, Reptile
 from dmeta.models import FlatModel
-from dmeta.output import parallel_hdf5_available
+from dmeta.output import parallel_hdf5_available, utc_now
 from dmeta.tasks import LinearRepresentationTask, SineTask, TaskFamily
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -153,11 +155,14 @@ def git_commit() -> str:
 def run_attributes(
     plan: RunPlan, size: int, hosts: list[str], devices: list[str]
 ) -> dict[str, Any]:
-    """Root attributes of the run file: the config, versions, and where each rank ran."""
+    """Root attributes of the run file: the config, versions, the command line, the start time
+    and where each rank ran."""
     import h5py
 
     attributes = {
         "config": plan.config.to_json(),
+        "command_line": shlex.join(sys.argv),
+        "started_at": utc_now(),
         "dmeta_version": dmeta.__version__,
         "git_commit": git_commit(),
         "torch_version": str(torch.__version__),

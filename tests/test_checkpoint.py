@@ -89,7 +89,7 @@ def test_sigkill_resumes_from_the_periodic_checkpoint(tmp_path, reference) -> No
     assert killed.returncode == -signal.SIGKILL
     with h5py.File(f"{out}.ckpt") as f:
         checkpoint_rows = int(f.attrs["rows"])
-    with h5py.File(f"{out}.partial") as f:
+    with h5py.File(f"{out}.partial", "r", swmr=True) as f:
         assert f["time/iteration"].shape[0] > checkpoint_rows
     resumed = subprocess.run(command(out, *periodic) + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
