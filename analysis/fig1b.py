@@ -72,10 +72,11 @@ def labels(runs: list[Run]) -> list[str]:
     counts = Counter(names)
     configs = [_flat(run.config) for run in runs]
     ignored = ("output.", "checkpoint.", "runtime.")
+    # Keys every run has (a run made by an older dmeta may lack newer ones) and that differ.
     keys = sorted(
         key
-        for key in set().union(*configs)
-        if not key.startswith(ignored) and len({repr(c.get(key)) for c in configs}) > 1
+        for key in set.intersection(*(set(c) for c in configs))
+        if not key.startswith(ignored) and len({repr(c[key]) for c in configs}) > 1
     )
     result = []
     for name, run, config in zip(names, runs, configs, strict=True):
