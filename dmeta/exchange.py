@@ -24,6 +24,7 @@ This module knows nothing of algorithms; communicators are handed in by the entr
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -166,7 +167,23 @@ def segment_mix(
     weights: torch.Tensor,
     count: int,
 ) -> torch.Tensor:
-    """out[k] = sum_e weights[e] rows[slots[e]] over the edges e with targets[e] = k (eq. 6b)."""
+    """out[k] = sum_e weights[e] rows[slots[e]] over the edges e with targets[e] = k (eq. 6b).
+
+    `targets` is sorted (a route's edges are in destination order). Without gradients this is
+    one sparse (CSR) product, E x M multiply-adds with no [E, M] temporary; with gradients (the
+    weights or rows require them: learned mixing) an index and a segment sum, which autograd
+    differentiates. Both sum each destination's edges in the route's order.
+    """
+    if not (torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad)):
+        counts = torch.bincount(targets, minlength=count)
+        crow = torch.zeros(count + 1, dtype=torch.int64, device=rows.device)
+        crow[1:] = torch.cumsum(counts, dim=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            matrix = torch.sparse_csr_tensor(
+                crow, slots, weights.to(rows.dtype), size=(count, rows.shape[0])
+            )
+            return matrix @ rows
     weighted = rows.index_select(0, slots) * weights[:, None]
     out = torch.zeros((count, rows.shape[1]), dtype=weighted.dtype, device=rows.device)
     return out.index_add(0, targets, weighted)

@@ -81,18 +81,41 @@ class Adam:
         state: State,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State]:
-        step = state["step"] + 1
-        exp_avg = torch.lerp(state["exp_avg"], gradients, 1 - self.beta1)
-        exp_avg_sq = state["exp_avg_sq"] * self.beta2 + (1 - self.beta2) * gradients.square()
+        """One Adam step of the rows in `mask` (all rows when None: then the moments and step
+        counts are updated in place, as torch.optim.Adam does, to spare temporaries)."""
+        if mask is None:
+            new_state = state
+            for name, value in self._advanced(state, gradients, out=state).items():
+                state[name] = value
+        else:
+            new_state = self._advanced(state, gradients, out=None)
         # Bias corrections per row, in float64 as torch computes them from a Python step.
-        count = step.to(torch.float64)[:, None]
+        count = new_state["step"].to(torch.float64)[:, None]
         correction1 = (1 - torch.pow(self.beta1, count)).to(params.dtype)
         correction2 = (1 - torch.pow(self.beta2, count)).sqrt().to(params.dtype)
-        denominator = exp_avg_sq.sqrt() / correction2 + self.eps
-        updated = params - (self.lr / correction1) * exp_avg / denominator
-        new_state = {
-            "exp_avg": _masked(mask, exp_avg, state["exp_avg"]),
-            "exp_avg_sq": _masked(mask, exp_avg_sq, state["exp_avg_sq"]),
-            "step": _masked(mask, step, state["step"]),
+        denominator = (new_state["exp_avg_sq"].sqrt() / correction2).add_(self.eps)
+        step_size = self.lr / correction1
+        updated = params - (new_state["exp_avg"] / denominator).mul_(step_size)
+        if mask is None:
+            return updated, new_state
+        masked = {name: _masked(mask, new_state[name], state[name]) for name in state}
+        return _masked(mask, updated, params), masked
+
+    def _advanced(self, state: State, gradients: torch.Tensor, out: State | None) -> State:
+        """The moments and step counts after one more gradient: into `out`'s tensors (in
+        place) or new tensors."""
+        if out is None:
+            return {
+                "step": state["step"] + 1,
+                "exp_avg": torch.lerp(state["exp_avg"], gradients, 1 - self.beta1),
+                "exp_avg_sq": torch.addcmul(
+                    state["exp_avg_sq"] * self.beta2, gradients, gradients, value=1 - self.beta2
+                ),
+            }
+        return {
+            "step": out["step"].add_(1),
+            "exp_avg": out["exp_avg"].lerp_(gradients, 1 - self.beta1),
+            "exp_avg_sq": out["exp_avg_sq"]
+            .mul_(self.beta2)
+            .addcmul_(gradients, gradients, value=1 - self.beta2),
         }
-        return _masked(mask, updated, params), new_state
