@@ -1,12 +1,11 @@
-"""The combination step alone: dense A^T phi against the exchange's segment sum dmeta uses.
+"""The combination step alone: dense A^T phi against the exchange's mix dmeta uses.
 
     python benchmarks/bench_combine.py [--agents 40 160 640 2560] [--parameters 1761]
                                        [--topology ring] [--threads 1]
 
 Times, on [K, parameters] float32 rows with Metropolis weights on the given graph, the dense
-product A^T phi (K x K, what dmeta did before the sparse exchange) and the in-process
-exchange's mix (an index and a segment sum over the E edges: E x parameters multiply-adds),
-and checks that both give the same rows.
+product A^T phi (K x K) and the in-process exchange's mix (one CSR product over the E edges
+without gradients: E x parameters multiply-adds), and checks that both give the same rows.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{dense_time / mix_time:.2f}x",
             ]
         )
-    print_table(["agents", "edges", "dense ms", "segment sum ms", "dense / segment"], rows)
+    print_table(["agents", "edges", "dense ms", "mix ms", "dense / mix"], rows)
     return 0
 
 
