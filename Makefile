@@ -95,6 +95,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_agents.py
 	$(BIN)/python benchmarks/bench_combine.py
 	$(BIN)/python benchmarks/bench_comm.py
+	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_fig1b.py --out-dir $(RUNS)/bench_fig1b
 
 clean:
