@@ -14,11 +14,16 @@ STRATEGIES := atc centralized noncooperative
 
 install: $(STAMP)
 
-# torch==2.13.0 is pinned: that version resolves to the CPU wheel; a bare `torch` pulls CUDA.
+# torch==2.13.0 is pinned. Where pip's index holds its CPU wheel (as on the CI machines) that is
+# what installs; on stock PyPI the Linux wheel brings CUDA libraries (gigabytes): pass
+# TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" for a CPU-only install, or
+# the CUDA index of your cluster's driver (see README). The torch step shows its download.
+TORCH_PIP_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 mpich mpi4py
+	$(BIN)/pip install $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/pip install --quiet mpich mpi4py
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
