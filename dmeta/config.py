@@ -425,12 +425,15 @@ def numbers_only(config_json: str) -> dict[str, Any]:
     return config
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dicts as {"section.key": value}."""
+def flatten(tree: object, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (config sections, TOML tables: `optimizer.lr = [...]` unquoted is a nested
+    table) as {"section.key": value}; {} for anything but a dict."""
+    if not isinstance(tree, dict):
+        return {}
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[prefix + key] = value
     return flat
@@ -440,8 +443,8 @@ def config_digest(config: Config) -> int:
     """A 47-bit digest of the keys of `config` that change a run's numbers (`numbers_only`) and
     differ from their defaults: runs that differ in any such key get different digests, a
     resumed run the same, and a key added to dmeta later (at its default) changes no digest."""
-    values = _flatten(numbers_only(config.to_json()))
-    defaults = _flatten(numbers_only(Config().to_json()))
+    values = flatten(numbers_only(config.to_json()))
+    defaults = flatten(numbers_only(Config().to_json()))
     changed = {key: value for key, value in values.items() if defaults.get(key) != value}
     text = json.dumps(changed, sort_keys=True)
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 17

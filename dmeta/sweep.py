@@ -35,7 +35,7 @@ from itertools import product
 from pathlib import Path
 
 from dmeta.checkpoint import checkpoint_path
-from dmeta.config import Config, load_config, read_toml
+from dmeta.config import Config, flatten, load_config, read_toml
 from dmeta.errors import DmetaError
 from dmeta.output import partial_path
 
@@ -58,7 +58,7 @@ class SweepRun:
 
 def _lists(path: Path, table: object, what: str, same_length: bool) -> dict[str, list]:
     """The KEY = [values] of a [vary] or [grid] table, checked."""
-    values = _flatten(table)
+    values = flatten(table)
     lengths = {key: len(v) if isinstance(v, list) else -1 for key, v in values.items()}
     if values and (min(lengths.values()) < 1 or (same_length and len(set(lengths.values())) > 1)):
         rule = "a non-empty list, all of one length" if same_length else "a non-empty list"
@@ -145,19 +145,6 @@ def skip_message(number: int, total: int, run: SweepRun) -> str:
         f"run {number}/{total} {run.label}: complete, skipped ({run.out} exists; delete it to "
         "run it again)"
     )
-
-
-def _flatten(table: object, prefix: str = "") -> dict[str, object]:
-    """Dotted keys of a TOML table: `optimizer.lr = [...]` unquoted is a nested table."""
-    if not isinstance(table, dict):
-        return {}
-    flat: dict[str, object] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def _toml_value(value: object) -> str:
