@@ -546,7 +546,23 @@ def _floats(section: Any, prefix: str = "") -> dict[str, float]:
 
 
 def _check(config: Config) -> None:
-    """Range checks that a type alone cannot express."""
+    """Range checks that a type alone cannot express, section by section."""
+    _check_ranges(config)
+    _check_linear(config)
+    _check_learning(config)
+    _check_graph(config)
+    _check_asynchrony(config.asynchrony)
+    _check_l2c(config.l2c)
+    _check_sine(config)
+    _check_fewshot(config)
+    if config.problem == "federated":
+        _check_federated(config)
+    if any(width < 1 for width in config.model.hidden):
+        raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
+
+
+def _check_ranges(config: Config) -> None:
+    """Finite floats, positive counts, non-negative settings and the seed's range."""
     for key, value in _floats(config).items():
         if not math.isfinite(value):
             raise DmetaError(f"{key} = {value} must be a finite number")
@@ -595,6 +611,10 @@ def _check(config: Config) -> None:
             raise DmetaError(f"{key} = {value} must not be negative")
     if not 0 <= config.seed < 2**64:
         raise DmetaError(f"seed = {config.seed} must lie in [0, 2^64): it is the 64-bit rng key")
+
+
+def _check_linear(config: Config) -> None:
+    """The linear-representation task's keys."""
     linear = config.linear
     if linear.noise_std < 0 or linear.head_condition_number < 1:
         raise DmetaError("linear.noise_std must be >= 0 and linear.head_condition_number >= 1")
@@ -605,6 +625,10 @@ def _check(config: Config) -> None:
             raise DmetaError("linear.init = 'distance' needs linear.dim >= 2 linear.rank")
     if linear.heads == "fixed" and linear.heads_per_agent < 2:
         raise DmetaError("linear.heads_per_agent must be at least 2 (the stationarity halves)")
+
+
+def _check_learning(config: Config) -> None:
+    """The learner's, the stationarity estimate's and the outer optimizer's keys."""
     if config.learner.name == "reptile" and config.learner.inner_steps < 1:
         raise DmetaError("learner.name = 'reptile' needs learner.inner_steps >= 1")
     if config.validation.stationarity_tasks % 2:
@@ -620,23 +644,33 @@ def _check(config: Config) -> None:
     for key, beta in (("optimizer.beta1", optimizer.beta1), ("optimizer.beta2", optimizer.beta2)):
         if not 0 <= beta < 1:
             raise DmetaError(f"{key} = {beta} must lie in [0, 1)")
+
+
+def _check_graph(config: Config) -> None:
+    """The graph models' probabilities and radius."""
     if not 0 <= config.graph.failure_probability < 1:
         raise DmetaError(
             f"graph.failure_probability = {config.graph.failure_probability} must lie in [0, 1)"
         )
-    _check_asynchrony(config.asynchrony)
-    _check_l2c(config.l2c)
     if config.graph.radius <= 0:
         raise DmetaError(f"graph.radius = {config.graph.radius} must be positive")
     if not 0 <= config.graph.edge_probability <= 1:
         raise DmetaError(
             f"graph.edge_probability = {config.graph.edge_probability} must lie in [0, 1]"
         )
+
+
+def _check_sine(config: Config) -> None:
+    """The sine task's ranges."""
     task = config.task
     if task.amplitude_min > task.amplitude_max:
         raise DmetaError("task.amplitude_min must not exceed task.amplitude_max")
     if task.phase_min > task.phase_max or task.x_min > task.x_max:
         raise DmetaError("task.phase_min must not exceed task.phase_max, nor task.x_min task.x_max")
+
+
+def _check_fewshot(config: Config) -> None:
+    """The few-shot problem's keys (data paths and sizes when problem = "fewshot")."""
     fewshot = config.fewshot
     if config.problem == "fewshot":
         if not fewshot.paths:
@@ -666,10 +700,6 @@ def _check(config: Config) -> None:
             "fewshot.validation_fraction and fewshot.test_fraction must be positive and sum to "
             f"less than 1 (they are {fewshot.validation_fraction} and {fewshot.test_fraction})"
         )
-    if config.problem == "federated":
-        _check_federated(config)
-    if any(width < 1 for width in config.model.hidden):
-        raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
 
 
 def _check_federated(config: Config) -> None:
