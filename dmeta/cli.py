@@ -210,51 +210,65 @@ def _show_config(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    from dmeta.checkpoint import checkpoint_path, decide_resume
-    from dmeta.config import load_config
-    from dmeta.engine import execute
-    from dmeta.errors import AgreedError
-    from dmeta.output import hdf5_unusable
-    from dmeta.runner import plan_run
+    from dmeta.errors import AgreedError, agree
 
     world = MPI.COMM_WORLD
-    rank, size = world.Get_rank(), world.Get_size()
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    local_rank, local_size = node.Get_rank(), node.Get_size()
-    node.Free()
-    if rank != 0:
+    if world.Get_rank() != 0:
         warnings.simplefilter("ignore")
     out_path = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem + ".h5")
     # From here a first Ctrl-C asks for a checkpoint, like SIGTERM; it is agreed on later.
     stop = _StopFlag()
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, stop)
+    plan, resume, error = _plan(args, world, out_path)
+    try:
+        # Every rank learns of any rank's error here, before the first collective of the run.
+        agree(world.allgather(error))
+    except AgreedError as caught:
+        if world.Get_rank() == 0:
+            print(f"dmeta: error: {caught}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return _launch(args, world, plan, resume, out_path, stop)
 
-    error = None
-    plan = None
+
+def _plan(args: argparse.Namespace, world: Any, out_path: Path) -> tuple[Any, bool, str | None]:
+    """(plan, resume?, this rank's error or None): every check of `dmeta run`, without a
+    collective, so that the ranks can agree on the errors afterwards."""
+    from mpi4py import MPI
+
+    from dmeta.checkpoint import decide_resume
+    from dmeta.config import load_config
+    from dmeta.runner import plan_run
+
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, local_size = node.Get_rank(), node.Get_size()
+    node.Free()
     mode = "resume" if args.resume else "restart" if args.restart else "auto"
     try:
         config = load_config(args.config, args.overrides)
-        plan = plan_run(config, size, rank, local_rank, local_size)
+        plan = plan_run(config, world.Get_size(), world.Get_rank(), local_rank, local_size)
         _check_out(out_path, args.overwrite)
         resume = decide_resume(out_path, config, mode)
-        if rank == 0:
+        if world.Get_rank() == 0:
             _check_writable(out_path)
+        return plan, resume, None
     except DmetaError as caught:
-        error = str(caught)
+        return None, False, str(caught)
     except Exception as caught:  # a bug, or a warning turned error, on some ranks only
         traceback.print_exc()
-        error = f"{type(caught).__name__}: {caught}"
-    # Every rank learns of any rank's error here, before the first collective of the run.
-    errors = world.allgather(error)
-    failed = [(r, message) for r, message in enumerate(errors) if message]
-    if failed:
-        if rank == 0:
-            where, message = failed[0]
-            prefix = "" if len(failed) == size else f"rank {where}: "
-            print(f"dmeta: error: {prefix}{message}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return None, False, f"{type(caught).__name__}: {caught}"
 
+
+def _launch(
+    args: argparse.Namespace, world: Any, plan: Any, resume: bool, out_path: Path, stop: Any
+) -> int:
+    """Run the checked plan; one error line per failure, the exit status of the outcome."""
+    from dmeta.checkpoint import checkpoint_path
+    from dmeta.engine import execute
+    from dmeta.errors import AgreedError
+    from dmeta.output import hdf5_unusable
+
+    rank, size = world.Get_rank(), world.Get_size()
     comm = None if plan.backend == "local" else world
     checkpoint = checkpoint_path(out_path)
     try:
