@@ -83,12 +83,7 @@ class Adam:
     ) -> tuple[torch.Tensor, State]:
         """One Adam step of the rows in `mask` (all rows when None: then the moments and step
         counts are updated in place, as torch.optim.Adam does, to spare temporaries)."""
-        if mask is None:
-            new_state = state
-            for name, value in self._advanced(state, gradients, out=state).items():
-                state[name] = value
-        else:
-            new_state = self._advanced(state, gradients, out=None)
+        new_state = self._advanced(state, gradients, out=None if mask is not None else state)
         # Bias corrections per row, in float64 as torch computes them from a Python step.
         count = new_state["step"].to(torch.float64)[:, None]
         correction1 = (1 - torch.pow(self.beta1, count)).to(params.dtype)
