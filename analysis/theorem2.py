@@ -139,7 +139,10 @@ def analyse(run: Run, steady_fraction: float, window: int) -> Stationarity:
     """Steady mean and test, estimates of L and C^2, and the smoothed minimum of one run."""
     values = run.series["centroid/stationarity"]
     if not np.isfinite(values).any():
-        raise RunFileError(f"{run.path}: /centroid/stationarity holds no finite value")
+        raise RunFileError(
+            f"{run.path}: /centroid/stationarity holds no finite value "
+            "(a run with validation.stationarity_tasks = 0 has none)"
+        )
     mask, steady, drift = steady_statistics(run, "centroid/stationarity", steady_fraction)
     window = min(window or max(1, len(values) // 10), len(values))
     smoothed = moving_average(values, window)

@@ -310,7 +310,8 @@ class ValidationConfig:
     tasks_at_once: int = 0
     # Stationarity of the centroid (Theorem 2): a fixed set of this many tasks per agent (even),
     # drawn from each agent's own task distribution, split in two halves whose averaged
-    # meta-gradients give an unbiased estimate of ||grad J(w_c)||^2.
+    # meta-gradients give an unbiased estimate of ||grad J(w_c)||^2. Each logged row pays a
+    # meta-gradient of every agent on them; 0 turns the estimate off (NaN in the run file).
     stationarity_tasks: int = 50
 
 
@@ -577,7 +578,6 @@ def _check_ranges(config: Config) -> None:
         "validation.tasks": config.validation.tasks,
         "validation.support_shots": config.validation.support_shots,
         "validation.query_shots": config.validation.query_shots,
-        "validation.stationarity_tasks": config.validation.stationarity_tasks,
         "output.flush_every": config.output.flush_every,
         "linear.dim": config.linear.dim,
         "linear.rank": config.linear.rank,
@@ -604,6 +604,7 @@ def _check_ranges(config: Config) -> None:
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
         "graph.grid_rows": config.graph.grid_rows,
         "validation.tasks_at_once": config.validation.tasks_at_once,
+        "validation.stationarity_tasks": config.validation.stationarity_tasks,
         "fewshot.image_size": config.fewshot.image_size,
     }
     for key, value in non_negative.items():

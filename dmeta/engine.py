@@ -147,6 +147,19 @@ class RowWindow:
         self.steps = steps
 
 
+def stationarity_scalars(gradients: torch.Tensor) -> dict[str, float]:
+    """Theorem 2's estimate from the network meta-gradients of the two task halves
+    [halves, size]: g_a . g_b (unbiased for ||grad J(w_c)||^2) and ||g_a - g_b||^2 / 4 (its
+    noise); one row is both halves, none (estimate off) gives NaN."""
+    if len(gradients) == 0:
+        return dict.fromkeys(("centroid/stationarity", "centroid/stationarity_noise"), math.nan)
+    first, second = gradients[0], gradients[-1]
+    return {
+        "centroid/stationarity": float(first @ second),
+        "centroid/stationarity_noise": float((first - second).square().sum() / 4),
+    }
+
+
 def _numpy_rows(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     # A copy: the live state keeps changing after the snapshot is taken.
     return {name: value.detach().cpu().numpy().copy() for name, value in tensors.items()}
@@ -196,6 +209,19 @@ class Engine:
         self.validation_steps = self.algorithm.evaluation_steps(
             config.validation.inner_steps or config.learner.inner_steps
         )
+        self.stationarity_halves = self._stationarity_halves()
+        self.window = RowWindow(len(self.agents), self.device)
+        self.checkpoint = checkpoint_path(out_path)
+        self.writer: RunWriter | None = None
+        self.summary: list[str] = []  # lines rank 0 prints when the run completes
+        self.start = time.perf_counter()
+
+    def _stationarity_halves(self) -> list[TaskBatch]:
+        """The two task halves of the stationarity estimate (Theorem 2); one where both halves
+        are the same task, none where validation.stationarity_tasks = 0 turns it off."""
+        config = self.config
+        if config.validation.stationarity_tasks == 0:
+            return []
         # Drawn at a counter given by the run's config, so the runs of a sweep have
         # independent stationarity sets and their noise averages out across the sweep.
         stationarity = self.task.sample(
@@ -208,15 +234,12 @@ class Engine:
         # A family with one fixed task per agent (federated data) has an exact meta-gradient:
         # that task is both halves, and the estimate is ||grad J||^2 itself.
         half = stationarity.support_x.shape[1] // 2
-        self.stationarity_halves = [
-            TaskBatch(*(part[:, :half] for part in stationarity)) if half else stationarity,
+        if not half:
+            return [stationarity]
+        return [
+            TaskBatch(*(part[:, :half] for part in stationarity)),
             TaskBatch(*(part[:, half:] for part in stationarity)),
         ]
-        self.window = RowWindow(len(self.agents), self.device)
-        self.checkpoint = checkpoint_path(out_path)
-        self.writer: RunWriter | None = None
-        self.summary: list[str] = []  # lines rank 0 prints when the run completes
-        self.start = time.perf_counter()
 
     def resume(self) -> tuple[int, int]:
         """Put the checkpoint's state back; returns (first iteration, rows in the run file)."""
@@ -359,13 +382,10 @@ class Engine:
         # the per-agent metrics the progress line and /centroid/disagreement need.
         sums = self.exchange.allreduce_sum(torch.cat([*halves, means.to(torch.float64)]))
         size = centroid.shape[0]
-        gradient_a, gradient_b = sums[:size], sums[size : 2 * size]
-        mean_spread, mean_train, mean_validation = (sums[2 * size :] / num_agents).tolist()
-        scalars = {
-            "centroid/disagreement": mean_spread,
-            "centroid/stationarity": float(gradient_a @ gradient_b),
-            "centroid/stationarity_noise": float((gradient_a - gradient_b).square().sum() / 4),
-        } | self._rank0_scalars(centroid, began)
+        gradients = sums[: len(halves) * size].view(len(halves), size)
+        mean_spread, mean_train, mean_validation = (sums[-3:] / num_agents).tolist()
+        scalars = {"centroid/disagreement": mean_spread} | stationarity_scalars(gradients)
+        scalars |= self._rank0_scalars(centroid, began)
         progress.row(iteration, mean_train, mean_validation, scalars)
         task_rows, task_scalars = self.task.row_metrics(models, centroid)
         extra = self.algorithm.row_values()

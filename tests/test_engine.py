@@ -203,6 +203,14 @@ def test_centroid_stationarity_pairs_two_halves_of_the_network_meta_gradient(tmp
     assert data["centroid/stationarity"].shape == (2,)
 
 
+def test_stationarity_tasks_zero_turns_the_estimate_off(tmp_path) -> None:
+    config = small_config("iterations=2", "validation.stationarity_tasks=0")
+    data = run_local(config, tmp_path / "r.h5")
+    assert np.isnan(data["centroid/stationarity"]).all()
+    assert np.isnan(data["centroid/stationarity_noise"]).all()
+    assert np.isfinite(data["centroid/val_loss"]).all()
+
+
 def test_config_rejects_an_odd_number_of_stationarity_tasks() -> None:
     with pytest.raises(DmetaError, match="stationarity_tasks = 5 must be even"):
         small_config("validation.stationarity_tasks=5")
