@@ -18,7 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SMALL, read_datasets
+from conftest import SMALL, read_datasets, small_config
+
+from dmeta.runner import default_threads, plan_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -261,3 +263,25 @@ def test_gpu_script_asks_srun_for_one_rank_per_gpu(tmp_path) -> None:
     ]
     header = (ROOT / "slurm/multi_node_gpu.sbatch").read_text()
     assert "#SBATCH --gpus-per-task=1" in header and "#SBATCH --gpu-bind=single:1" in header
+
+
+def test_default_threads_follow_slurm_cpus_per_task_and_the_node_cpus() -> None:
+    # srun binds 4 ranks to 4 CPUs each: the node's ranks may run on 16, 4 each.
+    assert default_threads(16, 4, {"SLURM_CPUS_PER_TASK": "4"}) == 4
+    # A shared node seen whole (64 cores, no cpuset): no more than the job's CPUs per task.
+    assert default_threads(64, 4, {"SLURM_CPUS_PER_TASK": "4"}) == 4
+    # More ranks than the allocation's CPUs (mpiexec -n 4 inside -c 4 --ntasks=1): one each.
+    assert default_threads(4, 4, {"SLURM_CPUS_PER_TASK": "4"}) == 1
+    # Outside SLURM: the node's CPUs shared evenly among its ranks, at least one.
+    assert default_threads(16, 4, {}) == 4 and default_threads(2, 4, {}) == 1
+    assert default_threads(16, 4, {"SLURM_CPUS_PER_TASK": ""}) == 4
+
+
+def test_plan_run_threads_zero_uses_the_node_cpus(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    config = small_config("runtime.threads=0")
+    assert plan_run(config, 1, 0, 0, 1, node_cpus=12).threads == 3
+    assert plan_run(config, 1, 0, 0, 1, node_cpus=2).threads == 2
+    assert plan_run(small_config("runtime.threads=5"), 1, 0, 0, 1, node_cpus=12).threads == 5
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert plan_run(config, 2, 0, 0, 2, node_cpus=12).threads == 6
