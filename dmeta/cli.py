@@ -232,8 +232,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace, world: Any, out_path: Path) -> tuple[Any, bool, str | None]:
-    """(plan, resume?, this rank's error or None): every check of `dmeta run`, without a
-    collective, so that the ranks can agree on the errors afterwards."""
+    """(plan, resume?, this rank's error or None): every check of `dmeta run`, with no
+    collective once a check may fail, so that the ranks can agree on the errors afterwards."""
     from mpi4py import MPI
 
     from dmeta.checkpoint import decide_resume
@@ -242,11 +242,15 @@ def _plan(args: argparse.Namespace, world: Any, out_path: Path) -> tuple[Any, bo
 
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     local_rank, local_size = node.Get_rank(), node.Get_size()
+    # The CPUs this node's ranks may run on: their own few each when srun binds tasks to CPUs.
+    node_cpus = len(set().union(*node.allgather(os.sched_getaffinity(0))))
     node.Free()
     mode = "resume" if args.resume else "restart" if args.restart else "auto"
     try:
         config = load_config(args.config, args.overrides)
-        plan = plan_run(config, world.Get_size(), world.Get_rank(), local_rank, local_size)
+        plan = plan_run(
+            config, world.Get_size(), world.Get_rank(), local_rank, local_size, node_cpus
+        )
         _check_out(out_path, args.overwrite)
         resume = decide_resume(out_path, config, mode)
         if world.Get_rank() == 0:

@@ -353,7 +353,8 @@ class RuntimeConfig:
     # auto: GPU (local rank % GPU count) when CUDA is available, else the CPU; or cpu, cuda, cuda:N.
     device: str = "auto"
     dtype: Literal["float32", "float64"] = "float32"
-    # Torch threads per rank; 0 shares the cores of a node evenly among its ranks.
+    # Torch threads per rank; 0 shares the CPUs the node's ranks may use evenly among them, at
+    # most SLURM_CPUS_PER_TASK under SLURM (runner.default_threads).
     threads: int = 0
     # Compile the training step's meta-gradients with torch.compile: the first iteration pays
     # the compilation (21 s for the sine network on 2 CPU cores, cold cache), each later one

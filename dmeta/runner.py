@@ -12,6 +12,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,30 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
-def plan_run(config: Config, size: int, rank: int, local_rank: int, local_size: int) -> RunPlan:
-    """Check the run and decide its layout; raises DmetaError on bad input, communicates not."""
+def default_threads(
+    node_cpus: int, local_size: int, environ: Mapping[str, str] = os.environ
+) -> int:
+    """Torch threads per rank for `runtime.threads = 0`: the CPUs that the node's ranks may run
+    on (the union of their affinities: each rank's own when srun binds tasks to CPUs) shared
+    evenly among them, and under SLURM at most the CPUs per task (SLURM_CPUS_PER_TASK): a node
+    that the job shares with others, without a cpuset, shows every core."""
+    threads = max(1, node_cpus // local_size)
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        threads = min(threads, int(per_task))
+    return threads
+
+
+def plan_run(
+    config: Config,
+    size: int,
+    rank: int,
+    local_rank: int,
+    local_size: int,
+    node_cpus: int | None = None,
+) -> RunPlan:
+    """Check the run and decide its layout; raises DmetaError on bad input, communicates not.
+    `node_cpus` counts the CPUs the node's ranks may run on (default: this process's)."""
     backend = config.runtime.backend
     if backend == "auto":
         backend = "mpi" if size > 1 else "local"
@@ -105,7 +128,9 @@ def plan_run(config: Config, size: int, rank: int, local_rank: int, local_size: 
     algorithm = algorithm_class(config.strategy)
     algorithm_plan = algorithm.plan(config, layout)
     device = choose_device(config.runtime.device, local_rank)
-    threads = config.runtime.threads or max(1, len(os.sched_getaffinity(0)) // local_size)
+    if node_cpus is None:
+        node_cpus = len(os.sched_getaffinity(0))
+    threads = config.runtime.threads or default_threads(node_cpus, local_size)
     return RunPlan(config, backend, layout, rank, algorithm, algorithm_plan, device, threads)
 
 

@@ -1,24 +1,79 @@
-# Sourced by the sbatch scripts of this folder. sbatch starts them in the submit directory:
-# submit from the repository root.
+# Sourced by the sbatch scripts of this folder (`source slurm/launch.sh || exit 2`). sbatch
+# starts them in the submit directory: submit from the repository root. Settings, all optional:
 #
-# DMETA_LAUNCHER picks how ranks start (the README explains both):
-#   mpiexec (default)  the venv's mpiexec, which matches the pip MPICH that `make install` uses;
-#   srun               srun --mpi=$DMETA_SRUN_MPI (default pmi2: MPICH; pmix: Open MPI), for an
-#                      mpi4py built against a site MPI with SLURM support.
-# DMETA_VENV is the virtual environment (default .venv).
+# DMETA_VENV      the virtual environment, relative to the submit directory or absolute
+#                 (default .venv); its bin/ goes first on PATH.
+# DMETA_SETUP     a file sourced first, for the site's setup (`module load openmpi`, ...).
+# DMETA_LAUNCHER  how ranks start: `mpiexec`, `srun` or any command (e.g. "mpirun --bind-to none").
+#                 Unset: the venv's mpiexec when it exists (the pip MPICH of `make install`), else
+#                 srun inside a SLURM allocation (a site MPI), else mpiexec on PATH.
+# DMETA_SRUN_MPI  srun's --mpi plugin (default pmi2: MPICH; pmix: Open MPI).
+#
+# With --cpus-per-task, srun is given the same (SLURM >= 22.05 does not pass it on from sbatch),
+# and dmeta's runtime.threads=0 gives each rank that many torch threads.
+
+if [ -n "${DMETA_SETUP:-}" ]; then
+  if [ ! -f "$DMETA_SETUP" ]; then
+    echo "slurm/launch.sh: DMETA_SETUP=$DMETA_SETUP is not a file" >&2
+    return 2
+  fi
+  # Site scripts (module, Lmod) may read unset variables: source them without `set -u`.
+  case $- in *u*) dmeta_nounset=1; set +u ;; *) dmeta_nounset=0 ;; esac
+  # shellcheck disable=SC1090  # the site's own file
+  source "$DMETA_SETUP" || { echo "slurm/launch.sh: sourcing $DMETA_SETUP failed" >&2; return 2; }
+  if [ "$dmeta_nounset" -eq 1 ]; then set -u; fi
+  unset dmeta_nounset
+fi
 
 DMETA_VENV=${DMETA_VENV:-.venv}
-export PATH="$PWD/$DMETA_VENV/bin:$PATH"
-# One thread per rank unless the job gives each task more cores.
-export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} OPENBLAS_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+case $DMETA_VENV in /*) ;; *) DMETA_VENV=$PWD/$DMETA_VENV ;; esac
+export DMETA_VENV PATH="$DMETA_VENV/bin:$PATH"
+if ! command -v dmeta >/dev/null; then
+  echo "slurm/launch.sh: dmeta is not in $DMETA_VENV/bin nor on PATH (make install, or set" \
+    "DMETA_VENV; submit from the repository root)" >&2
+  return 2
+fi
 
-# The launcher command, for `dmeta sweep --launcher` and for `launch_ranks`.
+# One thread per rank unless the job gives each task more CPUs; srun gets them too.
+export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} OPENBLAS_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
+
+# The launcher command, for `dmeta sweep --launcher` and for `launch_ranks`; one error line and
+# status 2 when there is none.
 dmeta_launcher() {
-  case "${DMETA_LAUNCHER:-mpiexec}" in
-    mpiexec) echo "$DMETA_VENV/bin/mpiexec" ;;
-    srun) echo "srun --mpi=${DMETA_SRUN_MPI:-pmi2}" ;;
-    *) echo "DMETA_LAUNCHER=$DMETA_LAUNCHER: use mpiexec or srun" >&2; return 2 ;;
+  local choice=${DMETA_LAUNCHER:-} program
+  if [ -z "$choice" ]; then
+    if [ -x "$DMETA_VENV/bin/mpiexec" ]; then
+      choice=mpiexec
+    elif [ -n "${SLURM_JOB_ID:-}" ] && command -v srun >/dev/null; then
+      choice=srun
+    elif command -v mpiexec >/dev/null; then
+      choice=mpiexec
+    else
+      echo "slurm/launch.sh: no launcher: no $DMETA_VENV/bin/mpiexec, not inside a SLURM job" \
+        "with srun, no mpiexec on PATH; set DMETA_LAUNCHER" >&2
+      return 2
+    fi
+  fi
+  case $choice in
+    mpiexec) program=$(command -v mpiexec) ;;  # the venv's first: it is first on PATH
+    srun)
+      program="$(command -v srun) --mpi=${DMETA_SRUN_MPI:-pmi2}"
+      if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+        program+=" --cpus-per-task=$SLURM_CPUS_PER_TASK"
+      fi
+      ;;
+    *) program=$choice ;;
   esac
+  # shellcheck disable=SC2086  # the first word of the command
+  if [ -z "${program%% *}" ] || ! command -v ${program%% *} >/dev/null; then
+    echo "slurm/launch.sh: launcher $choice not found (DMETA_LAUNCHER: mpiexec, srun or a" \
+      "command)" >&2
+    return 2
+  fi
+  echo "$program"
 }
 
 # launch_ranks COMMAND...: become the launcher of COMMAND on the job's $SLURM_NTASKS ranks (it

@@ -8,6 +8,7 @@ otherwise every test here is skipped with the reason.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import SMALL, read_datasets
+from conftest import SMALL, read_datasets, small_config
+
+from dmeta.runner import default_threads, plan_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -227,15 +230,24 @@ def test_multi_node_script_runs_with_srun(slurm, tmp_path) -> None:
         assert list(f.attrs["agent_counts_per_rank"]) == [4, 3]
 
 
-def test_gpu_script_asks_srun_for_one_rank_per_gpu(tmp_path) -> None:
+def fake_bin(folder: Path, **scripts: str) -> Path:
+    """A folder of executable shell scripts, each given by its body."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, body in scripts.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_gpu_script_asks_srun_for_one_rank_per_gpu_and_its_cpus(tmp_path) -> None:
     """No GPU node here: run the script under a fake SLURM environment with a recording srun."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/srun.args\n')
-    (fake / "srun").chmod(0o755)
+    record = f'echo "$@" > {tmp_path}/srun.args; echo "$SRUN_CPUS_PER_TASK $OMP_NUM_THREADS" \\\n'
+    record += f"  > {tmp_path}/srun.env"
+    fake = fake_bin(tmp_path / "bin", srun=record)
     env = {
         **os.environ,
         "PATH": f"{fake}:{os.environ['PATH']}",
+        "DMETA_VENV": str(BIN.parent),
         "SLURM_NTASKS": "8",
         "SLURM_JOB_ID": "1",
         "SLURM_CPUS_PER_TASK": "4",
@@ -249,8 +261,9 @@ def test_gpu_script_asks_srun_for_one_rank_per_gpu(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     arguments = (tmp_path / "srun.args").read_text().split()
-    assert arguments[:3] == ["--mpi=pmi2", "-n", "8"]
-    assert arguments[3:] == [
+    # SLURM >= 22.05 does not pass sbatch's --cpus-per-task on to srun: the script does.
+    assert arguments[:4] == ["--mpi=pmi2", "--cpus-per-task=4", "-n", "8"]
+    assert arguments[4:] == [
         "dmeta",
         "run",
         "jobs/sine_quick.toml",
@@ -259,5 +272,184 @@ def test_gpu_script_asks_srun_for_one_rank_per_gpu(tmp_path) -> None:
         "--set",
         "agents=16",
     ]
+    assert (tmp_path / "srun.env").read_text().split() == ["4", "4"]
     header = (ROOT / "slurm/multi_node_gpu.sbatch").read_text()
     assert "#SBATCH --gpus-per-task=1" in header and "#SBATCH --gpu-bind=single:1" in header
+    assert "#SBATCH --cpus-per-task=4" in header
+
+
+def launch_sh(
+    tmp_path: Path, env: dict, script: str = "dmeta_launcher"
+) -> subprocess.CompletedProcess:
+    """Source slurm/launch.sh under `set -uo pipefail` (as the sbatch scripts do), then run
+    `script`; PATH holds only the fake tools given in env."""
+    return subprocess.run(
+        ["/bin/bash", "-c", f"set -uo pipefail; source slurm/launch.sh || exit 2; {script}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("venv_tools", "path_tools", "settings", "expected"),
+    [
+        # The venv's mpiexec (pip MPICH) first, even inside SLURM with srun at hand.
+        (["mpiexec"], ["srun", "mpiexec"], {"SLURM_JOB_ID": "7"}, "{venv}/mpiexec"),
+        # A site-MPI install has no venv mpiexec: srun inside an allocation, with its CPUs.
+        ([], ["srun", "mpiexec"], {"SLURM_JOB_ID": "7"}, "{path}/srun --mpi=pmi2"),
+        (
+            [],
+            ["srun"],
+            {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "3", "DMETA_SRUN_MPI": "pmix"},
+            "{path}/srun --mpi=pmix --cpus-per-task=3",
+        ),
+        # Outside SLURM: mpiexec on PATH.
+        ([], ["srun", "mpiexec"], {}, "{path}/mpiexec"),
+        # DMETA_LAUNCHER wins: a keyword, or any command used as given.
+        (["mpiexec"], ["srun"], {"DMETA_LAUNCHER": "srun"}, "{path}/srun --mpi=pmi2"),
+        (
+            ["mpiexec"],
+            ["mpirun"],
+            {"DMETA_LAUNCHER": "mpirun --bind-to none"},
+            "mpirun --bind-to none",
+        ),
+    ],
+)
+def test_launch_sh_picks_the_launcher(tmp_path, venv_tools, path_tools, settings, expected) -> None:
+    venv = fake_bin(tmp_path / "venv/bin", dmeta="", **{name: "" for name in venv_tools})
+    path = fake_bin(tmp_path / "path", **{name: "" for name in path_tools})
+    env = {"PATH": str(path), "DMETA_VENV": str(venv.parent), **settings}
+    result = launch_sh(tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.format(venv=venv, path=path)
+
+
+@pytest.mark.parametrize(
+    ("path_tools", "settings", "fragment"),
+    [
+        ([], {"SLURM_JOB_ID": "7"}, "no launcher"),  # no venv mpiexec, no srun, no mpiexec
+        (["mpiexec"], {"DMETA_LAUNCHER": "srun"}, "launcher srun not found"),
+        (["srun"], {"DMETA_LAUNCHER": "mpirun -np"}, "launcher mpirun -np not found"),
+    ],
+)
+def test_launch_sh_says_in_one_line_when_no_launcher_is_usable(
+    tmp_path, path_tools, settings, fragment
+) -> None:
+    venv = fake_bin(tmp_path / "venv/bin", dmeta="")
+    path = fake_bin(tmp_path / "path", **{name: "" for name in path_tools})
+    env = {"PATH": str(path), "DMETA_VENV": str(venv.parent), **settings}
+    result = launch_sh(tmp_path, env, "launch_ranks dmeta run x.toml")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+
+
+def test_launch_sh_sources_the_site_setup_and_finds_the_venv(tmp_path) -> None:
+    venv = fake_bin(tmp_path / "venv/bin", dmeta="", mpiexec="")
+    # Site scripts (module, Lmod) may read unset variables; launch.sh keeps its own `set -u`.
+    setup = tmp_path / "site.sh"
+    setup.write_text('SITE_MODULES="openmpi $UNSET_BY_ANYONE"\nexport SITE_MODULES\n')
+    env = {"PATH": "/nonexistent", "DMETA_VENV": str(venv.parent), "DMETA_SETUP": str(setup)}
+    shown = 'echo "$SITE_MODULES|$PATH|$OMP_NUM_THREADS|${SRUN_CPUS_PER_TASK-unset}"; echo $NOT_SET'
+    result = launch_sh(tmp_path, env, shown)
+    assert result.stdout.splitlines() == [f"openmpi |{venv}:/nonexistent|1|unset"]
+    assert result.returncode != 0 and "NOT_SET" in result.stderr  # set -u holds again
+    # Relative DMETA_VENV is the submit directory's (the repository root's).
+    fake_bin(tmp_path / "path", dmeta="")
+    env = {"PATH": str(tmp_path / "path"), "DMETA_VENV": "venvs/x", "SLURM_CPUS_PER_TASK": "6"}
+    result = launch_sh(tmp_path, env, 'echo "$DMETA_VENV $OMP_NUM_THREADS $SRUN_CPUS_PER_TASK"')
+    assert result.stdout.split() == [f"{ROOT}/venvs/x", "6", "6"], result.stderr
+    # A missing setup file, or no dmeta anywhere: one line each, status 2.
+    for broken, fragment in [
+        ({"DMETA_SETUP": str(tmp_path / "missing.sh")}, "is not a file"),
+        ({"DMETA_VENV": str(tmp_path / "nowhere")}, "dmeta is not in"),
+    ]:
+        env = {"PATH": "/nonexistent", "DMETA_VENV": str(venv.parent), **broken}
+        result = launch_sh(tmp_path, env, "echo started")
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
+
+
+def test_submit_sweep_uses_dmeta_venv(tmp_path) -> None:
+    """submit_sweep.sh counts the sweep with DMETA_VENV's dmeta and submits two jobs."""
+    venv = fake_bin(tmp_path / "venv/bin", dmeta=f'echo "$@" > {tmp_path}/dmeta.args; echo 5')
+    record = f'echo "$@" >> {tmp_path}/sbatch.args; wc -l < {tmp_path}/sbatch.args'
+    tools = fake_bin(tmp_path / "path", sbatch=record)
+    env = {**os.environ, "PATH": f"{tools}:/usr/bin:/bin", "DMETA_VENV": str(venv.parent)}
+    out_dir = tmp_path / "runs"
+    result = subprocess.run(
+        [
+            "slurm/submit_sweep.sh",
+            "jobs/theorems_mu_sweep.toml",
+            str(out_dir),
+            "analysis/theorem1.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "dmeta.args").read_text().split() == [
+        "sweep",
+        "jobs/theorems_mu_sweep.toml",
+        "--count",
+    ]
+    array, collect = (tmp_path / "sbatch.args").read_text().splitlines()
+    assert "--array=0-4" in array.split() and "slurm/sweep_array.sbatch" in array
+    assert "--dependency=afterok:1" in collect.split() and collect.endswith("analysis/theorem1.py")
+    assert result.stdout.strip() == f"array job 1 (5 runs into {out_dir}), collect job 2"
+
+
+def test_every_script_has_the_site_placeholders_and_the_readme_signal() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## SLURM") : readme.index("## Installing against")]
+    signals = set(re.findall(r"--signal=B:\w+@\d+", section))
+    assert len(signals) == 1, signals
+    scripts = sorted((ROOT / "slurm").glob("*.sbatch"))
+    assert len(scripts) == 5
+    for script in scripts:
+        text = script.read_text()
+        assert "##SBATCH --account=" in text and "##SBATCH --partition=" in text, script.name
+        assert "source slurm/launch.sh || exit 2" in text, script.name
+        found = set(re.findall(r"^#SBATCH (--signal=\S+)", text, flags=re.M))
+        # Every requeueable script asks for the README's warning; collect.sbatch is short.
+        assert found == (signals if "#SBATCH --requeue" in text else set()), script.name
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_the_scripts_pass_shellcheck() -> None:
+    scripts = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "slurm").iterdir())]
+    result = subprocess.run(
+        ["shellcheck", "-x", "-s", "bash", *scripts], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_scripts_parse() -> None:
+    for script in sorted((ROOT / "slurm").iterdir()):
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+
+
+def test_default_threads_follow_slurm_cpus_per_task_and_the_node_cpus() -> None:
+    # srun binds 4 ranks to 4 CPUs each: the node's ranks may run on 16, 4 each.
+    assert default_threads(16, 4, {"SLURM_CPUS_PER_TASK": "4"}) == 4
+    # A shared node seen whole (64 cores, no cpuset): no more than the job's CPUs per task.
+    assert default_threads(64, 4, {"SLURM_CPUS_PER_TASK": "4"}) == 4
+    # More ranks than the allocation's CPUs (mpiexec -n 4 inside -c 4 --ntasks=1): one each.
+    assert default_threads(4, 4, {"SLURM_CPUS_PER_TASK": "4"}) == 1
+    # Outside SLURM: the node's CPUs shared evenly among its ranks, at least one.
+    assert default_threads(16, 4, {}) == 4 and default_threads(2, 4, {}) == 1
+    assert default_threads(16, 4, {"SLURM_CPUS_PER_TASK": ""}) == 4
+
+
+def test_plan_run_threads_zero_uses_the_node_cpus(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    config = small_config("runtime.threads=0")
+    assert plan_run(config, 1, 0, 0, 1, node_cpus=12).threads == 3
+    assert plan_run(config, 1, 0, 0, 1, node_cpus=2).threads == 2
+    assert plan_run(small_config("runtime.threads=5"), 1, 0, 0, 1, node_cpus=12).threads == 5
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert plan_run(config, 2, 0, 0, 2, node_cpus=12).threads == 6
