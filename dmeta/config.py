@@ -167,6 +167,11 @@ class ModelConfig:
     blocks: int = 4
     # batch: batch statistics of each forward pass, no running statistics; group: 8 groups.
     norm: Literal["batch", "group"] = "batch"
+    # Image classifiers: "maml" (the blocks above) or "femnist" (LEAF's FEMNIST CNN of the
+    # FedMeta paper: 5x5 convolutions of 32 and 64 channels with max-pool, a dense ReLU layer
+    # of `dense` units, a linear head; filters, blocks and norm do not apply).
+    convnet: Literal["maml", "femnist"] = "maml"
+    dense: int = 2048
     # Every agent starts from its own random launch model (Algorithm 1, line 0) unless True.
     same_init: bool = False
     # Character sequences (federated Shakespeare): LEAF's stacked LSTM, an `embedding`-wide
@@ -591,6 +596,7 @@ def _check_ranges(config: Config) -> None:
         "fewshot.test_tasks": config.fewshot.test_tasks,
         "model.filters": config.model.filters,
         "model.blocks": config.model.blocks,
+        "model.dense": config.model.dense,
     }
     for key, value in positive.items():
         if value < 1:
@@ -685,7 +691,8 @@ def _check_fewshot(config: Config) -> None:
         if fewshot.test_tasks < 2:
             raise DmetaError(f"fewshot.test_tasks = {fewshot.test_tasks} must be at least 2")
         size = fewshot.image_side()
-        if size >> config.model.blocks < 1:
+        _check_femnist_side(config.model, size, "fewshot.image_size")
+        if config.model.convnet == "maml" and size >> config.model.blocks < 1:
             raise DmetaError(
                 f"model.blocks = {config.model.blocks} max-pools halve a {size}x{size} image to "
                 "nothing; use fewer blocks or a larger fewshot.image_size"
@@ -738,6 +745,15 @@ def _check_federated(config: Config) -> None:
     for key in ("embedding", "lstm_hidden", "lstm_layers"):
         if getattr(model, key) < 1:
             raise DmetaError(f"model.{key} = {getattr(model, key)} must be at least 1")
+    _check_femnist_side(model, settings.image_size, "federated.image_size")
+
+
+def _check_femnist_side(model: ModelConfig, size: int, key: str) -> None:
+    """The FEMNIST CNN's two max-pools need images of side 4 or more."""
+    if model.convnet == "femnist" and size < 4:
+        raise DmetaError(
+            f"model.convnet = 'femnist' max-pools twice: {key} = {size} must be at least 4"
+        )
 
 
 def _check_asynchrony(settings: AsynchronyConfig) -> None:

@@ -200,8 +200,10 @@ class Engine:
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
             meta_gradients,
         )  # fmt: skip
+        # A shared model starts as agent 0's launch model, which every rank draws alike.
+        starting = self.agents[:1] * 0 if plan.algorithm.shared_model else self.agents
         initial = self.learner.initial_state(
-            self.task.initial_parameters(model, self.agents, config.model.same_init, dtype)
+            self.task.initial_parameters(model, starting, config.model.same_init, dtype)
         )
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
         self.validation_tasks = self.task.validation_set(config.validation)
@@ -293,11 +295,27 @@ class Engine:
             self.writer.set_attributes(name, centroid_weights=weights)
         for name, array in self.task.arrays().items():
             self.writer.write_global(name, array.cpu().numpy())
+        self._write_models("params/initial", "launch models w_{k,0}")
+
+    def _write_models(self, name: str, what: str) -> None:
+        """The launch models as /`name`: one flattened row per agent, or the one row of a shared
+        model (every agent's; attribute shared = True), never K copies of it."""
+        models = self.algorithm.models().detach()
+        if self.algorithm.shared_model:
+            self.writer.write_global(
+                name,
+                models[:1].cpu().numpy(),
+                units="parameter units",
+                description=f"{what}: the shared (server) model, every agent's, one row",
+                shared=True,
+            )
+            return
         self.writer.write_agents(
-            "params/initial",
-            self.algorithm.models().detach().cpu().numpy(),
+            name,
+            models.cpu().numpy(),
             units="parameter units",
-            description="launch models w_{k,0}, one flattened row per agent",
+            description=f"{what}, one flattened row per agent",
+            shared=False,
         )
 
     def _weighted(self, rows: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -305,6 +323,13 @@ class Engine:
         if weights is None:
             return rows.sum(dim=0) / self.config.agents
         return (weights.to(rows.dtype)[:, None] * rows).sum(dim=0)
+
+    def _centroid(self, models: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The network centroid w_c = sum_k p_k w_k (Theorem 1); a shared model is its own."""
+        if self.algorithm.shared_model:
+            return models[0]  # the same on every rank
+        # All ranks synchronise here (on a logged row: 1 of 2): the centroid, one all-reduce.
+        return self.exchange.allreduce_sum(self._weighted(models, weights))
 
     def _centroid_gradients(
         self, centroid: torch.Tensor, weights: torch.Tensor | None
@@ -365,8 +390,7 @@ class Engine:
         models = self.algorithm.models().detach()
         num_agents = self.config.agents
         weights = self.algorithm.centroid_weights()
-        # All ranks synchronise here (1 of 2): the centroid, one all-reduce.
-        centroid = self.exchange.allreduce_sum(self._weighted(models, weights))
+        centroid = self._centroid(models, weights)
         # Every rank sees the same centroid, so all stop together on a diverged run.
         if not torch.isfinite(centroid).all():
             raise AgreedError(
@@ -374,7 +398,10 @@ class Engine:
                 "lower optimizer.lr or learner.inner_lr"
             )
         evaluation = self._evaluate(models)
-        spread = disagreement(models, centroid)
+        if self.algorithm.shared_model:  # no K x P difference of identical rows
+            spread = disagreement(models[:1], centroid).expand(len(models))
+        else:
+            spread = disagreement(models, centroid)
         train = self.window.mean_train_loss()
         halves = self._centroid_gradients(centroid, weights)
         means = torch.stack([spread.sum(), train.sum(), evaluation[:, 0].sum()])
@@ -527,11 +554,7 @@ class Engine:
         """The centroid's (a shared model's) scores on each test task, one value per task, and
         their weighted network mean and 95% interval (a collective call)."""
         models = self.algorithm.models().detach()
-        # All ranks synchronise here: the centroid, one all-reduce.
-        centroid = self.exchange.allreduce_sum(
-            self._weighted(models, self.algorithm.centroid_weights())
-        )
-        model = models[0] if self.algorithm.shared_model else centroid.to(models)
+        model = self._centroid(models, self.algorithm.centroid_weights()).to(models)
         outcome = None
         if self.rank == 0:  # rank 0 holds agent 0; the others receive its scores
             scores = tuple(self.task.scores.values())
@@ -574,12 +597,7 @@ class Engine:
         """Final evaluation, final models, and the run file under its final name."""
         if self.task.final_evaluation:
             self.final_evaluation()
-        self.writer.write_agents(
-            "params/final",
-            self.algorithm.models().detach().cpu().numpy(),
-            units="parameter units",
-            description="launch models after the last iteration, one flattened row per agent",
-        )
+        self._write_models("params/final", "launch models after the last iteration")
         self.writer.finish()
         if self.rank == 0:
             self.checkpoint.unlink(missing_ok=True)

@@ -100,8 +100,6 @@ class Exchange(Protocol):
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
-    def masked_sum(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
-
     def gather_rows(self, rows: np.ndarray) -> np.ndarray | None: ...
 
     def allgather_object(self, value: Any) -> list[Any]: ...
@@ -213,10 +211,6 @@ class LocalExchange:
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def masked_sum(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The sum over agents in `mask` of their rows."""
-        return rows[mask].sum(dim=0)
-
     def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
         return rows
 
@@ -295,10 +289,6 @@ class MPIExchange:
         buffer = _host(tensor).copy()
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
         return torch.from_numpy(buffer).to(tensor.device)
-
-    def masked_sum(self, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The sum over agents in `mask` (on every rank) of their rows; one all-reduce."""
-        return self.allreduce_sum(rows[mask].sum(dim=0))
 
     def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
         """Concatenate each rank's rows (one per local agent) on rank 0, in agent order."""

@@ -39,7 +39,7 @@ from dmeta import omniglot, rng, shakespeare
 from dmeta.config import FederatedConfig, ModelConfig, ValidationConfig
 from dmeta.errors import DmetaError
 from dmeta.fewshot import expand_paths, shuffled
-from dmeta.models import FlatModel, build_char_lstm, build_convnet, build_mlp
+from dmeta.models import FlatModel, build_char_lstm, build_image_classifier, build_mlp
 from dmeta.tasks import TaskBatch, TaskFamily
 
 IGNORE = -100  # torch's cross-entropy ignore_index: the label of a padded example
@@ -440,13 +440,13 @@ class FederatedDataTask(TaskFamily):
             )
         if self.kind == "vector":
             return build_mlp(config, self.x.shape[1], self.classes)
-        if config.norm == "batch":
+        if config.norm == "batch" and config.convnet == "maml":
             raise DmetaError(
                 "problem = 'federated' pads each client's examples to one size, which batch "
                 "statistics would mix in: set model.norm = 'group'"
             )
         _, channels, size, _ = self.x.shape
-        return build_convnet(channels, size, self.classes, config.filters, config.blocks, "group")
+        return build_image_classifier(config, channels, size, self.classes, "group")
 
     def learner_functions(self, model: FlatModel):
         return model.forward, F.cross_entropy

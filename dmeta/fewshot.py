@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from dmeta import miniimagenet, omniglot, rng
 from dmeta.config import FewShotConfig, ModelConfig, ValidationConfig
 from dmeta.errors import DmetaError
-from dmeta.models import FlatModel, build_convnet
+from dmeta.models import FlatModel, build_image_classifier
 from dmeta.tasks import TaskBatch, TaskFamily
 
 
@@ -340,11 +340,9 @@ class FewShotTask(TaskFamily):
             yield TaskBatch(*(piece[0] for piece in self._as_float(batch)))
 
     def build_model(self, config: ModelConfig) -> FlatModel:
-        """MAML's conv net for images of this data set and `ways` outputs."""
+        """The image classifier (model.convnet) for this data set and `ways` outputs."""
         _, _, channels, size, _ = self.images.shape
-        return build_convnet(
-            channels, size, self.config.ways, config.filters, config.blocks, config.norm
-        )
+        return build_image_classifier(config, channels, size, self.config.ways, config.norm)
 
     def learner_functions(self, model: FlatModel):
         return model.forward, F.cross_entropy

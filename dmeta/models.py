@@ -145,6 +145,37 @@ def build_convnet(
     return FlatModel(nn.Sequential(*layers))
 
 
+def build_femnist_cnn(in_channels: int, size: int, outputs: int, dense: int) -> FlatModel:
+    """LEAF's FEMNIST CNN, the FedMeta paper's (App. A.2): two 5x5 convolutions of 32 and 64
+    channels ("same" padding), each followed by ReLU and 2x2 max-pool, a dense ReLU layer of
+    `dense` units (2048 in the paper) and a linear head; no normalization."""
+    side = size // 4
+    return FlatModel(
+        nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * side * side, dense),
+            nn.ReLU(),
+            nn.Linear(dense, outputs),
+        )
+    )
+
+
+def build_image_classifier(
+    config: ModelConfig, in_channels: int, size: int, outputs: int, norm: str
+) -> FlatModel:
+    """The image classifier `model.convnet` names: MAML's conv net (with `norm`) or the
+    FEMNIST CNN."""
+    if config.convnet == "femnist":
+        return build_femnist_cnn(in_channels, size, outputs, config.dense)
+    return build_convnet(in_channels, size, outputs, config.filters, config.blocks, norm)
+
+
 class LSTMLayer(nn.Module):
     """One LSTM layer over a sequence, written out step by step (functional, vmappable and
     twice differentiable, unlike the fused nn.LSTM): gates i, f, g, o as in torch.nn.LSTM."""

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch.func import grad, vmap
 
-from dmeta.models import build_convnet
+from dmeta.config import ModelConfig, load_config
+from dmeta.errors import DmetaError
+from dmeta.models import build_convnet, build_image_classifier
 
 F64 = torch.float64
 
@@ -55,3 +57,30 @@ def test_normalization_starts_as_the_identity() -> None:
     assert torch.equal(named["1.weight"], torch.ones(4, dtype=F64))
     assert torch.equal(named["1.bias"], torch.zeros(4, dtype=F64))
     assert named["0.weight"].abs().max() <= 1 / 3 and named["0.weight"].std() > 0
+
+
+def test_femnist_cnn_has_leafs_parameter_count_and_vmaps() -> None:
+    # LEAF's FEMNIST CNN: 832 + 51,264 (convolutions) + 6,424,576 (3136 -> 2048) + 127,038
+    # (2048 -> 62) = 6,603,710 parameters.
+    config = ModelConfig(convnet="femnist")
+    model = build_image_classifier(config, 1, 28, 62, "group")
+    assert model.num_parameters == 6_603_710
+    small = build_image_classifier(ModelConfig(convnet="femnist", dense=16), 1, 28, 5, "group")
+    theta = small.initial_parameters(0, torch.arange(2), False, F64)
+    images = torch.rand(2, 4, 1, 28, 28, dtype=F64, generator=torch.Generator().manual_seed(1))
+    batched = vmap(small.forward)(theta, images)
+    assert batched.shape == (2, 4, 5)
+    torch.testing.assert_close(batched[1], small.forward(theta[1], images[1]))
+
+
+def test_femnist_cnn_needs_images_of_side_four() -> None:
+    with pytest.raises(DmetaError, match="max-pools twice: federated.image_size = 3"):
+        load_config(
+            None,
+            [
+                "problem=federated",
+                "federated.paths=['x']",
+                "model.convnet=femnist",
+                "federated.image_size=3",
+            ],
+        )

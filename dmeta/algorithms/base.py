@@ -9,7 +9,8 @@ An algorithm is one module holding a subclass of `Algorithm`, registered by stra
   engine checkpoints by agent id and puts back with `load_state`;
 - `round(t)`: the local computation of round t and its calls to the exchange;
 - `models()`: the launch models the engine evaluates and stores (`shared_model`: all one
-  model, evaluated once), adapted with `evaluation_steps` inner steps;
+  model, evaluated and stored once, never copied per agent), adapted with
+  `evaluation_steps` inner steps;
 - `series` (or `row_series(plan)`, when they depend on the config) and `row_values()`: extra
   row-wise series it logs;
 - `topology()`: what the run file records of its communication graph.
@@ -116,7 +117,8 @@ class Algorithm(ABC):
 
     @abstractmethod
     def __init__(self, context: Context, plan: Any, initial_models: torch.Tensor) -> None:
-        """Start from `initial_models` [agents, P] (the learner's launch rows)."""
+        """Start from `initial_models` [agents, P] (the learner's launch rows); a
+        `shared_model` algorithm gets agent 0's row alone [1, P], the same on every rank."""
 
     @abstractmethod
     def state_rows(self) -> dict[str, torch.Tensor]:

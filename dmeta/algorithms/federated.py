@@ -156,9 +156,8 @@ class Federated(Algorithm):
             config.optimizer.eps,
         )
         self.optimizer = build_optimizer(server)
-        # Algorithm 1, line 3: theta starts as client 0's launch model, sent to every rank.
-        first = context.agents == 0
-        self.server = context.exchange.masked_sum(initial_models, first)[None].clone()
+        # Algorithm 1, line 3: theta starts as client 0's launch model, drawn on every rank.
+        self.server = initial_models[:1].clone()
         self.optimizer_state = self.optimizer.init_state(self.server)
         self.participations = torch.zeros(
             len(context.agents), dtype=torch.int64, device=context.device
