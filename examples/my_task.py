@@ -8,7 +8,8 @@ from the whole range.
 Run it from the repository root (the working folder is searched for `examples.my_task`):
 
     .venv/bin/dmeta run examples/my_task.toml
-    .venv/bin/dmeta run examples/my_task.toml --set problem_options.model=quadratic
+    .venv/bin/dmeta run examples/my_task.toml --set problem_options.model=quadratic \
+        --set learner.inner_lr=0.05 --out runs/my_task_quadratic.h5
 
 The job names this class by its import path, `problem = "examples.my_task:QuadraticTask"`, and
 sets the fields of `QuadraticTask.Options` in its [problem_options] table.
@@ -63,7 +64,8 @@ class QuadraticTask(TaskFamily):
         support_shots: int = 10
         query_shots: int = 10
         # mlp: dmeta's fully connected network ([model] hidden, activation);
-        # quadratic: QuadraticModel above (three parameters).
+        # quadratic: QuadraticModel above (three parameters; its inner steps need a larger
+        # learner.inner_lr, e.g. 0.05).
         model: Literal["mlp", "quadratic"] = "mlp"
 
     # Extra validation measures, logged as /metrics/val_mae and /centroid/val_mae.
