@@ -412,7 +412,8 @@ PROBLEM_SECTIONS = {
     "federated": ("federated", "model"),
 }
 BUILTIN_PROBLEMS = tuple(PROBLEM_SECTIONS)
-CUSTOM_PROBLEM_SECTIONS = ("problem_options", "model")
+OPTIONS = "problem_options"
+CUSTOM_PROBLEM_SECTIONS = (OPTIONS, "model")
 
 
 def is_import_path(problem: str) -> bool:
@@ -441,6 +442,8 @@ def numbers_only(config_json: str) -> dict[str, Any]:
         config.get("runtime", {}).pop(key, None)
     for key in FREE_VALIDATION_KEYS:
         config.get("validation", {}).pop(key, None)
+    if not config.get(OPTIONS):  # a built-in problem's: as in files written before it existed
+        config.pop(OPTIONS, None)
     return config
 
 
@@ -833,8 +836,6 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise DmetaError(f"{what} {path} is not valid TOML: {error}") from None
 
-
-OPTIONS = "problem_options"
 
 # A [problem_options] key as given: (dotted key, value, from `--set` text?).
 OptionItem = tuple[str, Any, bool]

@@ -30,14 +30,7 @@ from dmeta.federated_data import weighted_ci95
 from dmeta.fewshot import confidence_interval_95
 from dmeta.output import RowSchema, RunWriter, open_writer
 from dmeta.problems import check_batch
-from dmeta.runner import (
-    DTYPES,
-    RunPlan,
-    build_learner,
-    build_model,
-    build_task,
-    run_attributes,
-)
+from dmeta.runner import DTYPES, RunPlan, build_learner, build_model, build_task, run_attributes
 from dmeta.tasks import TaskBatch, score_series
 
 

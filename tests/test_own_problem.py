@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dmeta import cli
-from dmeta.config import config_digest, config_from_json, load_config
+from dmeta.config import config_digest, config_from_json, load_config, numbers_only
 from dmeta.models import FlatModel
 from dmeta.runner import build_learner, build_model, build_task
 from dmeta.sweep import load_sweep
@@ -67,6 +67,17 @@ def test_options_are_typed_and_resolved() -> None:
     assert config_digest(config) != config_digest(load_config(JOB))
     noisier = load_config(JOB, ["problem_options.noise_std=0.2"])
     assert config_digest(noisier) != config_digest(load_config(JOB))
+
+
+def test_a_checkpoint_of_a_built_in_problem_from_before_options_existed_resumes() -> None:
+    from dmeta.checkpoint import _differences
+
+    config = load_config(None, ["agents=4"])
+    saved = json.loads(config.to_json())
+    del saved["problem_options"]  # what a run file of an earlier dmeta holds
+    assert _differences(numbers_only(json.dumps(saved)), numbers_only(config.to_json())) == []
+    options = numbers_only(load_config(JOB).to_json())["problem_options"]
+    assert options["noise_std"] == 0.1
 
 
 def test_the_family_builds_its_own_model_for_the_learners() -> None:
