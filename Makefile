@@ -39,7 +39,7 @@ run: $(STAMP)
 	@echo "plot: $(RUNS)/sine_quick_fig1b.png"
 
 lint: $(STAMP)
-	$(BIN)/ruff check dmeta analysis tests benchmarks
+	$(BIN)/ruff check dmeta analysis tests benchmarks examples
 
 # About 7-9 minutes on 2 cores: the serial tests, then tests/test_mpi.py under 2 and 4 ranks (one
 # report per run: tests/mpi_pytest.sh keeps ranks other than 0 quiet unless they fail).

@@ -194,14 +194,20 @@ def _show_config(args: argparse.Namespace) -> None:
     import json
 
     from dmeta.algorithms import REGISTRY, algorithm_class
-    from dmeta.config import PROBLEM_SECTIONS, load_config
+    from dmeta.config import (
+        CUSTOM_PROBLEM_SECTIONS,
+        PROBLEM_SECTIONS,
+        load_config,
+        problem_sections,
+    )
 
     config = load_config(args.config, args.overrides)
     resolved = json.loads(config.to_json())
     if not args.all:
         specific = {s for sections in PROBLEM_SECTIONS.values() for s in sections}
+        specific |= set(CUSTOM_PROBLEM_SECTIONS)
         specific |= {s for algorithm in REGISTRY.values() for s in algorithm.config_sections}
-        used = set(PROBLEM_SECTIONS[config.problem])
+        used = set(problem_sections(config.problem))
         used |= set(algorithm_class(config.strategy).config_sections)
         resolved = {key: value for key, value in resolved.items() if key not in specific - used}
     print(json.dumps(resolved, indent=2, sort_keys=True))

@@ -375,8 +375,14 @@ class Config:
     strategy: Strategy = "atc"
     # The task family: sine regression ([task], [model]), linear representations ([linear]) or
     # few-shot image classification ([fewshot], [model]) or clients holding their own data
-    # (federated: the data keys of [federated], [model]).
-    problem: Literal["sine", "linear_representation", "fewshot", "federated"] = "sine"
+    # (federated: the data keys of [federated], [model]); or a family of your own, a subclass
+    # of dmeta.tasks.TaskFamily named by its import path "package.module:Class" (the working
+    # folder is searched first), whose settings are [problem_options] (README: "Your own task
+    # family").
+    problem: str = "sine"
+    # The keys of the class's `Options` dataclass (problem given by import path only): checked
+    # against its fields' types when the config is loaded; here every field's value.
+    problem_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     iterations: int = 10000
     # Metrics (training loss, validation, disagreement) are logged every this many iterations,
@@ -404,13 +410,27 @@ class Config:
 
 
 # Sections read only by one problem (the others are read by every run, or by an algorithm that
-# declares them: Algorithm.config_sections).
+# declares them: Algorithm.config_sections); a family given by import path reads
+# CUSTOM_PROBLEM_SECTIONS.
 PROBLEM_SECTIONS = {
     "sine": ("task", "model"),
     "linear_representation": ("linear",),
     "fewshot": ("fewshot", "model"),
     "federated": ("federated", "model"),
 }
+BUILTIN_PROBLEMS = tuple(PROBLEM_SECTIONS)
+OPTIONS = "problem_options"
+CUSTOM_PROBLEM_SECTIONS = (OPTIONS, "model")
+
+
+def is_import_path(problem: str) -> bool:
+    """Whether `problem` names a family of one's own ("package.module:Class")."""
+    return ":" in problem
+
+
+def problem_sections(problem: str) -> tuple[str, ...]:
+    """The sections only `problem` reads."""
+    return PROBLEM_SECTIONS.get(problem, CUSTOM_PROBLEM_SECTIONS)
 
 
 # Config sections that do not change the numbers of a run: a run may resume with other values.
@@ -429,6 +449,8 @@ def numbers_only(config_json: str) -> dict[str, Any]:
         config.get("runtime", {}).pop(key, None)
     for key in FREE_VALIDATION_KEYS:
         config.get("validation", {}).pop(key, None)
+    if not config.get(OPTIONS):  # a built-in problem's: as in files written before it existed
+        config.pop(OPTIONS, None)
     return config
 
 
@@ -476,6 +498,10 @@ def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
         if value not in choices:
             raise DmetaError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
+    if origin is dict:  # problem_options as a run file stores it: checked by build_options
+        if not isinstance(value, dict):
+            raise DmetaError(f"'{key}' is a section; set its keys as {key}.KEY=VALUE")
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str) and text:
@@ -554,6 +580,7 @@ def _floats(section: Any, prefix: str = "") -> dict[str, float]:
 
 def _check(config: Config) -> None:
     """Range checks that a type alone cannot express, section by section."""
+    _check_problem(config.problem)
     _check_ranges(config)
     _check_linear(config)
     _check_learning(config)
@@ -566,6 +593,16 @@ def _check(config: Config) -> None:
         _check_federated(config)
     if any(width < 1 for width in config.model.hidden):
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
+
+
+def _check_problem(problem: str) -> None:
+    """A built-in problem's name or an import path."""
+    if problem not in BUILTIN_PROBLEMS and not is_import_path(problem):
+        choices = ", ".join(map(repr, BUILTIN_PROBLEMS))
+        raise DmetaError(
+            f"problem = {problem!r} is not one of {choices}, nor the import path "
+            "'package.module:Class' of a task family of your own"
+        )
 
 
 def _check_ranges(config: Config) -> None:
@@ -818,11 +855,20 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise DmetaError(f"{what} {path} is not valid TOML: {error}") from None
 
 
+# A [problem_options] key as given: (dotted key, value, from `--set` text?).
+OptionItem = tuple[str, Any, bool]
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
-    """The defaults, then the job file at `path` (TOML), then `KEY=VALUE` overrides, checked."""
+    """The defaults, then the job file at `path` (TOML), then `KEY=VALUE` overrides, checked.
+
+    [problem_options] keys wait until the problem is known: they are checked against the
+    `Options` of its class (imported here) and its `check_options`.
+    """
     config = Config()
+    options: list[OptionItem] = []
     if path is not None:
         table = read_toml(path, "config file")
         if not table:
@@ -832,14 +878,63 @@ def load_config(
                 "agents = 40 for the defaults)"
             )
         for key, value in table.items():
-            _apply(config, key, value)
+            if key == OPTIONS:
+                if not isinstance(value, dict):
+                    raise DmetaError(f"'{OPTIONS}' is a section; write its keys as [{OPTIONS}]")
+                options += [(k, v, False) for k, v in flatten(value).items()]
+            else:
+                _apply(config, key, value)
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise DmetaError(f"override {item!r} must have the form KEY=VALUE")
-        _apply(config, key.strip(), value.strip(), text=True)
+        if key.startswith(OPTIONS + "."):
+            options.append((key[len(OPTIONS) + 1 :], value.strip(), True))
+        else:
+            _apply(config, key, value.strip(), text=True)
     _check(config)
+    _resolve_options(config, options)
     return config
+
+
+def _resolve_options(config: Config, items: list[OptionItem]) -> None:
+    """Import a family given by path (dmeta.problems.task_class) and set `problem_options` to
+    every field of its checked `Options`; a built-in problem takes no options."""
+    if not is_import_path(config.problem):
+        if items:
+            raise DmetaError(
+                f"{OPTIONS}.{items[0][0]}: [{OPTIONS}] is read only by a task family given by "
+                f"import path ('package.module:Class'), not by problem = {config.problem!r}"
+            )
+        config.problem_options = {}
+        return
+    from dmeta.problems import task_class
+
+    family = task_class(config.problem)
+    options = build_options(family, items, config.problem)
+    config.problem_options = dataclasses.asdict(options)
+
+
+def build_options(family: Any, items: list[OptionItem], problem: str) -> Any:
+    """An instance of `family.Options` with `items` applied (name, type and, for `--set` text,
+    conversion as for every key), finite floats, then `family.check_options`."""
+    from dmeta.problems import user_code
+
+    options = family.Options()
+    if items and not dataclasses.fields(options):
+        raise DmetaError(
+            f"{OPTIONS}.{items[0][0]}: {problem} takes no options (its Options dataclass has "
+            "no fields)"
+        )
+    for key, value, text in items:
+        _apply(options, key, value, OPTIONS + ".", text)
+    for key, value in _floats(options, OPTIONS + ".").items():
+        if not math.isfinite(value):
+            raise DmetaError(f"{key} = {value} must be a finite number")
+    with user_code(f"{problem} check_options"):
+        family.check_options(options)
+    return options
 
 
 def config_from_json(text: str) -> Config:

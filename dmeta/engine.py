@@ -23,14 +23,15 @@ import torch
 from dmeta import rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
 from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
-from dmeta.config import config_digest
+from dmeta.config import config_digest, is_import_path
 from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.federated_data import weighted_ci95
 from dmeta.fewshot import confidence_interval_95
 from dmeta.output import RowSchema, RunWriter, open_writer
-from dmeta.runner import DTYPES, RunPlan, build_learner, build_task, run_attributes
-from dmeta.tasks import TaskBatch
+from dmeta.problems import check_batch
+from dmeta.runner import DTYPES, RunPlan, build_learner, build_model, build_task, run_attributes
+from dmeta.tasks import TaskBatch, score_series
 
 
 def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,7 @@ class Engine:
         dtype = DTYPES[config.runtime.dtype]
         self.agents = torch.as_tensor(plan.layout.agents(self.rank), device=self.device)
         self.task = build_task(config, dtype, self.device)
-        model = self.task.build_model(config.model)
+        model = build_model(self.task, config)
         self.learner = build_learner(config.learner, model, self.task)
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients
@@ -232,6 +233,9 @@ class Engine:
             config.validation.stationarity_tasks,
             stream=rng.STREAM_STATIONARITY,
         )
+        if is_import_path(config.problem):  # a family of one's own: its batches' shapes
+            check_batch(self.validation_tasks, (None,), f"{config.problem} validation_set")
+            check_batch(stationarity, (len(self.agents), None), f"{config.problem} sample")
         # Population mode with fixed heads draws all of an agent's heads, whatever was asked.
         # A family with one fixed task per agent (federated data) has an exact meta-gradient:
         # that task is both halves, and the estimate is ||grad J||^2 itself.
@@ -270,7 +274,8 @@ class Engine:
         if resumed_rows is None and self.rank == 0:
             # A checkpoint of an earlier run must never be taken for one of this run.
             self.checkpoint.unlink(missing_ok=True)
-        series = self.task.series | self.plan.algorithm.row_series(self.plan.algorithm_plan)
+        series = score_series(self.task.scores) | self.task.series
+        series |= self.plan.algorithm.row_series(self.plan.algorithm_plan)
         self.writer = open_writer(
             self.config.output.writer, self.out_path, comm, exchange, self.plan.layout,
             attributes, self.config.output.flush_every, RowSchema(series), resumed_rows,

@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from dmeta import rng
 from dmeta.config import ModelConfig
+from dmeta.errors import DmetaError
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,13 @@ class FlatModel:
     """A torch module evaluated on flat parameter vectors (functional, no module state)."""
 
     def __init__(self, module: nn.Module) -> None:
+        buffers = [name for name, _ in module.named_buffers()]
+        if buffers:
+            # Only parameters are passed to functional_call: buffers would stay on "meta".
+            raise DmetaError(
+                f"the model's module holds buffers ({', '.join(buffers)}); a model is its "
+                "parameters alone: e.g. BatchNorm2d(track_running_stats=False) or GroupNorm"
+            )
         self.module = module.to("meta")
         slots = []
         offset = 0

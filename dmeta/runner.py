@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 import dmeta
+from dmeta import problems
 from dmeta.algorithms import algorithm_class
 from dmeta.algorithms.base import Algorithm
-from dmeta.config import Config, LearnerConfig
+from dmeta.config import Config, LearnerConfig, build_options, is_import_path
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
 from dmeta.federated_data import FederatedDataTask
@@ -136,6 +137,12 @@ def plan_run(
 
 def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> TaskFamily:
     """The task family of `problem`, seeded by the run."""
+    if is_import_path(config.problem):
+        family = problems.task_class(config.problem)
+        items = [(key, value, False) for key, value in config.problem_options.items()]
+        options = build_options(family, items, config.problem)
+        with problems.user_code(f"{config.problem}(...)"):
+            return family(options, config.agents, config.seed, dtype, device)
     if config.problem == "linear_representation":
         return LinearRepresentationTask(config.linear, config.agents, config.seed, dtype, device)
     if config.problem == "fewshot":
@@ -143,6 +150,13 @@ def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> Task
     if config.problem == "federated":
         return FederatedDataTask(config.federated, config.agents, config.seed, dtype, device)
     return SineTask(config.task, config.agents, config.seed, dtype, device)
+
+
+def build_model(task: TaskFamily, config: Config) -> FlatModel:
+    """The task's model on [model]; a family given by import path is checked."""
+    if is_import_path(config.problem):
+        return problems.build_family_model(task, config.problem, config.model)
+    return task.build_model(config.model)
 
 
 def build_learner(settings: LearnerConfig, model: FlatModel, task: TaskFamily) -> MAML:
@@ -206,6 +220,8 @@ def run_attributes(
         "stationarity_tasks_total": plan.config.validation.stationarity_tasks * plan.config.agents,
         "writer": plan.config.output.writer,
     }
+    if is_import_path(plan.config.problem):
+        attributes |= problems.source(plan.config.problem)
     if plan.backend == "mpi":
         import mpi4py
         from mpi4py import MPI

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -31,16 +33,44 @@ def mse_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((prediction - target) ** 2).mean()
 
 
-class TaskFamily:
-    """What the runner asks of a task family, with the defaults of a plain one.
+def score_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
+    """The run-file series of validation scores (`TaskFamily.scores`), for those a family does
+    not describe in its own `series`: /metrics/val_<name> [T, K] and /centroid/val_<name> [T]."""
+    series = {}
+    for name in scores:
+        meaning = f"validation {name} after adaptation on the fixed validation tasks"
+        series[f"metrics/val_{name}"] = (True, "score units", meaning)
+        series[f"centroid/val_{name}"] = (False, "score units", f"{meaning}, of the centroid")
+    return series
 
-    A family also has `sample`, `validation_set`, `build_model` and `learner_functions`.
-    `series` lists extra row-wise datasets (path -> (per agent?, units, meaning)), `scores`
-    extra validation measures (name -> score(prediction, target)) logged as
-    /metrics/val_<name>; with `final_evaluation`, `test_batches` gives the fixed meta-test tasks
-    of the evaluation that ends the run. Federated strategies ask `example_counts` for a
-    client's weight and FedAvg `training_data` for what it trains on.
+
+class TaskFamily(ABC):
+    """The interface of a task family: what the engine asks of one, with the defaults of a plain
+    regression family. The built-in families (`SineTask` below, the linear-representation,
+    few-shot and federated ones) and a family of your own (`problem = "package.module:Class"`,
+    see the README's "Your own task family" and examples/my_task.py) all derive from it.
+
+    A subclass must implement `sample`, `validation_set` and `build_model`; every other method
+    and attribute has a default. Shapes: a task has `shots` examples, each input `[...in]` and
+    target `[...out]` of any shape the model and loss accept (a regression with one input and
+    one output: [shots, 1] and [shots, 1]). The engine lifts the model and loss over agents and
+    tasks with `torch.func.vmap`, so they are written for one task.
+
+    `series` lists extra row-wise datasets (path -> (per agent?, units, meaning)) whose values
+    `row_metrics` returns, `scores` extra validation measures (name -> score(prediction,
+    target), a scalar per task) logged as /metrics/val_<name> and /centroid/val_<name> (their
+    units and meaning may be given in `series`); with `final_evaluation`,
+    `test_batches` gives the fixed meta-test tasks of the evaluation that ends the run.
+    Federated strategies ask `example_counts` for a client's weight and FedAvg `training_data`
+    for what it trains on.
     """
+
+    # Settings of a family given by import path: a dataclass whose fields are the keys of the
+    # job's [problem_options] table, checked with the types and rules of every config key; the
+    # constructor gets an instance as `config`. The built-in families read their own sections.
+    @dataclass
+    class Options:
+        pass
 
     final_evaluation = False
     # With final_evaluation: score the network centroid on each test task (one value per task,
@@ -49,18 +79,65 @@ class TaskFamily:
 
     series: dict[str, tuple[bool, str, str]] = {}
     scores: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    # The loss Q(w; X) of one task for the default `learner_functions`: a staticmethod (or a
+    # method) loss(prediction, target) -> scalar; here the mean squared error.
+    loss = staticmethod(mse_loss)
 
     def __init__(
         self, config: Any, num_agents: int, seed: int, dtype: torch.dtype, device: torch.device
     ) -> None:
-        """`config` is the family's config section; numbers are drawn from `seed`."""
+        """`config` is the family's config section (a family given by import path: its
+        `Options`, filled from [problem_options]); agents are numbered 0..num_agents-1; random
+        numbers come from `seed` (see `sample`); tensors are made in `dtype` on `device`."""
         self.config = config
         self.num_agents = num_agents
         self.seed = seed
         self.dtype = dtype
         self.device = device
 
+    @classmethod
+    def check_options(cls, options: Any) -> None:
+        """Check the ranges of a family's `Options` (types are checked already) when the config
+        is loaded, before anything runs: raise dmeta.errors.DmetaError with one line naming
+        the key, e.g. "problem_options.noise_std = -1.0 must not be negative"."""
+        return None
+
+    @abstractmethod
+    def sample(
+        self, agents: torch.Tensor, iteration: int, tasks: int, stream: int = rng.STREAM_TASKS
+    ) -> TaskBatch:
+        """`tasks` training tasks S_{k,i} of each agent k in `agents` (int64 ids [A], this
+        rank's) at `iteration` (the task draw number): TaskBatch of [A, tasks, shots, ...].
+
+        Draw them as a function of (self.seed, agent id, stream, iteration) alone, e.g. with
+        `dmeta.rng.uniform(self.seed, agents, stream, iteration, shape, dtype=self.dtype)`, so
+        a run draws the same tasks on any number of ranks. Another `stream` (the engine's
+        stationarity and L2C draws) must give independent tasks from the same distributions;
+        draws in several parts use `rng.substream(stream, part)`.
+        """
+
+    @abstractmethod
+    def validation_set(self, config: ValidationConfig) -> TaskBatch:
+        """The fixed validation tasks, the same for every agent and rank: TaskBatch of
+        [config.tasks, shots, ...], with `config.support_shots` and `config.query_shots` where
+        the family's tasks have a free size (e.g. drawn from `rng.STREAM_VALIDATION`, agent 0,
+        iteration 0)."""
+
+    @abstractmethod
+    def build_model(self, config: ModelConfig) -> FlatModel:
+        """The network, as a FlatModel (one flat parameter vector per agent): a built-in one
+        (`dmeta.models.build_mlp(config, in_features, out_features)` reads [model]'s hidden and
+        activation; `build_convnet`) or `FlatModel(module)` of any torch.nn.Module whose state
+        is its parameters alone (no buffers), whose forward maps one task's inputs
+        [shots, ...in] to predictions, and which torch.func can vmap and differentiate twice."""
+
+    def learner_functions(self, model: FlatModel) -> tuple[Callable, Callable]:
+        """(forward(flat [M], inputs) -> predictions, loss(predictions, targets) -> scalar) of
+        one task for the learners: by default the model's forward and `loss`."""
+        return model.forward, self.loss
+
     def tasks_per_iteration(self, requested: int) -> int:
+        """The tasks `sample` draws per agent when asked for `requested`."""
         return requested
 
     def test_batches(self, tasks_at_once: int) -> Iterator[TaskBatch]:
@@ -90,14 +167,20 @@ class TaskFamily:
     def initial_parameters(
         self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype
     ) -> torch.Tensor:
+        """Launch models w_{k,0} [len(agents), M]: by default torch.nn's initialization of
+        each layer (U(-1/sqrt(fan_in), 1/sqrt(fan_in)); normalization scale 1, shift 0), drawn
+        per agent from the run seed (one shared draw with `same_init`)."""
         return model.initial_parameters(self.seed, agents, same_init, dtype)
 
     def row_metrics(
         self, models: torch.Tensor, centroid: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Values of `series` at a logged row, from the agents' launch rows [local agents, P]
+        and the centroid [P]: (per-agent tensors [local agents], scalars)."""
         return {}, {}
 
     def arrays(self) -> dict[str, torch.Tensor]:
+        """Datasets (path -> tensor) that describe the tasks, written once into the run file."""
         return {}
 
 
@@ -110,7 +193,6 @@ class SineTask(TaskFamily):
 
     in_features = 1
     out_features = 1
-    loss = staticmethod(mse_loss)
 
     def _amplitude_bounds(self, agents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.config.amplitude_min, self.config.amplitude_max
@@ -192,9 +274,6 @@ class SineTask(TaskFamily):
     def build_model(self, config: ModelConfig) -> FlatModel:
         """The fully connected network of `model` (1 input, 1 output)."""
         return build_mlp(config, self.in_features, self.out_features)
-
-    def learner_functions(self, model: FlatModel):
-        return model.forward, mse_loss
 
 
 class LinearRepresentationTask(TaskFamily):

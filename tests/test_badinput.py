@@ -139,6 +139,126 @@ def test_bad_run_input(tmp_path, capsys, case) -> None:
     assert not out.is_file() and not Path(f"{out}.partial").exists()
 
 
+# A task family of one's own (`problem = "module:Class"`, README "Your own task family"): each
+# case is (the source of a module written as tmp/<name>.py or None, the problem with {module}
+# for its name, more overrides, the fragment of the error line).
+EXAMPLE = "examples.my_task:QuadraticTask"
+FAMILY = "from examples.my_task import QuadraticTask\n\n\nclass Task(QuadraticTask):\n"
+OPTIONS = "from dataclasses import dataclass, field\n\n\n" + FAMILY + "    @dataclass\n"
+PROBLEM_CASES = {
+    "neither a problem nor a path": (None, "sinus", (), "nor the import path"),
+    "not an import path": (None, "my task:Task", (), "is not an import path"),
+    "module not found": (None, "no_such_module_4711:Task", (), "no module named"),
+    "module raising": ("raise RuntimeError('no data here')", "{module}:Task", (), "no data here"),
+    "module with a syntax error": ("def (:\n", "{module}:Task", (), "raised SyntaxError"),
+    "module missing a dependency": (
+        "import no_such_dependency_4711",
+        "{module}:Task",
+        (),
+        "raised ModuleNotFoundError: No module named 'no_such_dependency_4711'",
+    ),
+    "class missing": ("X = 1", "{module}:Task", (), "has no attribute 'Task'"),
+    "not a class": ("Task = 3", "{module}:Task", (), "of type 'int', not a class"),
+    "not a TaskFamily": ("class Task:\n    pass", "{module}:Task", (), "does not derive from"),
+    "methods missing": (
+        "from dmeta.tasks import TaskFamily\n\n\nclass Task(TaskFamily):\n    pass",
+        "{module}:Task",
+        (),
+        "does not implement build_model, sample, validation_set",
+    ),
+    "Options not a dataclass": (FAMILY + "    Options = dict", "{module}:Task", (), "dataclass"),
+    "option of no config type": (
+        OPTIONS + "    class Options:\n        table: dict = field(default_factory=dict)",
+        "{module}:Task",
+        (),
+        "Options.table has the type",
+    ),
+    "option without a default": (
+        OPTIONS + "    class Options:\n        size: int",
+        "{module}:Task",
+        (),
+        "Options.size needs a default",
+    ),
+    "unknown option": (None, EXAMPLE, ["problem_options.noise=1"], "'problem_options.noise'"),
+    "option of a wrong type": (
+        None,
+        EXAMPLE,
+        ["problem_options.noise_std=much"],
+        "problem_options.noise_std = 'much' must be a number",
+    ),
+    "option not a choice": (None, EXAMPLE, ["problem_options.model=cnn"], "is not one of"),
+    "NaN option": (None, EXAMPLE, ["problem_options.noise_std=nan"], "must be a finite number"),
+    "option out of range": (
+        None,
+        EXAMPLE,
+        ["problem_options.noise_std=-1"],
+        "problem_options.noise_std = -1.0 must not be negative",
+    ),
+    "options of a built-in problem": (
+        None,
+        "sine",
+        ["problem_options.noise_std=1"],
+        "read only by a task family given by import path",
+    ),
+    "constructor raising": (
+        FAMILY + "    def __init__(self, *args):\n        raise ValueError('cannot find the data')",
+        "{module}:Task",
+        (),
+        "(...) raised ValueError: cannot find the data (",
+    ),
+    "build_model returning no model": (
+        FAMILY + "    def build_model(self, config):\n        return 3",
+        "{module}:Task",
+        (),
+        "build_model returned an object of type 'int'",
+    ),
+    "model with buffers": (
+        FAMILY
+        + "    def build_model(self, config):\n"
+        + "        import torch\n\n        return torch.nn.BatchNorm1d(1)",
+        "{module}:Task",
+        (),
+        "holds buffers (running_mean, running_var, num_batches_tracked)",
+    ),
+    "tasks of the wrong shape": (
+        "from dmeta.tasks import TaskBatch\n"
+        + FAMILY
+        + "    def sample(self, *args, **kwargs):\n"
+        + "        return TaskBatch(*(part[0] for part in super().sample(*args, **kwargs)))",
+        "{module}:Task",
+        (),
+        "sample returned support_x of shape [50, 10, 1]; every part must be a tensor [7, *, sh",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PROBLEM_CASES)
+def test_bad_task_family(tmp_path, capsys, monkeypatch, case) -> None:
+    source, problem, overrides, fragment = PROBLEM_CASES[case]
+    module = "family_" + "".join(c if c.isalnum() else "_" for c in case)
+    if source is not None:
+        (tmp_path / f"{module}.py").write_text(source + "\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.chdir(ROOT)  # the working folder is searched for examples.my_task
+    out = tmp_path / "run.h5"
+    problem = problem.format(module=module)
+    argv = ["run", JOB, *SETS, *sets(f"problem={problem}", *overrides), "--out", out, "--quiet"]
+    code, err = main(capsys, *argv)
+    sys.modules.pop(module, None)
+    assert code == 2
+    assert fragment in one_error_line(err)
+    assert not out.is_file() and not Path(f"{out}.partial").exists()
+
+
+def test_quoted_number_of_an_option(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    job = tmp_path / "job.toml"
+    job.write_text(f'problem = "{EXAMPLE}"\n[problem_options]\nsupport_shots = "5"\n')
+    code, err = main(capsys, "config", job)
+    assert code == 2
+    assert "problem_options.support_shots = '5' is a string" in one_error_line(err)
+
+
 @pytest.mark.parametrize("command", ["config", "graph"])
 def test_other_commands_on_a_bad_config(tmp_path, capsys, command) -> None:
     (tmp_path / "latin.toml").write_bytes("agents = 5 # é\n".encode("latin-1"))
