@@ -1,17 +1,18 @@
-"""Fig. 2b of the Dif-MAML paper: few-shot validation accuracy against iteration, per strategy.
+"""Fig. 2b of the Dif-MAML paper: few-shot accuracy against iteration, and at the end, per strategy.
 
 Usage (from the repository root):
 
     python analysis/fig2b.py RUN.h5 [RUN.h5 ...] [--out FIG.png] [--title TEXT] [--check]
                              [--tolerance PTS] [--margin PTS]
 
-Runs are grouped by their few-shot setting (data set, N-way, K-shot); each group gets a panel
-with one line per strategy: the validation accuracy averaged over agents, shaded from the
-minimum to the maximum over agents. The table gives each run's final meta-test accuracy (mean
-over agents and tasks, with the 95% confidence interval over tasks) and, per setting,
-Dif-MAML's distance to the centralized and non-cooperative runs. With --check the exit status
-is 1 unless, in every setting, Dif-MAML is within --tolerance points of centralized and at
-least --margin points above non-cooperative. Reads HDF5 only.
+Runs are grouped by their few-shot setting (data set, N-way, K-shot); each group gets a column:
+above, one line per strategy of the validation accuracy during training averaged over agents,
+shaded from the minimum to the maximum over agents; below, the final meta-test accuracy the
+claims are about (mean with its 95% interval over tasks, a tick per agent). The table gives each
+run's final meta-test accuracy (mean over agents and tasks, with the 95% confidence interval over
+tasks) and, per setting, Dif-MAML's distance to the centralized and non-cooperative runs. With
+--check the exit status is 1 unless, in every setting, Dif-MAML is within --tolerance points of
+centralized and at least --margin points above non-cooperative. Reads HDF5 only.
 """
 
 from __future__ import annotations
@@ -82,28 +83,38 @@ def groups(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def plot(grouped: dict[str, list[Run]], out: str, title: str) -> None:
-    """One panel per setting: mean validation accuracy over agents with a min..max band."""
-    figure = Figure(figsize=(5.2 * len(grouped), 4.2), layout="constrained")
+    """One column per setting: the validation accuracy during training (mean over agents, band
+    min..max over agents) above the final meta-test accuracy that the claims are about (mean
+    with its 95% interval over tasks, and each strategy's range over agents)."""
+    figure = Figure(figsize=(5.2 * len(grouped), 7.4), layout="constrained")
     FigureCanvasAgg(figure)
-    panels = figure.subplots(1, len(grouped), squeeze=False)[0]
-    for axes, (name, members) in zip(panels, grouped.items(), strict=True):
-        for run in members:
+    panels = figure.subplots(2, len(grouped), squeeze=False, height_ratios=(3, 2))
+    for column, (name, members) in enumerate(grouped.items()):
+        curves, finals = panels[0, column], panels[1, column]
+        for position, run in enumerate(members):
+            label = LABELS.get(run.strategy, run.strategy)
             accuracy = 100 * run.metric("val_accuracy")
-            (line,) = axes.plot(
-                run.iteration, accuracy.mean(axis=1), label=LABELS.get(run.strategy, run.strategy)
+            (line,) = curves.plot(run.iteration, accuracy.mean(axis=1), label=label)
+            color = line.get_color()
+            curves.fill_between(
+                run.iteration, accuracy.min(axis=1), accuracy.max(axis=1), color=color, alpha=0.2
             )
-            axes.fill_between(
-                run.iteration,
-                accuracy.min(axis=1),
-                accuracy.max(axis=1),
-                color=line.get_color(),
-                alpha=0.2,
-            )
-        axes.set_title(name)
-        axes.set_xlabel("iteration")
-        axes.set_ylabel("validation accuracy, % (mean over agents)")
-        axes.grid(True, alpha=0.3)
-        axes.legend(loc="lower right")
+            final = run.finals["test_accuracy"]
+            finals.errorbar(
+                [100 * final.network_mean], [position], xerr=[100 * final.network_ci95],
+                fmt="o", color=color, capsize=4,
+            )  # fmt: skip
+            finals.plot(100 * final.values, [position] * len(final.values), "|", color=color)
+        curves.set_title(name)
+        curves.set_xlabel("iteration")
+        curves.set_ylabel("validation accuracy, %\n(mean over agents, band: min..max)")
+        curves.grid(True, alpha=0.3)
+        curves.legend(loc="lower right")
+        finals.set_yticks(range(len(members)))
+        finals.set_yticklabels([LABELS.get(run.strategy, run.strategy) for run in members])
+        finals.invert_yaxis()
+        finals.set_xlabel("final meta-test accuracy, % (mean, 95% CI; |: agents)")
+        finals.grid(True, axis="x", alpha=0.3)
     if title:
         figure.suptitle(title)
     figure.savefig(out, dpi=150)
