@@ -138,7 +138,8 @@ class RunStatus:
         """The rows of each launch (a resumed run restarts its wall clock)."""
         starts = [0, *(int(r) for r in self.attributes.get("resumed_at_row", []))]
         bounds = sorted({s for s in starts if s < len(self.iteration)} | {len(self.iteration)})
-        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+        # A file with no row yet has one empty launch.
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)] or [slice(0, 0)]
 
     def seconds(self) -> float:
         """Wall-clock seconds of every launch so far, up to its last row."""
@@ -272,7 +273,12 @@ def status_lines(status: RunStatus, now: float | None = None) -> list[str]:
     if "command_line" in attributes:
         lines.append(f"command   {attributes['command_line']}")
     if not len(status.iteration):
-        return [*lines, "progress  no rows written yet"]
+        flush_every = config.get("output", {}).get("flush_every", "?")
+        return [
+            *lines,
+            f"progress  no rows written yet (rows reach the file {flush_every} at a time: "
+            "output.flush_every)",
+        ]
     done = int(status.iteration[-1])
     lines.append(
         f"progress  iteration {done} / {total} ({100 * done / max(total, 1):.0f}%), "

@@ -217,6 +217,15 @@ def test_status_of_complete_stopped_and_failed_runs(tmp_path) -> None:
     assert status.attributes["started_at"] == "2026-01-01T00:00:00Z"
 
 
+def test_status_of_a_running_file_without_rows(tmp_path) -> None:
+    path = tmp_path / "run.h5"
+    synthetic_run(path, rows=0, finish=False, live=True)
+    status = read_status(path)
+    assert status.segments() == [slice(0, 0)] and status.flush_interval() is None
+    lines = status_lines(status)
+    assert lines[-1].startswith("progress  no rows written yet")
+
+
 def test_status_errors_are_one_line(tmp_path) -> None:
     with pytest.raises(RunFileError, match="no such file"):
         read_status(tmp_path / "missing.h5")
