@@ -213,7 +213,8 @@ def read_status(path: str | os.PathLike[str]) -> RunStatus:
             iteration=np.asarray(file["time/iteration"][:rows]),
             wall=np.asarray(file["time/wall"][:rows], dtype=float),
             last=_last_row(file, rows),
-            has_topology="topology" in file,
+            # A server strategy records a star without edges: no graph to name.
+            has_topology="topology" in file and file["topology"].attrs.get("kind") != "server",
         )
     status.modified = path.stat().st_mtime
     if status.state != "complete":
