@@ -20,7 +20,16 @@ from typing import Any, Literal
 from dmeta.errors import DmetaError
 
 Strategy = Literal[
-    "atc", "cta", "centralized", "noncooperative", "fedmeta", "fedavg", "pushsum", "l2c", "persafl"
+    "atc",
+    "cta",
+    "centralized",
+    "noncooperative",
+    "fedmeta",
+    "fedavg",
+    "pushsum",
+    "l2c",
+    "meta_l2c",
+    "persafl",
 ]
 Topology = Literal[
     "ring", "grid", "erdos_renyi", "geometric", "complete", "star", "exponential", "edge_list"
@@ -284,14 +293,19 @@ class AsynchronyConfig:
 
 @dataclass
 class L2CConfig:
-    """Learned mixing weights of `strategy = "l2c"` (Li et al., CVPR 2022, Algorithm 1;
-    dmeta/algorithms/l2c.py).
+    """Learned mixing weights of `strategy = "l2c"` and `"meta_l2c"` (Li et al., CVPR 2022,
+    Algorithm 1; dmeta/algorithms/l2c.py and meta_l2c.py).
 
     Each round a node takes `local_epochs` steps of the learner on its training tasks, then
     aggregates its in-neighbours' model updates with w_i = softmax(alpha_i) (eq. 2), then
     alpha_i takes one Adam step (`alpha_lr`, `alpha_weight_decay`) on the node's loss over
     `validation_tasks` tasks of its own (eq. 3). After round `prune_round` each node drops the
     `prune_count` in-neighbours of smallest weight (never itself); prune_count = 0 never prunes.
+
+    meta-L2C makes the weights by dot-product attention between encodings of the nodes' model
+    changes since initialisation (eq. 4-5, 7-8): the encoder, shared by all nodes, takes the
+    Adam step (same `alpha_lr` and `alpha_weight_decay`, as in the paper) on the nodes' mean
+    validation loss (eq. 6).
     """
 
     local_epochs: int = 1
@@ -300,6 +314,17 @@ class L2CConfig:
     validation_tasks: int = 5
     prune_round: int = 10
     prune_count: int = 0
+    # meta-L2C's encoder E_l of each layer: linear maps to these widths in turn (the paper's
+    # two-layer network with outputs (10, 5)).
+    encoder_dims: list[int] = field(default_factory=lambda: [10, 5])
+    # channel: one E_l applied to every channel (output unit, filter) of layer l and the
+    # outputs concatenated (eq. 7); layer: E_l of the layer's whole flattened change.
+    encoder_sharing: Literal["channel", "layer"] = "channel"
+    # A finished meta_l2c run file whose encoder (the last row of /l2c/encoder) this run uses
+    # from round 1 on, for new nodes or a new task; "": a fresh encoder from the run seed.
+    pretrained: str = ""
+    # Train a loaded encoder further (by default it is applied as it is, as in the paper).
+    train_pretrained: bool = False
 
 
 @dataclass
@@ -831,6 +856,11 @@ def _check_l2c(settings: L2CConfig) -> None:
     if settings.prune_count < 0:
         raise DmetaError(
             f"l2c.prune_count = {settings.prune_count} must not be negative (0: never prune)"
+        )
+    if not settings.encoder_dims or min(settings.encoder_dims) < 1:
+        raise DmetaError(
+            f"l2c.encoder_dims = {settings.encoder_dims} must hold one or more positive widths "
+            "(the paper's [10, 5])"
         )
 
 

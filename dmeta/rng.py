@@ -47,6 +47,8 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                (per agent, iteration = round)
     18 STREAM_SPEED            a federated client's job duration, drawn once (per client,
                                iteration 0)
+    19 STREAM_L2C_ENCODER      meta-L2C's initial encoder, shared by all nodes (agent 0,
+                               iteration 0)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
 draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
@@ -91,6 +93,7 @@ STREAM_DELAY = 15
 STREAM_LOSS = 16
 STREAM_L2C_VALIDATION = 17
 STREAM_SPEED = 18
+STREAM_L2C_ENCODER = 19
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -11,6 +11,7 @@ from dmeta.algorithms.centralized import Centralized
 from dmeta.algorithms.diffusion import ATC, CTA
 from dmeta.algorithms.federated import FedAvg, FedMeta
 from dmeta.algorithms.l2c import L2C
+from dmeta.algorithms.meta_l2c import MetaL2C
 from dmeta.algorithms.noncooperative import NonCooperative
 from dmeta.algorithms.persafl import PersAFL
 from dmeta.algorithms.pushsum import PushSum
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Algorithm]] = {
     "fedavg": FedAvg,
     "pushsum": PushSum,
     "l2c": L2C,
+    "meta_l2c": MetaL2C,
     "persafl": PersAFL,
 }
 

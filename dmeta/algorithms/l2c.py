@@ -65,21 +65,22 @@ class L2CPlan:
 
 
 def plan_l2c(config: Config) -> L2CPlan:
-    """The in-edges of `config.graph` (an undirected graph's both ways) plus self-loops."""
-    cfg = config.graph
+    """The in-edges of `config.graph` (an undirected graph's both ways) plus self-loops, for
+    `strategy = "l2c"` or `"meta_l2c"`."""
+    cfg, strategy = config.graph, config.strategy
     if cfg.schedule != "static":
         raise DmetaError(
-            f"strategy = 'l2c' learns weights over a static graph: set graph.schedule = "
+            f"strategy = {strategy!r} learns weights over a static graph: set graph.schedule = "
             f"'static', not {cfg.schedule!r}"
         )
     if cfg.rule == "matrix":
         raise DmetaError(
-            "strategy = 'l2c' learns its weights, it reads no matrix file: set graph.rule = "
-            "'averaging' (its initial weights, uniform over each node's in-edges)"
+            f"strategy = {strategy!r} learns its weights, it reads no matrix file: set "
+            "graph.rule = 'averaging' (its initial weights, uniform over each node's in-edges)"
         )
     if config.learner.local_steps != 1:
         raise DmetaError(
-            "strategy = 'l2c' takes l2c.local_epochs local steps per round: leave "
+            f"strategy = {strategy!r} takes l2c.local_epochs local steps per round: leave "
             f"learner.local_steps = 1, not {config.learner.local_steps}"
         )
     # p[l, k] > 0 exactly for l = k and the edges l -> k.
@@ -108,10 +109,14 @@ def smallest_weights(weights: torch.Tensor, candidates: torch.Tensor, count: int
     return candidates & (ranks < count)
 
 
-class L2C(MetaLearning):
-    """L2C, Algorithm 1 (module docstring): local steps, eq. (2), one step of eq. (3)."""
+class LearnedMixing(MetaLearning):
+    """What L2C and meta-L2C share: each node's in-edges by slot, their pruning after round
+    T0, the route of the surviving edges, the validation loss of eq. (3)/(6), and the logged
+    weights. A subclass says how the weights are made (`weights`) and runs the round."""
 
     config_sections = ("l2c",)
+    # How the logged /mixing/weights relate to the row's round.
+    weights_meaning = "w_ij after the row's round"
 
     @classmethod
     def plan(cls, config: Config, layout: AgentLayout) -> L2CPlan:
@@ -119,17 +124,14 @@ class L2C(MetaLearning):
 
     def __init__(self, context: Context, plan: L2CPlan, initial_models: torch.Tensor) -> None:
         super().__init__(context, plan, initial_models)
-        settings = plan.settings
-        self.adam = Adam(settings.alpha_lr, *ADAM_BETAS, ADAM_EPS)
         agents = context.agents.cpu().numpy()
         width = int(plan.in_degree.max())
         slots = torch.arange(width, device=context.device)
         in_degree = torch.as_tensor(plan.in_degree[agents], device=context.device)
-        alpha = torch.zeros((len(agents), width), dtype=context.dtype, device=context.device)
         # Slots that hold an in-edge of the graph, pruned or not.
         self.valid = slots < in_degree[:, None]
-        self.mixing = {"alpha": alpha, "active": self.valid.clone()}
-        self.mixing |= {f"adam/{k}": v for k, v in self.adam.init_state(alpha).items()}
+        # Per-edge state by slot, checkpointed per node under l2c/.
+        self.mixing: dict[str, torch.Tensor] = {"active": self.valid.clone()}
         # The self-loop's slot (one self-loop per node, in destination order).
         own = plan.slots[plan.sources == plan.destinations][agents]
         self.own_slot = slots == torch.as_tensor(own, device=context.device)[:, None]
@@ -144,6 +146,88 @@ class L2C(MetaLearning):
         super().load_state({k: v for k, v in rows.items() if not k.startswith(prefix)}, shared)
         self.mixing = {k[len(prefix) :]: v.clone() for k, v in rows.items() if k.startswith(prefix)}
         self.route = None  # rebuilt from the loaded pruning decisions
+
+    def weights(self) -> torch.Tensor:
+        """w [local agents, max in-degree]: each node's mixing weights by slot."""
+        raise NotImplementedError
+
+    def validation_loss(self, t: int, models: torch.Tensor) -> torch.Tensor:
+        """[local agents]: L(theta_i; D_i^val), the learner's loss on node i's validation
+        tasks of round t, differentiable in `models`."""
+        context = self.context
+        count = self.plan_.settings.validation_tasks
+        tasks = context.task.sample(context.agents, t, count, stream=rng.STREAM_L2C_VALIDATION)
+        return vmap(context.learner.agent_meta_loss)(models, tasks)
+
+    def _prune(self, count: int) -> None:
+        """Drop each node's `count` in-neighbours of smallest weight, never itself."""
+        active = self.mixing["active"]
+        dropped = smallest_weights(self.weights(), active & ~self.own_slot, count)
+        self.mixing["active"] = active & ~dropped
+        self.route = None
+
+    def _connect(self) -> None:
+        """The route of the surviving edges. Pruning decisions live with the receivers, so
+        every rank learns all of them with one allgather (collective; at the first round,
+        after pruning and after a resume)."""
+        plan, mixing = self.plan_, self.mixing
+        rows, slots = torch.nonzero(~mixing["active"] & self.valid, as_tuple=True)
+        agents = self.context.agents.cpu().numpy()
+        local = plan.first_edge[agents][rows.cpu().numpy()] + slots.cpu().numpy()
+        # All ranks synchronise here: every rank's dropped edge ids.
+        dropped = np.concatenate(self.context.exchange.allgather_object(local))
+        kept = np.setdiff1d(np.arange(len(plan.sources)), dropped)
+        # A collective call on MPI when the rank-level support changes (every rank alike).
+        self.route = self.context.exchange.route(plan.sources[kept], plan.destinations[kept])
+        edge_ids = kept[self.route.edges]
+        self.edge_slots = torch.as_tensor(plan.slots[edge_ids], device=self.context.device)
+
+    def row_values(self) -> dict[str, torch.Tensor | float]:
+        return {"mixing/weights": self.weights().detach()}
+
+    @classmethod
+    def row_series(cls, plan: L2CPlan) -> dict[str, tuple[bool | Columns, str, str]]:
+        return {
+            "mixing/weights": (
+                Columns(plan.in_degree),
+                "1",
+                f"{cls.weights_meaning}, one column per edge j -> i of /topology/edges "
+                "(self-loops included, in that order); 0 once pruned",
+            )
+        }
+
+    @classmethod
+    def topology(cls, plan: L2CPlan) -> TopologyRecord:
+        edges = np.stack([plan.sources, plan.destinations], axis=1)
+        attributes = {
+            "num_agents": len(plan.in_degree),
+            "kind": "learned",
+            "schedule": "static",
+            "centroid": "uniform",
+            "description": "edges j -> i (self-loops included) with node i's initial weight "
+            "1/(|N(i)| + 1), softmax of zero logits; the learned weights are /mixing/weights",
+        }
+        return TopologyRecord(edges, 1.0 / plan.in_degree[plan.destinations], attributes)
+
+
+class L2C(LearnedMixing):
+    """L2C, Algorithm 1 (module docstring): local steps, eq. (2), one step of eq. (3)."""
+
+    @classmethod
+    def plan(cls, config: Config, layout: AgentLayout) -> L2CPlan:
+        if config.l2c.pretrained:
+            raise DmetaError(
+                f"l2c.pretrained = {config.l2c.pretrained!r} is a meta-L2C encoder, which "
+                "strategy = 'l2c' does not use: set strategy = 'meta_l2c' or l2c.pretrained = ''"
+            )
+        return plan_l2c(config)
+
+    def __init__(self, context: Context, plan: L2CPlan, initial_models: torch.Tensor) -> None:
+        super().__init__(context, plan, initial_models)
+        self.adam = Adam(plan.settings.alpha_lr, *ADAM_BETAS, ADAM_EPS)
+        alpha = torch.zeros(self.valid.shape, dtype=context.dtype, device=context.device)
+        self.mixing["alpha"] = alpha
+        self.mixing |= {f"adam/{k}": v for k, v in self.adam.init_state(alpha).items()}
 
     def weights(self) -> torch.Tensor:
         """w [local agents, max in-degree]: each node's mixing weights by slot (eq. 3)."""
@@ -185,14 +269,6 @@ class L2C(MetaLearning):
         gradient = torch.autograd.grad(self.validation_loss(t, aggregated).sum(), alpha)[0]
         return aggregated.detach(), gradient
 
-    def validation_loss(self, t: int, models: torch.Tensor) -> torch.Tensor:
-        """[local agents]: L(theta_i; D_i^val), the learner's loss on node i's validation
-        tasks of round t, differentiable in `models`."""
-        context = self.context
-        count = self.plan_.settings.validation_tasks
-        tasks = context.task.sample(context.agents, t, count, stream=rng.STREAM_L2C_VALIDATION)
-        return vmap(context.learner.agent_meta_loss)(models, tasks)
-
     def _step_alpha(self, gradient: torch.Tensor) -> None:
         """One Adam step of the active logits on `gradient` plus the L2 weight decay."""
         mixing, active = self.mixing, self.mixing["active"]
@@ -204,53 +280,3 @@ class L2C(MetaLearning):
         for name in ("exp_avg", "exp_avg_sq"):
             mixing[f"adam/{name}"] = torch.where(active, state[name], mixing[f"adam/{name}"])
         mixing["adam/step"] = state["step"]
-
-    def _prune(self, count: int) -> None:
-        """Drop each node's `count` in-neighbours of smallest weight, never itself."""
-        active = self.mixing["active"]
-        dropped = smallest_weights(self.weights(), active & ~self.own_slot, count)
-        self.mixing["active"] = active & ~dropped
-        self.route = None
-
-    def _connect(self) -> None:
-        """The route of the surviving edges. Pruning decisions live with the receivers, so
-        every rank learns all of them with one allgather (collective; at the first round,
-        after pruning and after a resume)."""
-        plan, mixing = self.plan_, self.mixing
-        rows, slots = torch.nonzero(~mixing["active"] & self.valid, as_tuple=True)
-        agents = self.context.agents.cpu().numpy()
-        local = plan.first_edge[agents][rows.cpu().numpy()] + slots.cpu().numpy()
-        # All ranks synchronise here: every rank's dropped edge ids.
-        dropped = np.concatenate(self.context.exchange.allgather_object(local))
-        kept = np.setdiff1d(np.arange(len(plan.sources)), dropped)
-        # A collective call on MPI when the rank-level support changes (every rank alike).
-        self.route = self.context.exchange.route(plan.sources[kept], plan.destinations[kept])
-        edge_ids = kept[self.route.edges]
-        self.edge_slots = torch.as_tensor(plan.slots[edge_ids], device=self.context.device)
-
-    def row_values(self) -> dict[str, torch.Tensor | float]:
-        return {"mixing/weights": self.weights().detach()}
-
-    @classmethod
-    def row_series(cls, plan: L2CPlan) -> dict[str, tuple[bool | Columns, str, str]]:
-        return {
-            "mixing/weights": (
-                Columns(plan.in_degree),
-                "1",
-                "w_ij after the row's round, one column per edge j -> i of /topology/edges "
-                "(self-loops included, in that order); 0 once pruned",
-            )
-        }
-
-    @classmethod
-    def topology(cls, plan: L2CPlan) -> TopologyRecord:
-        edges = np.stack([plan.sources, plan.destinations], axis=1)
-        attributes = {
-            "num_agents": len(plan.in_degree),
-            "kind": "learned",
-            "schedule": "static",
-            "centroid": "uniform",
-            "description": "edges j -> i (self-loops included) with node i's initial weight "
-            "1/(|N(i)| + 1), softmax of zero logits; the learned weights are /mixing/weights",
-        }
-        return TopologyRecord(edges, 1.0 / plan.in_degree[plan.destinations], attributes)
