@@ -480,6 +480,37 @@ def test_l2c_runs_are_the_same_under_mpi_and_pruning_cuts_the_bytes(comm) -> Non
     _verdict(comm, check)
 
 
+def test_meta_l2c_runs_are_the_same_under_mpi(comm) -> None:
+    """meta-L2C on 7 agents of an Erdos-Renyi graph, pruning after round 6 of 12: each round's
+    updates and changes cross ranks in one exchange, the encoder's gradients meet in one
+    all-reduce and every rank steps the same shared encoder; the pruned edges reach every
+    rank through one allgather."""
+    config = small_config(
+        "strategy=meta_l2c", "graph.topology=erdos_renyi", "graph.edge_probability=0.6",
+        "runtime.dtype=float64", "model.hidden=[8]", "l2c.local_epochs=2", "l2c.prune_round=6",
+        "l2c.prune_count=2", "log_every=2", "optimizer.name=sgd", "optimizer.lr=0.05",
+    )  # fmt: skip
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        names = (
+            "metrics/train_loss", "metrics/val_loss", "mixing/weights", "params/final",
+            "l2c/encoder",
+        )  # fmt: skip
+        for name in names:
+            scale = np.nanmax(np.abs(local_run[name]))
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-12, atol=1e-12 * scale, err_msg=name
+            )
+        np.testing.assert_array_equal(parallel["topology/edges"], local_run["topology/edges"])
+        sent = parallel["comm/bytes"].sum(axis=1)
+        assert sent[1] > 0 and sent[-1] < sent[1], sent
+        assert (parallel["mixing/weights"][-1] == 0).sum() > 0
+        assert not np.allclose(parallel["l2c/encoder"][-1], parallel["l2c/encoder"][0])
+
+    _verdict(comm, check)
+
+
 @pytest.mark.parametrize(
     "setting",
     [
