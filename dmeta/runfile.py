@@ -340,7 +340,8 @@ def load_run(path: str | os.PathLike[str]) -> RunFrames:
     one row per logged iteration, columns `iteration` and one per scalar series
     (`time/wall`, `centroid/val_loss`, ...). Join them with
     `run.agents.merge(run.scalars, on="iteration")`. /params, /topology, /tasks and /final are
-    not rows: read them with h5py.
+    not rows, nor are the row-wise series of another width than one value per agent (L2C's
+    /mixing/weights, one column per edge; meta-L2C's /l2c/encoder): read them with h5py.
     """
     pandas = _pandas()
     path = resolve(path)
@@ -350,7 +351,11 @@ def load_run(path: str | os.PathLike[str]) -> RunFrames:
         series = row_series(file)
         rows = _rows(file, path, series)
         iteration = np.asarray(file["time/iteration"][:rows])
-        arrays = {name: np.asarray(dataset[:rows]) for name, dataset in series.items()}
+        arrays = {
+            name: np.asarray(dataset[:rows])
+            for name, dataset in series.items()
+            if dataset.ndim == 1 or dataset.dims[1].label in ("agent", "")
+        }
     agents = max((a.shape[1] for a in arrays.values() if a.ndim == 2), default=0)
     per_agent = {
         "iteration": np.repeat(iteration, agents),

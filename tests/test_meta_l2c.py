@@ -20,6 +20,7 @@ from dmeta.engine import Engine, execute
 from dmeta.errors import DmetaError
 from dmeta.exchange import LocalExchange
 from dmeta.models import build_mlp
+from dmeta.runfile import load_run
 from dmeta.runner import plan_run
 from dmeta.tasks import TaskBatch
 
@@ -251,6 +252,15 @@ def test_a_pretrained_encoder_is_loaded_and_applied_to_new_nodes(tmp_path, train
     )
     np.testing.assert_array_equal(trained_further["l2c/encoder"][0], last)
     assert not np.allclose(trained_further["l2c/encoder"][-1], last)
+
+
+def test_load_run_leaves_the_per_edge_and_encoder_series_to_h5py(trained) -> None:
+    """/mixing/weights [T, E] and /l2c/encoder [T, N] are no per-agent columns of the frames
+    (they used to break them: every per-agent column must have T x K values)."""
+    run = load_run(trained)
+    assert run.agents.shape[0] == 2 * 7  # rows at iterations 0 and 4, 7 agents
+    assert "metrics/val_loss" in run.agents and "mixing/weights" not in run.agents
+    assert "l2c/encoder" not in run.agents
 
 
 def test_bad_pretrained_files_give_one_line(tmp_path, trained) -> None:
