@@ -99,6 +99,15 @@ def test_a_meta_sgd_row_encodes_its_step_sizes_as_a_second_copy() -> None:
     assert [p for layer in twice.layers[2:] for p in layer.pieces] == shifted
 
 
+def test_a_channel_shared_encoder_fits_a_model_with_another_number_of_outputs() -> None:
+    """Eq. (7): E_l sees one channel at a time, so its shapes do not depend on how many
+    channels a layer has (the paper's CIFAR-100 -> CIFAR-10 transfer); a layer-wide E_l's do."""
+    one, three = (build_mlp(ModelConfig(hidden=[8]), 1, outputs) for outputs in (1, 3))
+    for sharing, same in (("channel", True), ("layer", False)):
+        a, b = (encoder_layout(m.slots, m.num_parameters, [10, 5], sharing) for m in (one, three))
+        assert (a.widths == b.widths) is same and (a.size == b.size) is same
+
+
 def test_the_encoder_gradient_equals_finite_differences(tmp_path) -> None:
     """d/d encoder of sum_i L(theta_i - sum_j w_ij Delta_j; D_i^val), w from the attention of
     the changes through the exchange, against central differences of the same losses after a

@@ -121,11 +121,6 @@ class EncoderLayout:
         """Parameters of the encoder."""
         return encoder_size(self.widths, self.dims)
 
-    @property
-    def embedding_size(self) -> int:
-        """Length of E(theta): the last width times the rows of every layer."""
-        return sum(self.inputs(layer)[0] * self.dims[-1] for layer in self.layers)
-
     def unpack(self, params: torch.Tensor) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """(weight [out, in], bias [out]) of each map of each E_l, views of the flat `params`:
         per layer and map, the weight row-major then the bias."""
