@@ -7,7 +7,8 @@ Round t of node i, with L2C's graph, local steps, validation tasks and pruning (
     theta_i^{t+1/2}  `l2c.local_epochs` steps of the learner from theta_i^t           (eq. 1)
     Delta_j^t      = theta_j^t - theta_j^{t+1/2}, the update node j sends
     dhat_j^t       = theta_j^{t+1/2} - theta_j^0, its change since initialisation  (Alg. 1, l. 11)
-    f_ij           = <E(dhat_i^t; alpha), E(dhat_j^t; alpha)>                           (eq. 5)
+    f_ij           = <E(dhat_i^t; alpha), E(dhat_j^t; alpha)>, alpha the encoder's
+                     parameters                                                         (eq. 5)
     w_ij           = softmax of f_i over j in i + N(i), its surviving in-edges           (eq. 4)
     theta_i^{t+1}  = theta_i^t - sum_j w_ij Delta_j^t                                   (eq. 2)
     alpha         <- one Adam step (lr `alpha_lr`, L2 weight decay `alpha_weight_decay`, as
