@@ -222,6 +222,7 @@ def plot_asynchrony(runs: list[Run], target: float, out: str) -> None:
         axis.axhline(target, color="grey", linestyle=":", linewidth=1)
         axis.set_xlabel(name)
         axis.set_ylabel("validation loss, mean over agents")
+    messages.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
     rounds.set_title("robustness to asynchrony: against rounds")
     messages.set_title("against messages")
     rounds.legend(fontsize="small")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -112,3 +113,25 @@ def test_bad_inputs_give_one_line(tmp_path, capsys) -> None:
     write_run(tmp_path / "trained.h5", val_loss=[1.0, 0.5])
     assert pushsum.main(["consensus", str(tmp_path / "trained.h5")]) == 2
     assert "missing dataset /pushsum/consensus_error" in capsys.readouterr().err
+
+
+def test_the_script_imports_neither_torch_mpi4py_nor_dmeta(tmp_path) -> None:
+    run = write_run(tmp_path / "u1.h5", val_loss=[4.0, 2.0])
+    out = tmp_path / "budget.png"
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['analysis/pushsum.py', 'budget', {str(run)!r}, '--out', {str(out)!r}]\n"
+        "sys.path.insert(0, 'analysis')\n"
+        "try:\n"
+        "    runpy.run_path('analysis/pushsum.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "loaded = {'torch', 'mpi4py', 'dmeta'} & {m.split('.')[0] for m in sys.modules}\n"
+        "assert not loaded, loaded\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert out.is_file()
