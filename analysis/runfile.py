@@ -161,6 +161,12 @@ def _topology(file: h5py.File, path: str) -> tuple[float | None, bool | None]:
     return lambda2, None if stochastic is None else bool(stochastic)
 
 
+def _metric_path(name: str) -> str:
+    """The dataset of a per-agent metric: /metrics/<name>, or the full path of a name with a
+    slash (another [T, K] series, e.g. pushsum/consensus_error)."""
+    return name if "/" in name else f"metrics/{name}"
+
+
 def _load(
     file: h5py.File,
     path: str,
@@ -192,10 +198,10 @@ def _load(
 
     iteration = np.asarray(_read_dataset(file, path, "time/iteration"))
     wall = np.asarray(_read_dataset(file, path, "time/wall"), dtype=float)
-    arrays = {name: _read_dataset(file, path, f"metrics/{name}") for name in metrics}
+    arrays = {name: _read_dataset(file, path, _metric_path(name)) for name in metrics}
     for name, array in arrays.items():
         if array.ndim != 2:
-            raise RunFileError(f"{path}: /metrics/{name} has shape {array.shape}, not [T, K]")
+            raise RunFileError(f"{path}: /{_metric_path(name)} has shape {array.shape}, not [T, K]")
     columns = {name: _read_dataset(file, path, name) for name in series}
     for name, array in columns.items():
         if array.ndim != 1:
@@ -211,7 +217,7 @@ def _load(
     if rows == 0:
         raise RunFileError(f"{path}: no logged rows")
     for name, array in [("time/wall", wall)] + [
-        *((f"metrics/{name}", a) for name, a in arrays.items()),
+        *((_metric_path(name), a) for name, a in arrays.items()),
         *columns.items(),
     ]:
         # Training loss and gradient norm are NaN at iteration 0 by definition.
@@ -254,7 +260,8 @@ def open_run(
     allow_partial: bool = False,
     finals: tuple[str, ...] = (),
 ) -> Run:
-    """Load a run file: config, strategy, /time, the requested /metrics datasets ([T, K]),
+    """Load a run file: config, strategy, /time, the requested /metrics datasets ([T, K]; a
+    name with a slash is the full path of another [T, K] series, e.g. pushsum/consensus_error),
     row-wise `series` given by full path (e.g. "centroid/disagreement", [T]) and final
     evaluations by name (e.g. "test_accuracy": /final/test_accuracy and its _ci95).
 

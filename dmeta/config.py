@@ -204,7 +204,8 @@ class LearnerConfig:
     inner_steps: int = 1
     tasks_per_agent: int = 5
     # Outer steps each agent takes between two combinations (FedAvg-style local updates); 1 is
-    # Algorithm 1. With arm, 1 is D-SGD and 2 or more decentralized FedAvg.
+    # Algorithm 1. With arm, 1 is D-SGD and 2 or more decentralized FedAvg. With strategy =
+    # "pushsum", 0 takes no gradient step at all: push-sum consensus alone.
     local_steps: int = 1
 
 
@@ -640,7 +641,6 @@ def _check_ranges(config: Config) -> None:
         "iterations": config.iterations,
         "log_every": config.log_every,
         "learner.tasks_per_agent": config.learner.tasks_per_agent,
-        "learner.local_steps": config.learner.local_steps,
         "task.support_shots": config.task.support_shots,
         "task.query_shots": config.task.query_shots,
         "validation.tasks": config.validation.tasks,
@@ -663,6 +663,11 @@ def _check_ranges(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise DmetaError(f"{key} = {value} must be at least 1")
+    if config.learner.local_steps < (0 if config.strategy == "pushsum" else 1):
+        raise DmetaError(
+            f"learner.local_steps = {config.learner.local_steps} must be at least 1 (0, no "
+            "gradient step, only with strategy = 'pushsum')"
+        )
     non_negative = {
         "learner.inner_steps": config.learner.inner_steps,
         "learner.inner_lr": config.learner.inner_lr,

@@ -405,7 +405,10 @@ def test_pushsum_runs_are_the_same_under_mpi(comm, setting) -> None:
     tolerance = 1e-6 if "float32" in setting else 1e-12
 
     def check() -> None:
-        names = ("metrics/train_loss", "metrics/val_loss", "pushsum/weight", "params/final")
+        names = (
+            "metrics/train_loss", "metrics/val_loss", "pushsum/weight", "params/final",
+            "pushsum/consensus_error",
+        )  # fmt: skip
         for name in names:
             scale = np.nanmax(np.abs(local_run[name]))
             np.testing.assert_allclose(

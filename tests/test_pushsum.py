@@ -110,6 +110,7 @@ def test_mass_held_plus_mass_in_flight_is_conserved_every_round(settings) -> Non
 
     def check(t: int, sums: RunningSums) -> None:
         torch.testing.assert_close(total_mass(sums), initial, rtol=0, atol=1e-12)
+        torch.testing.assert_close(sums.local_mass(), initial, rtol=0, atol=1e-12)
         for name, before in last.items():
             assert (sums.rows[name] >= before).all(), name
             last[name] = sums.rows[name].clone()
@@ -117,6 +118,33 @@ def test_mass_held_plus_mass_in_flight_is_conserved_every_round(settings) -> Non
 
     sums = consensus(settings, 40, rows, check)
     assert sums.rows["messages"].sum() > 0
+
+
+def test_with_no_gradient_step_every_z_reaches_the_exact_average_of_the_launch_models(
+    tmp_path,
+) -> None:
+    """learner.local_steps = 0 under loss, delays and sleep: push-sum consensus alone; the
+    logged error to the push-sum limit falls to rounding, and the final estimates are the mean
+    of the launch models."""
+    config = small_config(
+        *DIGRAPH, *ASYNC, "strategy=pushsum", "learner.local_steps=0", "iterations=200",
+        "log_every=40", "validation.stationarity_tasks=0", "validation.tasks=2",
+    )  # fmt: skip
+    data = run_local(config, tmp_path / "run.h5")
+    error = data["pushsum/consensus_error"]
+    assert error.shape == (6, 7) and error[0].mean() > 1 and error[-1].max() < 1e-22
+    assert np.all(np.diff(error.mean(axis=1)) < 0)
+    average = data["params/initial"].mean(axis=0)
+    np.testing.assert_allclose(data["params/final"], np.tile(average, (7, 1)), rtol=0, atol=1e-12)
+    assert np.isnan(data["metrics/train_loss"]).all() and data["comm/messages"][1:].min() > 0
+
+
+def test_no_gradient_step_is_pushsum_s_alone() -> None:
+    with pytest.raises(DmetaError) as error:
+        small_config("learner.local_steps=0")
+    assert "learner.local_steps = 0 must be at least 1 (0, no gradient step, only with" in str(
+        error.value
+    )
 
 
 def test_events_are_the_same_for_any_subset_of_agents_or_edges() -> None:
@@ -188,6 +216,7 @@ def test_logged_series_count_messages_and_weights(tmp_path) -> None:
     expected = [0] + [sum(sent[t - 4 : t]) for t in (4, 8, 12)]
     np.testing.assert_array_equal(data["comm/messages"], expected)
     assert data["pushsum/weight"].shape == (4, 7)
+    assert data["pushsum/consensus_error"].shape == (4, 7)
     np.testing.assert_allclose(data["pushsum/weight"].sum(axis=1)[0], 7.0)
     assert data["topology/edges"].shape == (7 + 21, 2)
 

@@ -18,8 +18,11 @@ round t an agent that is awake
 
 Sleeping agents neither compute, send nor apply. The sender pushes the same share to every
 out-neighbour, so one running sum phi_j serves all its out-edges. The communication conserves
-sum_i (x_i, y_i) + sum_{j -> i} (phi_j - rho_ij): a lost message's mass stays in phi_j - rho_ij
-and arrives with the next delivered message; nothing is resent.
+(X, Y) = sum_i (x_i, y_i) + sum_{j -> i} (phi_j - rho_ij): a lost message's mass stays in
+phi_j - rho_ij and arrives with the next delivered message; nothing is resent. X / Y is the
+limit every z_i tends to; with no gradient step (`learner.local_steps = 0`: push-sum consensus
+alone) it is the average of the launch models, exactly, and each logged row records every
+agent's squared relative error to it (`pushsum/consensus_error`).
 
 Asynchrony (slides: Gamma_w, Gamma_d, Gamma_f), every event a function of (seed, agent or
 global edge id, round) on its own Philox stream, so any rank layout draws the same events:
@@ -175,6 +178,15 @@ class RunningSums:
         numerator = self.rows["numerator"]
         return numerator[:, :-1] / numerator[:, -1:]
 
+    def local_mass(self) -> torch.Tensor:
+        """This rank's share of the conserved mass (X, Y) [M + 1]: what its agents hold plus,
+        for the edges j -> i, d_j phi_j of its senders j minus rho_ij of its receivers i, so
+        that the network's sum is sum_i (x_i, y_i) + sum_{j -> i} (phi_j - rho_ij). Unused
+        slots hold rho = 0."""
+        rows = self.rows
+        pushed = (self.out_degree[:, None].to(F64) * rows["sent"]).sum(dim=0)
+        return rows["numerator"].sum(dim=0) + pushed - rows["applied"].sum(dim=(0, 1))
+
     def wake(self, t: int) -> torch.Tensor:
         """Which local agents are awake in round t: a wake draw, or max_sleep - 1 rounds
         asleep (so every max_sleep consecutive rounds hold a wake-up)."""
@@ -256,6 +268,13 @@ class PushSum(Algorithm):
             "messages the awake agents pushed to their out-neighbours since the previous row, "
             "lost ones included",
         ),
+        "pushsum/consensus_error": (
+            True,
+            "1",
+            "||z_k - x_bar||^2 / ||x_bar||^2, x_bar = X / Y the push-sum limit of the row, (X, Y) "
+            "= sum_i (x_i, y_i) plus the mass in flight; with no gradient step (learner."
+            "local_steps = 0) x_bar is the average of the launch models, exactly",
+        ),
     }
 
     @classmethod
@@ -299,7 +318,7 @@ class PushSum(Algorithm):
         context = self.context
         awake = self.sums.wake(t)
         rows = torch.nonzero(awake).flatten()
-        if len(rows):
+        if len(rows) and context.config.learner.local_steps:
             self._train(t, rows)
         timer = CommTimer(context.device)
         with torch.no_grad():
@@ -338,16 +357,20 @@ class PushSum(Algorithm):
         self.last_norm[rows] = torch.linalg.vector_norm(gradients, dim=1).to(F64)
 
     def row_values(self) -> dict[str, torch.Tensor | float]:
-        """y per agent and the network's messages since the previous row: one all-reduce, so
-        every rank calls this at every logged row (the engine does)."""
+        """y per agent, the network's messages since the previous row and each agent's error
+        to the push-sum limit: one all-reduce, so every rank calls this at every logged row
+        (the engine does)."""
         messages = self.sums.rows["messages"]
-        local = messages.sum().to(F64)[None]
-        # All ranks synchronise here: one number.
-        total = float(self.context.exchange.allreduce_sum(local)[0])
+        local = torch.cat([messages.sum().to(F64)[None], self.sums.local_mass()])
+        # All ranks synchronise here: the messages and the network's mass (X, Y), P + 2 numbers.
+        total = self.context.exchange.allreduce_sum(local)
         messages.zero_()
+        limit = total[1:-1] / total[-1]
+        error = (self.sums.estimates() - limit).square().sum(dim=1) / limit.square().sum()
         return {
             "pushsum/weight": self.sums.rows["numerator"][:, -1].clone(),
-            "comm/messages": total,
+            "comm/messages": float(total[0]),
+            "pushsum/consensus_error": error,
         }
 
     @classmethod
