@@ -184,7 +184,9 @@ class ModelConfig:
     # Every agent starts from its own random launch model (Algorithm 1, line 0) unless True.
     same_init: bool = False
     # Character sequences (federated Shakespeare): LEAF's stacked LSTM, an `embedding`-wide
-    # character embedding, `lstm_layers` LSTMs of `lstm_hidden` units, a linear head.
+    # character embedding, `lstm_layers` LSTMs of `lstm_hidden` units, a linear head. Word
+    # sequences (LEAF Sent140) use the same LSTM over a word embedding (the paper: 300 wide,
+    # 2 x 100 units) with a 2-class head.
     embedding: int = 8
     lstm_hidden: int = 256
     lstm_layers: int = 2
@@ -259,6 +261,13 @@ class FederatedConfig:
     # `sequence_length` characters before the one to predict (LEAF: 80).
     image_size: int = 28
     sequence_length: int = 80
+    # LEAF Sent140 (text records, labels 0/1): a tweet's first `words` words (LEAF: 25), over
+    # the `vocabulary_size` most frequent words of the training clients (others: unknown).
+    # `embeddings`, a GloVe text file ("word v1 ... vd"), initializes (does not freeze) the
+    # rows of its words in the learned embedding; "" draws every row at random.
+    words: int = 25
+    vocabulary_size: int = 10000
+    embeddings: str = ""
 
 
 @dataclass
@@ -806,7 +815,7 @@ def _check_federated(config: Config) -> None:
             "federated.validation_fraction and federated.test_fraction must be positive and sum "
             f"to less than 1 (they are {fractions[0]} and {fractions[1]})"
         )
-    for key in ("image_size", "sequence_length"):
+    for key in ("image_size", "sequence_length", "words", "vocabulary_size"):
         if getattr(settings, key) < 1:
             raise DmetaError(f"federated.{key} = {getattr(settings, key)} must be at least 1")
     for key in ("embedding", "lstm_hidden", "lstm_layers"):

@@ -19,14 +19,17 @@ padded examples carrying the label IGNORE, which the loss (torch's cross entropy
 accuracy skip. Every model here treats examples independently (group norm, an LSTM per
 sequence), so padding changes no number.
 
-Sources: LEAF's JSON files (FEMNIST, Shakespeare, LEAF's synthetic set), Omniglot's writers
-(each (alphabet, drawer) a client, FEMNIST-like) and the plays of dmeta.shakespeare.
+Sources: LEAF's JSON files (FEMNIST, Shakespeare, Sent140, LEAF's synthetic set), Omniglot's
+writers (each (alphabet, drawer) a client, FEMNIST-like) and the plays of dmeta.shakespeare.
+Sent140's words are indexed over a vocabulary of the training clients' words only, built once
+the clients are split, so validation and test clients do not shape it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +42,19 @@ from dmeta import omniglot, rng, shakespeare
 from dmeta.config import FederatedConfig, ModelConfig, ValidationConfig
 from dmeta.errors import DmetaError
 from dmeta.fewshot import expand_paths, shuffled
-from dmeta.models import FlatModel, build_char_lstm, build_image_classifier, build_mlp
+from dmeta.models import (
+    FlatModel,
+    build_char_lstm,
+    build_image_classifier,
+    build_mlp,
+    build_word_lstm,
+)
 from dmeta.tasks import TaskBatch, TaskFamily
 
 IGNORE = -100  # torch's cross-entropy ignore_index: the label of a padded example
 SPLITS = ("train", "validation", "test")
+PADDING, UNKNOWN = 0, 1  # word indices of Sent140's front padding and of an unknown word
+WORD = re.compile(r"[\w']+|[.,!?;]")  # LEAF's split_line: words and punctuation marks
 
 
 @dataclass
@@ -52,7 +63,9 @@ class ClientData:
 
     kind "image": x [N, 1, side, side] float32; "vector": x [N, features] float32;
     "characters": x [N] int64, the start of each example's window in `text` (codes into
-    shakespeare.VOCABULARY), its input text[x : x + window]. y [N] int64, labels 0..classes-1.
+    shakespeare.VOCABULARY), its input text[x : x + window]; "words": x [N, words] int64, the
+    first words of each example, word i of `vocabulary` as i + 2, padded at the front with
+    PADDING (0), UNKNOWN (1) a word outside `vocabulary`. y [N] int64, labels 0..classes-1.
     """
 
     x: np.ndarray
@@ -63,6 +76,7 @@ class ClientData:
     classes: int
     text: np.ndarray | None = None
     window: int = 0
+    vocabulary: list[str] | None = None
 
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -141,7 +155,7 @@ def load_clients(config: FederatedConfig) -> ClientData:
     """The clients of `federated.dataset` from `federated.paths`."""
     paths = expand_paths(config.paths, "federated.paths")
     if config.dataset == "leaf":
-        return read_leaf(paths)
+        return read_leaf(paths, config.words)
     if config.dataset == "omniglot_writers":
         return omniglot_writers(paths, config.image_size)
     return shakespeare_clients(paths, config.sequence_length)
@@ -187,11 +201,12 @@ def _leaf_users(file: Path) -> dict[str, tuple[list, list]]:
     return found
 
 
-def read_leaf(paths: list[Path]) -> ClientData:
+def read_leaf(paths: list[Path], words: int = 25) -> ClientData:
     """LEAF's JSON files (`users`, `num_samples`, `user_data` {user: {x, y}}), a user's samples
     over all files (e.g. LEAF's train/ and test/) joined. Inputs: numeric lists of square length
     are square grey images (FEMNIST: 784 = 28 x 28), other numeric lists vectors; strings with
-    one-character labels are Shakespeare windows."""
+    one-character labels are Shakespeare windows; records whose fifth field is text are
+    Sent140 tweets (their first `words` words)."""
     users: dict[str, tuple[list, list]] = {}
     for file in _leaf_files(paths):
         for user, (x, y) in _leaf_users(file).items():
@@ -202,11 +217,13 @@ def read_leaf(paths: list[Path]) -> ClientData:
     sample_x, sample_y = next((x[0], y[0]) for x, y in users.values() if x)
     if isinstance(sample_x, str) and isinstance(sample_y, str) and len(sample_y) == 1:
         return _leaf_characters(users, names)
+    if isinstance(sample_x, list) and len(sample_x) > 4 and isinstance(sample_x[4], str):
+        return _leaf_words(users, names, words)
     if isinstance(sample_x, str) or not isinstance(sample_y, int):
         raise DmetaError(
-            "LEAF data with text inputs and numeric labels (Sent140) or image file names "
-            "(CelebA) is not supported: dmeta reads numeric inputs (FEMNIST, synthetic) and "
-            "Shakespeare"
+            "LEAF data with image file names as inputs (CelebA) or non-integer labels is not "
+            "supported: dmeta reads numeric inputs with integer labels (FEMNIST, synthetic), "
+            "Shakespeare and Sent140"
         )
     try:
         parts = [(np.asarray(users[u][0], np.float32), np.asarray(users[u][1])) for u in names]
@@ -234,6 +251,36 @@ def _leaf_characters(users: dict[str, tuple[list, list]], names: list[str]) -> C
     return ClientData(
         starts, np.concatenate(y), offsets, names, "characters", classes, text, window
     )
+
+
+def tokenize(text: str) -> list[str]:
+    """A text's words and punctuation marks, lower-cased (LEAF's `split_line`)."""
+    return WORD.findall(text.lower())
+
+
+def _leaf_words(users: dict[str, tuple[list, list]], names: list[str], words: int) -> ClientData:
+    """LEAF Sent140: each x a record [id, date, query, user, text], each y 0 or 1. An input is
+    the first `words` words of the text, indexed over every word of the source (in order of
+    first appearance; `restrict_vocabulary` keeps the training clients' words)."""
+    table: dict[str, int] = {}
+    parts = []
+    for user in names:
+        records, labels = users[user]
+        rows = np.full((len(records), words), PADDING, dtype=np.int64)
+        for row, (record, label) in enumerate(zip(records, labels, strict=True)):
+            if not (isinstance(record, list) and len(record) > 4 and isinstance(record[4], str)):
+                raise DmetaError(
+                    f"LEAF Sent140 user {user!r}: sample {row} is not a record [id, date, "
+                    f"query, user, text] but {str(record)[:60]}"
+                )
+            if label not in (0, 1):
+                raise DmetaError(f"LEAF Sent140 user {user!r}: label {label!r} is not 0 or 1")
+            tokens = tokenize(record[4])[:words]
+            if tokens:
+                indices = [table.setdefault(token, len(table)) + 2 for token in tokens]
+                rows[row, words - len(tokens) :] = indices
+        parts.append((rows, np.asarray(labels, dtype=np.float64)))
+    return _from_clients(parts, names, kind="words", classes=2, vocabulary=list(table))
 
 
 def omniglot_writers(paths: list[Path], size: int) -> ClientData:
@@ -315,6 +362,51 @@ def build_splits(data: ClientData, config: FederatedConfig, seed: int) -> dict[s
     return splits
 
 
+def restrict_vocabulary(data: ClientData, training: ClientSplit, size: int) -> None:
+    """Keep the `size` most frequent words of the training clients' examples (ties in
+    alphabetical order) as `data.vocabulary`, in that order; every other word of any client
+    becomes UNKNOWN."""
+    rows = np.concatenate([training.support.ravel(), training.query.ravel()])
+    counts = np.bincount(data.x[rows[rows >= 0]].ravel(), minlength=len(data.vocabulary) + 2)
+    seen = np.flatnonzero(counts[2:])
+    kept = sorted(seen.tolist(), key=lambda i: (-counts[i + 2], data.vocabulary[i]))[:size]
+    mapping = np.full(len(data.vocabulary) + 2, UNKNOWN, dtype=np.int64)
+    mapping[PADDING] = PADDING
+    mapping[np.asarray(kept, dtype=np.int64) + 2] = np.arange(len(kept)) + 2
+    data.x = mapping[data.x]
+    data.vocabulary = [data.vocabulary[i] for i in kept]
+
+
+def read_embeddings(path: Path, vocabulary: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors of a GloVe text file (a line "word v1 ... vd") for the words of `vocabulary`
+    it holds: their word indices (position + 2) and [found, d] vectors. Line 1 sets d."""
+    if not path.is_file():
+        raise DmetaError(f"federated.embeddings: {path} is not a file")
+    index = {word: i + 2 for i, word in enumerate(vocabulary)}
+    rows, vectors, dimension = [], [], 0
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                dimension = dimension or len(line.split()) - 1
+                parts = line.rstrip().rsplit(" ", dimension)
+                try:
+                    if dimension < 1 or len(parts) != dimension + 1:
+                        raise ValueError
+                    if parts[0] in index:
+                        vectors.append([float(value) for value in parts[1:]])
+                        rows.append(index.pop(parts[0]))
+                except ValueError:
+                    numbers = f"{dimension} numbers, as line 1 is" if dimension > 0 else "numbers"
+                    raise DmetaError(
+                        f"federated.embeddings: line {number} of {path} is not a word and {numbers}"
+                    ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DmetaError(f"federated.embeddings: {path} is not readable text: {error}") from None
+    if not dimension:
+        raise DmetaError(f"federated.embeddings: {path} holds no vectors")
+    return np.array(rows, dtype=np.int64), np.array(vectors).reshape(len(rows), dimension)
+
+
 class FederatedDataTask(TaskFamily):
     """Clients with their own data (problem = "federated"): agent k is training client k.
 
@@ -359,8 +451,19 @@ class FederatedDataTask(TaskFamily):
                 f"federated.min_samples = {config.min_samples} examples and {trained} of them "
                 f"are training clients, the agents: set agents = {trained}"
             )
+        self.pretrained: tuple[np.ndarray, np.ndarray] | None = None
+        if data.kind == "words":
+            restrict_vocabulary(data, self.splits["train"], config.vocabulary_size)
+            if config.embeddings:
+                (path,) = expand_paths([config.embeddings], "federated.embeddings")
+                self.pretrained = read_embeddings(path, data.vocabulary)
+        elif config.embeddings:
+            raise DmetaError(
+                "federated.embeddings initializes a word embedding: it applies to LEAF Sent140 "
+                "data only"
+            )
         self.kind, self.classes, self.window = data.kind, data.classes, data.window
-        self.names = data.names
+        self.names, self.vocabulary = data.names, data.vocabulary
         self.x = torch.as_tensor(data.x, device=device)
         self.y = torch.as_tensor(data.y, device=device)
         self.text = None if data.text is None else torch.as_tensor(data.text, device=device)
@@ -377,6 +480,8 @@ class FederatedDataTask(TaskFamily):
         x = self.x[rows.clamp(min=0)]
         if self.kind == "characters":
             return self.text[x[..., None] + torch.arange(self.window, device=x.device)]
+        if self.kind == "words":
+            return x
         return x.to(self.dtype)
 
     def _labels(self, rows: torch.Tensor) -> torch.Tensor:
@@ -432,11 +537,26 @@ class FederatedDataTask(TaskFamily):
         return self._query_weights("test")
 
     def build_model(self, config: ModelConfig) -> FlatModel:
-        """The conv net (images; FEMNIST's setting), LEAF's stacked character LSTM (text) or
-        the fully connected network (vectors), with one output per class."""
+        """The conv net (images; FEMNIST's setting), LEAF's stacked character LSTM (text), the
+        same LSTM over words (Sent140) or the fully connected network (vectors), with one
+        output per class."""
         if self.kind == "characters":
             return build_char_lstm(
                 self.classes, config.embedding, config.lstm_hidden, config.lstm_layers
+            )
+        if self.kind == "words":
+            if self.pretrained is not None and self.pretrained[1].shape[1] != config.embedding:
+                width = self.pretrained[1].shape[1]
+                raise DmetaError(
+                    f"federated.embeddings holds {width}-d vectors but model.embedding = "
+                    f"{config.embedding}: set model.embedding = {width}"
+                )
+            return build_word_lstm(
+                len(self.vocabulary) + 2,
+                self.classes,
+                config.embedding,
+                config.lstm_hidden,
+                config.lstm_layers,
             )
         if self.kind == "vector":
             return build_mlp(config, self.x.shape[1], self.classes)
@@ -447,6 +567,21 @@ class FederatedDataTask(TaskFamily):
             )
         _, channels, size, _ = self.x.shape
         return build_image_classifier(config, channels, size, self.classes, "group")
+
+    def initial_parameters(
+        self, model: FlatModel, agents: torch.Tensor, same_init: bool, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """torch.nn's initialization (TaskFamily's); with federated.embeddings the embedding
+        rows of the words the file holds are its vectors, in every agent's launch model."""
+        theta = model.initial_parameters(self.seed, agents, same_init, dtype)
+        if self.pretrained is not None:
+            rows, vectors = self.pretrained
+            (slot,) = (slot for slot in model.slots if slot.name == "embedding.weight")
+            table = theta[:, slot.offset : slot.offset + slot.size].view(-1, *slot.shape)
+            table[:, torch.as_tensor(rows, device=theta.device)] = torch.as_tensor(
+                vectors, dtype=dtype, device=theta.device
+            )
+        return theta
 
     def learner_functions(self, model: FlatModel):
         return model.forward, F.cross_entropy

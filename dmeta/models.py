@@ -194,8 +194,9 @@ class LSTMLayer(nn.Module):
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden, hidden))
         self.bias = nn.Parameter(torch.empty(4 * hidden))
 
-    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
-        """Hidden states [batch, steps, hidden] of a sequence [batch, steps, inputs]."""
+    def forward(self, sequence: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [batch, steps, hidden] of a sequence [batch, steps, inputs]. With
+        `real` [batch, steps] (bool), a step where it is False (padding) keeps the state."""
         batch, steps, _ = sequence.shape
         hidden = self.weight_hh.shape[1]
         h = sequence.new_zeros(batch, hidden)
@@ -205,8 +206,13 @@ class LSTMLayer(nn.Module):
         for step in range(steps):
             gates = projected[:, step] + h @ self.weight_hh.T
             i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h_next = torch.sigmoid(o) * torch.tanh(c_next)
+            if real is None:
+                h, c = h_next, c_next
+            else:
+                keep = real[:, step, None]
+                h, c = torch.where(keep, h_next, h), torch.where(keep, c_next, c)
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
@@ -215,14 +221,16 @@ class CharLSTM(nn.Module):
     """LEAF's Shakespeare model (Chen et al., App. A.1): a character embedding, stacked LSTMs,
     and a linear head on the last step's state giving the next character's logits."""
 
-    def __init__(self, vocabulary: int, embedding: int, hidden: int, layers: int) -> None:
+    def __init__(
+        self, vocabulary: int, embedding: int, hidden: int, layers: int, outputs: int = 0
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocabulary, embedding)
         widths = [embedding] + [hidden] * layers
         self.layers = nn.ModuleList(
             LSTMLayer(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
         )
-        self.head = nn.Linear(hidden, vocabulary)
+        self.head = nn.Linear(hidden, outputs or vocabulary)
 
     def forward(self, characters: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocabulary] of the character after each sequence [batch, steps]."""
@@ -236,3 +244,25 @@ def build_char_lstm(vocabulary: int, embedding: int, hidden: int, layers: int) -
     """LEAF's stacked character LSTM (8-dim embedding, 2 x 256 LSTM, 80 characters) as a flat
     model, vmappable over clients."""
     return FlatModel(CharLSTM(vocabulary, embedding, hidden, layers))
+
+
+class WordLSTM(CharLSTM):
+    """LEAF's Sent140 classifier (Chen et al., App. A.2): a word embedding, stacked LSTMs and a
+    linear head on the state after the last word. Index 0 is padding, at the front of a
+    sequence: padded steps keep the (zero) state, so the logits do not depend on the padding."""
+
+    def forward(self, words: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, outputs] of word sequences [batch, steps] (indices, 0 padding)."""
+        real = words != 0
+        states = self.embedding(words)
+        for layer in self.layers:
+            states = layer(states, real)
+        return self.head(states[:, -1])
+
+
+def build_word_lstm(
+    vocabulary: int, classes: int, embedding: int, hidden: int, layers: int
+) -> FlatModel:
+    """The word LSTM classifier over `vocabulary` indices (padding and unknown included) as a
+    flat model, vmappable over clients."""
+    return FlatModel(WordLSTM(vocabulary, embedding, hidden, layers, classes))

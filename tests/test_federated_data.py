@@ -18,7 +18,7 @@ from dmeta.config import FederatedConfig
 from dmeta.engine import Engine
 from dmeta.errors import DmetaError
 from dmeta.exchange import LocalExchange
-from dmeta.models import build_char_lstm
+from dmeta.models import build_char_lstm, build_word_lstm
 from dmeta.runner import plan_run
 
 
@@ -164,6 +164,26 @@ def test_the_leaf_reader_reads_shakespeare_windows(tmp_path) -> None:
             "user 'a' has 2 x and 2 y but num_samples says 3",
         ),
         ('{"users": ["a"], "num_samples": [1], "user_data": {}}', "user 'a' has no x and y"),
+        (
+            '{"users": ["a"], "num_samples": [2], '
+            '"user_data": {"a": {"x": [["1", "d", "q", "a", "hi"]], "y": [1]}}}',
+            "user 'a' has 1 x and 1 y but num_samples says 2",
+        ),
+        (
+            '{"users": ["a"], "num_samples": [2], "user_data": {"a": {"x": '
+            '[["1", "d", "q", "a", "hi"], ["2", "d", "q", "a", "ho"]], "y": [1, 4]}}}',
+            "LEAF Sent140 user 'a': label 4 is not 0 or 1",
+        ),
+        (
+            '{"users": ["a"], "num_samples": [2], "user_data": {"a": {"x": '
+            '[["1", "d", "q", "a", "hi"], "ho"], "y": [1, 0]}}}',
+            "LEAF Sent140 user 'a': sample 1 is not a record [id, date, query, user, text]",
+        ),
+        (
+            '{"users": ["a"], "num_samples": [1], '
+            '"user_data": {"a": {"x": ["img_001.jpg"], "y": [1]}}}',
+            "image file names as inputs (CelebA)",
+        ),
     ],
 )
 def test_bad_leaf_input_gives_one_line(tmp_path, content, message) -> None:
@@ -271,6 +291,8 @@ def test_the_character_lstm_vmaps_over_clients() -> None:
         ("federated.min_samples=1", "federated.min_samples = 1 must be at least 2"),
         ("federated.max_samples=5", "federated.max_samples = 5 must be 0 (no cap) or at least"),
         ("federated.test_fraction=0.95", "must be positive and sum to less than 1"),
+        ("federated.words=0", "federated.words = 0 must be at least 1"),
+        ("federated.vocabulary_size=0", "federated.vocabulary_size = 0 must be at least 1"),
     ],
 )
 def test_bad_federated_data_settings_give_one_line(leaf, setting, message) -> None:
@@ -301,3 +323,174 @@ def test_omniglot_writers_are_clients_of_their_alphabets_characters() -> None:
         assert len(set(labels.tolist())) == len(labels)
         first = data.names.index(f"{name.split('/')[0]}/drawer01")
         assert len(labels) == data.counts()[first]
+
+
+# LEAF Sent140: records [id, date, query, user, text], labels 0/1 (some as floats, as in LEAF's
+# files). Users a, b, c, d, e; with min_samples = 2, test_fraction = validation_fraction = 0.2
+# and seed 0 (SENT140 below) one test, one validation and three training clients.
+TWEETS = {
+    "a": [("I love it!! love, LOVE", 1), ("Bad day... so bad", 0), ("love the sun", 1.0)],
+    "b": [("so tired; bad bad", 0), ("it's fine", 1), ("sun sun sun", 1)],
+    "c": [("Rain again? ugh", 0.0), ("zebra zebra", 1), ("love", 1), ("bad", 0)],
+    "d": [("unique words here", 1), ("more unique words", 0)],
+    "e": [("nothing", 0), ("", 1), ("THE END", 0)],
+}
+
+
+def write_sent140(root, tweets=TWEETS):
+    """LEAF's layout: train/ and test/ files, each user's first tweet in test/, the rest in
+    train/ (the reader joins them)."""
+    for split, part in (("train", slice(1, None)), ("test", slice(0, 1))):
+        users = list(tweets)
+        data = {}
+        for user in users:
+            held = tweets[user][part]
+            records = [
+                [f"{user}{i}", "Mon Apr 06", "NO_QUERY", user, t] for i, (t, _) in enumerate(held)
+            ]
+            data[user] = {"x": records, "y": [label for _, label in held]}
+        table = {"users": users, "num_samples": [len(data[u]["y"]) for u in users]}
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / split / "all_data.json").write_text(json.dumps({**table, "user_data": data}))
+    return root
+
+
+SENT140 = [
+    "agents=3", "federated.min_samples=2", "federated.validation_fraction=0.2",
+    "federated.test_fraction=0.2", "federated.words=4", "model.embedding=3",
+    "model.lstm_hidden=4", "model.lstm_layers=2", "federated.clients_per_round=2",
+]  # fmt: skip
+
+
+def test_the_leaf_reader_reads_sent140_tweets_as_words(tmp_path) -> None:
+    data = fd.read_leaf([write_sent140(tmp_path)], words=4)
+    assert data.kind == "words" and data.classes == 2 and data.x.shape == (15, 4)
+    assert data.names == list("abcde") and data.counts().tolist() == [3, 3, 4, 2, 3]
+    # test/ before train/: each user's first tweet comes first.
+    assert data.y.tolist() == [1, 0, 1, 0, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0]
+
+    def words(row):
+        return [data.vocabulary[i - 2] for i in row if i != fd.PADDING]
+
+    # LEAF's split, lower-cased, the first 4 words, padded at the front.
+    assert words(data.x[0]) == ["i", "love", "it", "!"]
+    assert data.x[2].tolist()[:1] == [fd.PADDING] and words(data.x[2]) == ["love", "the", "sun"]
+    assert words(data.x[4]) == ["it's", "fine"]
+    assert (data.x[13] == fd.PADDING).all()  # "" has no words
+    assert fd.tokenize("Bad day... so bad") == ["bad", "day", ".", ".", ".", "so", "bad"]
+
+
+def test_the_sent140_vocabulary_holds_the_training_clients_words_only(tmp_path) -> None:
+    data = fd.read_leaf([write_sent140(tmp_path)], words=4)
+    config = FederatedConfig(min_samples=2, validation_fraction=0.2, test_fraction=0.2)
+    splits = fd.build_splits(data, config, seed=0)
+    train = [data.names[c] for c in splits["train"].clients]
+    held_out = [data.names[c] for s in ("validation", "test") for c in splits[s].clients]
+    assert train == ["a", "b", "c"] and held_out == ["d", "e"]
+    tokens = {
+        user: [w for text, _ in TWEETS[user] for w in fd.tokenize(text)[:4]] for user in TWEETS
+    }
+    counts: dict[str, int] = {}
+    for word in (w for user in train for w in tokens[user]):
+        counts[word] = counts.get(word, 0) + 1
+    before, words = data.x.copy(), data.vocabulary
+    fd.restrict_vocabulary(data, splits["train"], 5)
+    # By count, then alphabetically: sun 4, bad 3, love 3, "." 2, zebra 2 (the 1s cut).
+    assert data.vocabulary == sorted(counts, key=lambda w: (-counts[w], w))[:5]
+    assert data.vocabulary == ["sun", "bad", "love", ".", "zebra"]
+    assert not {w for u in held_out for w in tokens[u]} & set(data.vocabulary)
+
+    def restricted(index: int) -> int:
+        if index == fd.PADDING:
+            return fd.PADDING
+        word = words[index - 2]
+        return data.vocabulary.index(word) + 2 if word in data.vocabulary else fd.UNKNOWN
+
+    # Every other word is unknown, in every client; padding stays padding.
+    assert data.x.ravel().tolist() == [restricted(i) for i in before.ravel()]
+
+
+def test_a_fedmeta_run_on_sent140_writes_finite_rows(tmp_path) -> None:
+    root = write_sent140(tmp_path / "sent140")
+    config = federated_config(root, *SENT140, "iterations=3", "log_every=1")
+    data = run_local(config, tmp_path / "sent140.h5")
+    assert data["tasks/clients_train"].tolist() == [0, 1, 2]
+    assert data["metrics/train_loss"].shape == (4, 3)  # row 0: before any round
+    assert np.isfinite(data["metrics/train_loss"][1:]).all()
+    for name in ("metrics/val_accuracy", "final/test_accuracy", "final/test_loss"):
+        assert np.isfinite(data[name]).all(), name
+    # Embedding (the training clients' 19 distinct words, padding and unknown) x 3, two LSTMs
+    # of 4 units, a 2-class head.
+    lstm = 4 * 4 * (3 + 4 + 1) + 4 * 4 * (4 + 4 + 1)
+    assert data["params/final"].shape[-1] == 21 * 3 + lstm + 4 * 2 + 2
+
+
+def test_the_word_lstm_ignores_front_padding_and_vmaps_over_clients() -> None:
+    model = build_word_lstm(12, 2, 3, 5, 2)
+    theta = model.initial_parameters(0, torch.arange(2), False, torch.float64)
+    words = torch.randint(2, 12, (2, 4, 6))
+    words[:, :, :2] = fd.PADDING
+    batched = vmap(model.forward)(theta, words)
+    assert batched.shape == (2, 4, 2)
+    for client in range(2):
+        torch.testing.assert_close(batched[client], model.forward(theta[client], words[client]))
+        unpadded = model.forward(theta[client], words[client, :, 2:])
+        torch.testing.assert_close(batched[client], unpadded)
+
+
+F64 = torch.float64
+
+
+def test_glove_vectors_initialize_the_embedding_rows_of_their_words(tmp_path) -> None:
+    root = write_sent140(tmp_path / "sent140")
+    glove = tmp_path / "glove.txt"
+    glove.write_text("sun 1 2 3\nabsent 4 5 6\nlove -1 -2 -3.5\n")
+    config = federated_config(root, *SENT140, f"federated.embeddings={glove}")
+    engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(3), tmp_path / "r.h5")
+    task = engine.task
+    model = task.build_model(config.model)
+    sun, love = (task.vocabulary.index(w) + 2 for w in ("sun", "love"))
+    other = [i for i in range(len(task.vocabulary) + 2) if i not in (sun, love)]
+    # The server starts from agent 0's launch model; each agent's has the same GloVe rows.
+    server = model.unflatten(engine.algorithm.server[0])["embedding.weight"]
+    agents = vmap(model.unflatten)(task.initial_parameters(model, torch.arange(3), False, F64))
+    random = vmap(model.unflatten)(model.initial_parameters(0, torch.arange(3), False, F64))
+    for table in (server[None], agents["embedding.weight"]):
+        for row, vector in ((sun, [1.0, 2, 3]), (love, [-1.0, -2, -3.5])):
+            expected = torch.tensor(vector, dtype=F64).expand_as(table[:, row])
+            torch.testing.assert_close(table[:, row], expected)
+    # Words the file lacks keep their random rows, per agent.
+    torch.testing.assert_close(
+        agents["embedding.weight"][:, other], random["embedding.weight"][:, other]
+    )
+    torch.testing.assert_close(server[other], random["embedding.weight"][0, other])
+
+
+@pytest.mark.parametrize(
+    "content, data, message",
+    [
+        (None, "sent140", "is not a file"),
+        ("", "sent140", "holds no vectors"),
+        ("sun 1 2 3\nlove 1 2\n", "sent140", "line 2 of"),
+        ("sun 1 2 x\n", "sent140", "line 1 of"),
+        (
+            "sun 1 2\n",
+            "sent140",
+            "holds 2-d vectors but model.embedding = 3: set model.embedding = 2",
+        ),
+        ("sun 1 2 3\n", "numeric", "applies to LEAF Sent140 data only"),
+    ],
+)
+def test_bad_embeddings_give_one_line(tmp_path, leaf, content, data, message) -> None:
+    glove = tmp_path / "glove.txt"
+    if content is not None:
+        glove.write_text(content)
+    if data == "sent140":
+        config = federated_config(
+            write_sent140(tmp_path / "s"), *SENT140, f"federated.embeddings={glove}"
+        )
+    else:
+        config = federated_config(leaf, f"federated.embeddings={glove}")
+    with pytest.raises(DmetaError) as error:
+        Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(config.agents), tmp_path / "r.h5")
+    assert message in str(error.value) and "\n" not in str(error.value)
