@@ -42,10 +42,15 @@ class FederatedRun:
 
 
 def label_of(config: dict) -> str:
-    """FedMeta (learner), FedAvg or FedAvg(Meta), with the support fraction."""
+    """FedMeta (learner), FedAvg or FedAvg(Meta) (with its fine-tuning steps x step size), with
+    the support fraction."""
     federated = config["federated"]
     if config["strategy"] == "fedavg":
-        name = "FedAvg(Meta)" if federated.get("finetune_at_test") else "FedAvg"
+        name = "FedAvg"
+        if federated.get("finetune_at_test"):
+            learner = config.get("learner", {})
+            steps, lr = learner.get("inner_steps"), learner.get("inner_lr")
+            name = f"FedAvg(Meta) (fine-tune {steps} x {lr})"
     else:
         name = f"FedMeta ({config['learner']['name']})"
     return f"{name}, p = {federated.get('support_fraction')}"

@@ -54,3 +54,17 @@ def test_a_run_that_is_not_federated_gives_one_line(tmp_path, capsys) -> None:
         file.attrs["config"] = json.dumps({"strategy": "atc"})
     assert fedmeta.main([str(tmp_path / "atc.h5")]) == 2
     assert "strategy 'atc' is not federated" in capsys.readouterr().err
+
+
+def test_labels_tell_the_methods_and_fedavg_meta_fine_tuning_apart() -> None:
+    federated = {"support_fraction": 0.2, "finetune_at_test": False}
+    maml = {"strategy": "fedmeta", "learner": {"name": "maml"}, "federated": federated}
+    assert fedmeta.label_of(maml) == "FedMeta (maml), p = 0.2"
+    fedavg = {"strategy": "fedavg", "learner": {"name": "maml"}, "federated": federated}
+    assert fedmeta.label_of(fedavg) == "FedAvg, p = 0.2"
+    tuned = {
+        "strategy": "fedavg",
+        "learner": {"name": "maml", "inner_steps": 5, "inner_lr": 0.005},
+        "federated": federated | {"finetune_at_test": True},
+    }
+    assert fedmeta.label_of(tuned) == "FedAvg(Meta) (fine-tune 5 x 0.005), p = 0.2"
