@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dmeta.config import Config, load_config
-from dmeta.engine import execute
+from dmeta.engine import Engine, execute
 from dmeta.exchange import LocalExchange
 from dmeta.runner import plan_run
+from dmeta.tasks import TaskBatch
 
 SMALL = [
     "agents=7",
@@ -36,6 +37,18 @@ LINEAR = [
     "optimizer.lr=0.05",
     "runtime.dtype=float64",
 ]
+
+
+# L2C and meta-L2C tests: a node's in-edges and its own tasks.
+def in_neighbours(engine: Engine) -> list[list[int]]:
+    """Each node's in-edges' sources, itself included, by id (its slots)."""
+    plan = engine.algorithm.plan_
+    return [plan.sources[plan.destinations == i].tolist() for i in range(engine.config.agents)]
+
+
+def own_tasks(engine: Engine, node: int, draw: int, count: int, stream: int) -> TaskBatch:
+    tasks = engine.task.sample(torch.tensor([node]), draw, count, stream=stream)
+    return TaskBatch(*(part[0] for part in tasks))
 
 
 def small_config(*overrides: str) -> Config:

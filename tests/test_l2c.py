@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import read_datasets, run_local, small_config
+from conftest import in_neighbours, own_tasks, read_datasets, run_local, small_config
 
 from dmeta import rng
 from dmeta.algorithms.base import CommTimer
@@ -19,7 +19,6 @@ from dmeta.engine import Engine, execute
 from dmeta.errors import DmetaError
 from dmeta.exchange import LocalExchange
 from dmeta.runner import plan_run
-from dmeta.tasks import TaskBatch
 
 TINY = [
     "strategy=l2c", "runtime.dtype=float64", "model.hidden=[8]", "learner.tasks_per_agent=2",
@@ -30,17 +29,6 @@ TINY = [
 def build(tmp_path: Path, *settings: str) -> Engine:
     config = small_config(*TINY, *settings)
     return Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(config.agents), tmp_path / "r.h5")
-
-
-def in_neighbours(engine: Engine) -> list[list[int]]:
-    """Each node's in-edges' sources, itself included, by id (its slots)."""
-    plan = engine.algorithm.plan_
-    return [plan.sources[plan.destinations == i].tolist() for i in range(engine.config.agents)]
-
-
-def own_tasks(engine: Engine, node: int, draw: int, count: int, stream: int) -> TaskBatch:
-    tasks = engine.task.sample(torch.tensor([node]), draw, count, stream=stream)
-    return TaskBatch(*(part[0] for part in tasks))
 
 
 def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path) -> None:
