@@ -396,10 +396,14 @@ class RuntimeConfig:
     # Torch threads per rank; 0 shares the CPUs the node's ranks may use evenly among them, at
     # most SLURM_CPUS_PER_TASK under SLURM (runner.default_threads).
     threads: int = 0
-    # Compile the training step's meta-gradients with torch.compile: the first iteration pays
-    # the compilation (21 s for the sine network on 2 CPU cores, cold cache), each later one
-    # runs about 3x faster there (BENCHMARKS.md). Off by default: short runs and tests lose.
-    compile: bool = False
+    # Compile the training step's meta-gradients with torch.compile (true or false), or "auto":
+    # compile when the run has at least `compile_after` iterations and its algorithm calls the
+    # step with the same shapes every round (the diffusion family; strategies that sample clients
+    # or wake agents would recompile for each new count). The first iteration pays the
+    # compilation (15-21 s for the sine network on 2 CPU cores, cold cache), each later one runs
+    # about 2-3x faster there (BENCHMARKS.md): it pays off after a few thousand iterations.
+    compile: Literal["auto", "true", "false"] = "auto"
+    compile_after: int = 5000
 
 
 @dataclass
@@ -470,7 +474,7 @@ def problem_sections(problem: str) -> tuple[str, ...]:
 
 # Config sections that do not change the numbers of a run: a run may resume with other values.
 FREE_SECTIONS = ("output", "checkpoint")
-FREE_RUNTIME_KEYS = ("backend", "device", "threads", "compile")
+FREE_RUNTIME_KEYS = ("backend", "device", "threads", "compile", "compile_after")
 # How many evaluation tasks are adapted at once changes memory, not numbers.
 FREE_VALIDATION_KEYS = ("tasks_at_once",)
 
@@ -530,6 +534,8 @@ def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and "true" in choices:  # a TOML boolean for a tri-state key
+            value = str(value).lower()
         if value not in choices:
             raise DmetaError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}")
         return value
@@ -668,6 +674,7 @@ def _check_ranges(config: Config) -> None:
         "model.filters": config.model.filters,
         "model.blocks": config.model.blocks,
         "model.dense": config.model.dense,
+        "runtime.compile_after": config.runtime.compile_after,
     }
     for key, value in positive.items():
         if value < 1:

@@ -96,6 +96,16 @@ class Progress:
             + f"disagreement {scalars['centroid/disagreement']:.3e}  "
             f"stationarity {scalars['centroid/stationarity']:.3e}"
         )
+        self.say(line)
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a one-off: compiling) out of the rate and the time left."""
+        self.started += seconds
+
+    def say(self, line: str) -> None:
+        """One line of rank 0's output, above the bar where there is one."""
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -104,6 +114,28 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class CompiledStep:
+    """A training step under torch.compile that remembers how long its first call took: the
+    compilation (plus one step)."""
+
+    def __init__(self, step: Any) -> None:
+        with warnings.catch_warnings():
+            # torch's inductor, imported here, uses its own deprecated torch.jit API.
+            warnings.filterwarnings(
+                "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
+            )
+            self.step = torch.compile(step)
+        self.seconds: float | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.seconds is not None:
+            return self.step(*args)
+        began = time.perf_counter()
+        result = self.step(*args)
+        self.seconds = time.perf_counter() - began
+        return result
 
 
 class RowWindow:
@@ -190,16 +222,10 @@ class Engine:
         self.learner = build_learner(config.learner, model, self.task)
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients
-        if config.runtime.compile:
-            with warnings.catch_warnings():
-                # torch's inductor, imported here, uses its own deprecated torch.jit API.
-                warnings.filterwarnings(
-                    "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
-                )
-                meta_gradients = torch.compile(meta_gradients)
+        self.compiled = CompiledStep(meta_gradients) if plan.compile else None
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
-            meta_gradients,
+            self.compiled or meta_gradients,
         )  # fmt: skip
         # A shared model starts as agent 0's launch model, which every rank draws alike.
         starting = self.agents[:1] * 0 if plan.algorithm.shared_model else self.agents
@@ -491,6 +517,8 @@ class Engine:
         try:
             for iteration in range(first, config.iterations + 1):
                 self.window.add(self.algorithm.round(iteration))
+                if iteration == first:
+                    self._report_compile(progress)
                 progress.advance()
                 if self._logged(iteration):
                     self.log_row(iteration, progress)
@@ -512,6 +540,22 @@ class Engine:
         finally:
             progress.close()
         return None
+
+    def _report_compile(self, progress: Progress) -> None:
+        """Rank 0 says how long compiling the training step took (its first call)."""
+        if self.compiled is None or self.compiled.seconds is None:
+            return
+        setting = self.config.runtime
+        reason = (
+            f"runtime.compile = auto: {self.config.iterations} iterations >= compile_after "
+            f"{setting.compile_after}"
+            if setting.compile == "auto"
+            else "runtime.compile = true"
+        )
+        progress.exclude(self.compiled.seconds)
+        progress.say(
+            f"dmeta: compiled the training step in {self.compiled.seconds:.1f} s ({reason})"
+        )
 
     def final_evaluation(self) -> None:
         """Meta-test scores per agent and the network's interval (a collective call)."""
@@ -603,6 +647,10 @@ class Engine:
         if self.task.final_evaluation:
             self.final_evaluation()
         self._write_models("params/final", "launch models after the last iteration")
+        if self.compiled is not None:
+            # All ranks synchronise here: the slowest rank's compilation (its first call).
+            seconds = max(s or 0.0 for s in self.exchange.allgather_object(self.compiled.seconds))
+            self.writer.set_attributes("time", compile_seconds=seconds)
         self.writer.finish()
         if self.rank == 0:
             self.checkpoint.unlink(missing_ok=True)

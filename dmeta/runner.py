@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -49,6 +50,7 @@ class RunPlan:
     algorithm_plan: Any  # what algorithm.plan checked: e.g. the graph schedule
     device: torch.device
     threads: int
+    compile: bool = False  # runtime.compile, "auto" resolved (`resolve_compile`)
 
 
 def choose_device(requested: str, local_rank: int) -> torch.device:
@@ -132,7 +134,26 @@ def plan_run(
     if node_cpus is None:
         node_cpus = len(os.sched_getaffinity(0))
     threads = config.runtime.threads or default_threads(node_cpus, local_size)
-    return RunPlan(config, backend, layout, rank, algorithm, algorithm_plan, device, threads)
+    compiled = resolve_compile(config, algorithm, device)
+    return RunPlan(
+        config, backend, layout, rank, algorithm, algorithm_plan, device, threads, compiled
+    )
+
+
+def resolve_compile(config: Config, algorithm: type[Algorithm], device: torch.device) -> bool:
+    """Whether the run compiles its training step. `runtime.compile = "auto"` compiles a run of
+    at least `runtime.compile_after` iterations whose algorithm calls the step with the same
+    shapes every round (`Algorithm.fixed_shapes`), where torch's compiler can build: on the CPU
+    it needs a C++ compiler (CXX, else g++ or c++ on PATH)."""
+    setting = config.runtime.compile
+    if setting != "auto":
+        return setting == "true"
+    if not algorithm.fixed_shapes or config.iterations < config.runtime.compile_after:
+        return False
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++"]
+        return any(shutil.which(name) for name in compilers if name)
+    return True
 
 
 def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> TaskFamily:
@@ -219,6 +240,7 @@ def run_attributes(
         "stationarity_tasks_per_agent": plan.config.validation.stationarity_tasks,
         "stationarity_tasks_total": plan.config.validation.stationarity_tasks * plan.config.agents,
         "writer": plan.config.output.writer,
+        "compiled": plan.compile,
     }
     if is_import_path(plan.config.problem):
         attributes |= problems.source(plan.config.problem)

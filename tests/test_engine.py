@@ -231,6 +231,51 @@ def test_a_compiled_training_step_gives_the_eager_run(tmp_path) -> None:
     )
     for name in ("metrics/train_loss", "metrics/val_loss", "params/final"):
         np.testing.assert_allclose(compiled[name], eager[name], rtol=1e-9, atol=1e-12)
+    with h5py.File(tmp_path / "compiled.h5") as run:
+        assert run.attrs["compiled"] and run["time"].attrs["compile_seconds"] > 0
+    with h5py.File(tmp_path / "eager.h5") as run:
+        assert not run.attrs["compiled"] and "compile_seconds" not in run["time"].attrs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["iterations=4999"], False),  # shorter than compile_after
+        (["iterations=5000"], True),
+        (["iterations=50", "runtime.compile_after=50"], True),
+        (["iterations=5000", "strategy=fedmeta"], False),  # sampled clients
+        (["iterations=5000", "strategy=pushsum", "graph.directed=true"], False),  # awake agents
+        (["iterations=10", "runtime.compile=true"], True),
+        (["iterations=9000", "runtime.compile=false"], False),
+    ],
+)
+def test_runtime_compile_auto_compiles_long_runs_of_fixed_shape_steps(overrides, expected):
+    from dmeta.algorithms import algorithm_class
+    from dmeta.runner import resolve_compile
+
+    config = small_config(*overrides)
+    algorithm = algorithm_class(config.strategy)
+    assert resolve_compile(config, algorithm, torch.device("cpu")) is expected
+
+
+def test_runtime_compile_auto_stays_eager_without_a_cpp_compiler(monkeypatch) -> None:
+    from dmeta.algorithms import algorithm_class
+    from dmeta.runner import resolve_compile
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    config = small_config("iterations=5000")
+    assert not resolve_compile(config, algorithm_class("atc"), torch.device("cpu"))
+
+
+def test_runtime_compile_takes_toml_booleans(tmp_path) -> None:
+    from dmeta.config import load_config
+
+    job = tmp_path / "job.toml"
+    job.write_text("[runtime]\ncompile = true\n")
+    assert load_config(job, []).runtime.compile == "true"
+    with pytest.raises(DmetaError, match="runtime.compile = 'sometimes' is not one of"):
+        load_config(job, ["runtime.compile=sometimes"])
 
 
 def test_centroid_is_the_perron_average_when_a_is_not_doubly_stochastic(tmp_path) -> None:

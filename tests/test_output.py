@@ -110,6 +110,8 @@ def test_a_run_killed_with_sigkill_leaves_a_readable_file_up_to_the_last_flush(t
             "--set",
             "iterations=100000",
             "--set",
+            "runtime.compile=false",  # a long run, stopped early: not worth compiling
+            "--set",
             "log_every=1",
             "--set",
             f"output.flush_every={flush_every}",

@@ -109,6 +109,9 @@ class Algorithm(ABC):
     config_sections: ClassVar[tuple[str, ...]] = ()
     # Every agent's launch model is one model (a server's): the engine evaluates it once.
     shared_model: ClassVar[bool] = False
+    # Every round calls the training step on all local agents (the same shapes each round), so
+    # a compiled step compiles once; runtime.compile = "auto" compiles only such algorithms.
+    fixed_shapes: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -134,6 +134,8 @@ class LocalTraining:
 class MetaLearning(Algorithm):
     """Agents that each train their launch model with `LocalTraining`; subclasses combine."""
 
+    fixed_shapes = True
+
     def __init__(self, context: Context, plan: Any, initial_models: torch.Tensor) -> None:
         self.context = context
         self.plan_ = plan
