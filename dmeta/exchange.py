@@ -25,6 +25,7 @@ This module knows nothing of algorithms; communicators are handed in by the entr
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,6 +85,17 @@ class Route:
         return torch.as_tensor(weights, device=like.device).to(like.dtype)[index]
 
 
+class PendingMix:
+    """A mix whose rows from other ranks may still be travelling: `wait` gives the result."""
+
+    def __init__(self, finish: Callable[[], torch.Tensor]) -> None:
+        self._finish = finish
+
+    def wait(self) -> torch.Tensor:
+        """[local agents, M]: the mix (eq. 6b), once the received rows are in."""
+        return self._finish()
+
+
 class Exchange(Protocol):
     """Rows along edges and reductions over all agents of a run, wherever they live."""
 
@@ -95,6 +107,8 @@ class Exchange(Protocol):
     def route(self, sources: np.ndarray, destinations: np.ndarray) -> Route: ...
 
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor: ...
+
+    def start_mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> PendingMix: ...
 
     def deliver(self, rows: torch.Tensor, route: Route) -> torch.Tensor: ...
 
@@ -204,6 +218,10 @@ class LocalExchange:
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
         return segment_mix(rows, route.slots, route.targets, weights, self.num_local)
 
+    def start_mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> PendingMix:
+        """The mix, computed when waited for (nothing travels in one process)."""
+        return PendingMix(lambda: self.mix(rows, route, weights))
+
     def deliver(self, rows: torch.Tensor, route: Route) -> torch.Tensor:
         """The source row of every incoming edge: [E_in, M] in the route's edge order."""
         return rows.index_select(0, route.slots)
@@ -226,6 +244,27 @@ def _host(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().cpu().numpy()
 
 
+def mpi_cuda_aware() -> bool:
+    """Whether the MPI library mpi4py loaded takes CUDA device buffers: Open MPI's and MPICH's
+    `MPIX_Query_cuda_support` extension, looked up in the loaded library; False where the
+    library has no such query. Call after MPI is initialised."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libmpi" in line})
+    except OSError:
+        return False
+    for path in paths:
+        try:
+            query = ctypes.CDLL(path).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        query.restype = ctypes.c_int
+        return query() == 1
+    return False
+
+
 class MPIExchange:
     """Agents in contiguous blocks over the ranks of `comm` (Dup'd; `close` frees it)."""
 
@@ -236,6 +275,8 @@ class MPIExchange:
         self.size = self.comm.Get_size()
         self.num_local = int(layout.counts[self.rank])
         self.device = device or torch.device("cpu")
+        # GPU rows go to MPI as device buffers where the library takes them; else via the host.
+        self.device_buffers = self.device.type == "cuda" and mpi_cuda_aware()
         self._graph_comm: Any = None
         self._support: tuple[list[int], list[int]] | None = None
 
@@ -261,27 +302,49 @@ class MPIExchange:
         return route
 
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
-        table = self._table(rows, route)
-        return segment_mix(table, route.slots, route.targets, weights, self.num_local)
+        return self.start_mix(rows, route, weights).wait()
+
+    def start_mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> PendingMix:
+        """Start sending the rows other ranks need (non-blocking); the mix waits for them."""
+        table = self._start_table(rows, route)
+
+        def finish() -> torch.Tensor:
+            return segment_mix(table(), route.slots, route.targets, weights, self.num_local)
+
+        return PendingMix(finish)
 
     def deliver(self, rows: torch.Tensor, route: Route) -> torch.Tensor:
         """The source row of every incoming edge: [E_in, M] in the route's edge order."""
-        return self._table(rows, route).index_select(0, route.slots)
+        return self._start_table(rows, route)().index_select(0, route.slots)
 
-    def _table(self, rows: torch.Tensor, route: Route) -> torch.Tensor:
-        """[local rows; rows received from other ranks], one neighbourhood exchange."""
+    def _start_table(self, rows: torch.Tensor, route: Route) -> Callable[[], torch.Tensor]:
+        """Start one neighbourhood exchange; the returned call waits for it and gives
+        [local rows; rows received from other ranks]."""
         outgoing = [rows.detach().index_select(0, index) for index in route.send_rows]
         width = rows.shape[1]
-        send = _host(torch.cat(outgoing)) if outgoing else np.empty((0, width), _numpy(rows))
-        received = np.empty((sum(route.receive_counts), width), dtype=send.dtype)
+        received_rows = sum(route.receive_counts)
+        if self.device_buffers:
+            send = torch.cat(outgoing) if outgoing else rows.new_empty((0, width))
+            received = rows.new_empty((received_rows, width))
+            torch.cuda.current_stream(rows.device).synchronize()  # MPI reads what is queued
+        else:
+            send = _host(torch.cat(outgoing)) if outgoing else np.empty((0, width), _numpy(rows))
+            received = np.empty((received_rows, width), dtype=send.dtype)
         send_counts = [len(index) * width for index in route.send_rows]
         receive_counts = [count * width for count in route.receive_counts]
-        # Ranks synchronise with their graph neighbours here.
-        self._graph_comm.Neighbor_alltoallv(
+        # Ranks synchronise with their graph neighbours when the request is waited for.
+        request = self._graph_comm.Ineighbor_alltoallv(
             [send, (send_counts, _displacements(send_counts))],
             [received, (receive_counts, _displacements(receive_counts))],
         )
-        return torch.cat([rows, torch.from_numpy(received).to(rows.device)])
+        in_flight = (request, send)  # the send buffer must live until the request completes
+
+        def wait() -> torch.Tensor:
+            in_flight[0].Wait()
+            incoming = received if self.device_buffers else torch.from_numpy(received)
+            return torch.cat([rows, incoming.to(rows.device)])
+
+        return wait
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         from mpi4py import MPI

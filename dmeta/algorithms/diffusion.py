@@ -33,6 +33,7 @@ from dmeta.algorithms.base import (
 from dmeta.config import Config
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
+from dmeta.tasks import TaskBatch
 
 
 @dataclass
@@ -95,6 +96,7 @@ class LocalTraining:
         self.optimizer = build_optimizer(context.config.optimizer)
         self.launch_models = initial_models.detach().clone()
         self.optimizer_state = self.optimizer.init_state(self.launch_models)
+        self._prefetched: tuple[int, TaskBatch] | None = None
 
     def rows(self) -> dict[str, torch.Tensor]:
         return {"launch_models": self.launch_models} | {
@@ -119,9 +121,7 @@ class LocalTraining:
         loss_sum = torch.zeros(len(context.agents), dtype=torch.float64, device=context.device)
         norm = torch.full_like(loss_sum, float("nan"))
         for step in range(steps):
-            # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
-            draw = (t - 1) * steps + step + 1
-            tasks = context.task.sample(context.agents, draw, settings.tasks_per_agent)
+            tasks = self._tasks(self._draw(t, steps, step))
             gradients, losses = context.meta_gradients(self.launch_models, tasks)
             self.launch_models, self.optimizer_state = self.optimizer.step(
                 self.launch_models, gradients, self.optimizer_state
@@ -129,6 +129,30 @@ class LocalTraining:
             loss_sum += losses.detach().to(torch.float64)
             norm = torch.linalg.vector_norm(gradients, dim=1).to(torch.float64)
         return loss_sum, norm
+
+    @staticmethod
+    def _draw(t: int, steps: int, step: int) -> int:
+        # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
+        return (t - 1) * steps + step + 1
+
+    def _tasks(self, draw: int) -> TaskBatch:
+        """The tasks of one outer step: prefetched, or drawn now (the same draws either way)."""
+        if self._prefetched is not None and self._prefetched[0] == draw:
+            tasks = self._prefetched[1]
+        else:
+            context = self.context
+            tasks = context.task.sample(
+                context.agents, draw, context.config.learner.tasks_per_agent
+            )
+        self._prefetched = None
+        return tasks
+
+    def prefetch(self, t: int) -> None:
+        """Draw round t's first tasks now: work for the CPU while rows travel between ranks."""
+        if t > self.context.config.iterations:
+            return
+        draw = self._draw(t, self.context.config.learner.local_steps, 0)
+        self._prefetched = (draw, self._tasks(draw))
 
 
 class MetaLearning(Algorithm):
@@ -192,8 +216,12 @@ class Diffusion(MetaLearning):
             # A collective call on MPI when the rank-level support changes (every rank alike).
             self.route = exchange.route(sources, destinations)
             self.weights = self.route.weights(weights, models)
+        with timer:
+            pending = exchange.start_mix(models, self.route, self.weights)
+        # While the rows travel, the next adapt step's tasks are drawn (ATC: round t + 1's).
+        self.training.prefetch(t + 1 if self.adapt_first else t)
         with timer, torch.no_grad():
-            self.training.launch_models = exchange.mix(models, self.route, self.weights)
+            self.training.launch_models = pending.wait()
         return torch.as_tensor(self.route.sends_per_agent * self.model_bytes)
 
     @classmethod
