@@ -339,11 +339,17 @@ class L2CConfig:
 
 @dataclass
 class ValidationConfig:
-    """A fixed set of tasks from the whole task range, the same for every agent."""
+    """The fixed validation tasks of every logged row: one set from the whole task range, the
+    same for every agent, or (`own_tasks`) a set of each agent's own."""
 
     tasks: int = 100
     support_shots: int = 10
     query_shots: int = 10
+    # Score every agent on `tasks` fixed tasks of its own distribution (TaskFamily.
+    # own_validation_set; sine: agent k's amplitude interval), and the centroid on every
+    # agent's set (the mean over the agents), instead of on the shared set above. A family
+    # that draws no such tasks refuses true.
+    own_tasks: bool = False
     # Inner steps at validation and at the final meta-test; 0 means the learner's inner_steps.
     inner_steps: int = 0
     # Evaluation tasks adapted at once per agent (bounds memory for large models); 0: all.
