@@ -299,6 +299,11 @@ class AsynchronyConfig:
     speed_shape: float = 1.5
     max_staleness: int = 4
     buffer_size: int = 5
+    # Push-sum: an awake agent moves its numerator x_i by y_i (z_i' - z_i), so that its
+    # estimate z_i = x_i / y_i moves by the optimizer's step z_i' - z_i whatever its weight y_i;
+    # false (RASGP's step x_i - mu g_i): z_i moves by the step divided by y_i, which a small
+    # weight turns into a jump.
+    scale_step_by_weight: bool = False
 
 
 @dataclass
