@@ -299,6 +299,11 @@ class AsynchronyConfig:
     speed_shape: float = 1.5
     max_staleness: int = 4
     buffer_size: int = 5
+    # Push-sum: an awake agent moves its numerator x_i by y_i (z_i' - z_i), so that its
+    # estimate z_i = x_i / y_i moves by the optimizer's step z_i' - z_i whatever its weight y_i;
+    # false (RASGP's step x_i - mu g_i): z_i moves by the step divided by y_i, which a small
+    # weight turns into a jump.
+    scale_step_by_weight: bool = False
 
 
 @dataclass
@@ -339,11 +344,17 @@ class L2CConfig:
 
 @dataclass
 class ValidationConfig:
-    """A fixed set of tasks from the whole task range, the same for every agent."""
+    """The fixed validation tasks of every logged row: one set from the whole task range, the
+    same for every agent, or (`own_tasks`) a set of each agent's own."""
 
     tasks: int = 100
     support_shots: int = 10
     query_shots: int = 10
+    # Score every agent on `tasks` fixed tasks of its own distribution (TaskFamily.
+    # own_validation_set; sine: agent k's amplitude interval), and the centroid on every
+    # agent's set (the mean over the agents), instead of on the shared set above. A family
+    # that draws no such tasks refuses true.
+    own_tasks: bool = False
     # Inner steps at validation and at the final meta-test; 0 means the learner's inner_steps.
     inner_steps: int = 0
     # Evaluation tasks adapted at once per agent (bounds memory for large models); 0: all.

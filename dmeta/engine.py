@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.func import vmap
 
 from dmeta import rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
@@ -28,7 +29,8 @@ from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.federated_data import weighted_ci95
 from dmeta.fewshot import confidence_interval_95
-from dmeta.output import RowSchema, RunWriter, open_writer
+from dmeta.meta import MAML, Loss
+from dmeta.output import SERIES, RowSchema, RunWriter, open_writer
 from dmeta.problems import check_batch
 from dmeta.runner import DTYPES, RunPlan, build_learner, build_model, build_task, run_attributes
 from dmeta.tasks import TaskBatch, score_series
@@ -37,6 +39,45 @@ from dmeta.tasks import TaskBatch, score_series
 def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
     """||w_k - w_c||^2 per agent (Theorem 1), with w_c the network centroid (1/K) sum_k w_k."""
     return ((launch_models - centroid) ** 2).sum(dim=1)
+
+
+def evaluate_own_tasks(
+    learner: MAML,
+    models: torch.Tensor,
+    tasks: TaskBatch,
+    steps: int,
+    scores: tuple[Loss, ...],
+    tasks_at_once: int = 0,
+) -> torch.Tensor:
+    """`learner.evaluate` of each agent's model on its own tasks: models [agents, P], tasks
+    [agents, tasks, shots, ...]; returns [agents, tasks, 1 + len(scores)]. The agents are one
+    vmapped batch, not a loop."""
+
+    def one_agent(theta: torch.Tensor, own: TaskBatch) -> torch.Tensor:
+        return learner.evaluate(theta[None], own, steps, scores, tasks_at_once)[0]
+
+    return vmap(one_agent)(models, tasks)
+
+
+def own_task_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
+    """The validation series (/metrics/val_loss, /centroid/val_loss and those of the task's
+    scores) described as `validation.own_tasks` computes them."""
+    series = {}
+    for name in ("loss", *scores):
+        units = SERIES["metrics/val_loss"][1] if name == "loss" else "score units"
+        series[f"metrics/val_{name}"] = (
+            True,
+            units,
+            f"validation {name} after adaptation on the agent's own fixed validation tasks "
+            "(validation.own_tasks)",
+        )
+        series[f"centroid/val_{name}"] = (
+            False,
+            units,
+            f"validation {name} of the centroid w_c after adaptation on each agent's own "
+            "validation tasks, mean over the agents",
+        )
+    return series
 
 
 class Progress:
@@ -233,8 +274,12 @@ class Engine:
             self.task.initial_parameters(model, starting, config.model.same_init, dtype)
         )
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
-        self.validation_tasks = self.task.validation_set(config.validation)
-        self.validation_weights = self.task.validation_weights()
+        # Each agent's own validation tasks [local agents, tasks, ...], or None: every agent is
+        # scored on the shared validation tasks (and weights).
+        self.own_tasks = self._own_validation_tasks()
+        if self.own_tasks is None:
+            self.validation_tasks = self.task.validation_set(config.validation)
+            self.validation_weights = self.task.validation_weights()
         self.validation_steps = self.algorithm.evaluation_steps(
             config.validation.inner_steps or config.learner.inner_steps
         )
@@ -244,6 +289,23 @@ class Engine:
         self.writer: RunWriter | None = None
         self.summary: list[str] = []  # lines rank 0 prints when the run completes
         self.start = time.perf_counter()
+
+    def _own_validation_tasks(self) -> TaskBatch | None:
+        """This rank's agents' own validation tasks with `validation.own_tasks` (None without);
+        DmetaError where the task family draws none."""
+        config = self.config
+        if not config.validation.own_tasks:
+            return None
+        tasks = self.task.own_validation_set(self.agents, config.validation)
+        if tasks is None:
+            raise DmetaError(
+                f"validation.own_tasks = true, but problem = {config.problem!r} has no "
+                "validation tasks of each agent's own (TaskFamily.own_validation_set): set "
+                "validation.own_tasks = false"
+            )
+        if is_import_path(config.problem):
+            check_batch(tasks, (len(self.agents), None), f"{config.problem} own_validation_set")
+        return tasks
 
     def _stationarity_halves(self) -> list[TaskBatch]:
         """The two task halves of the stationarity estimate (Theorem 2); one where both halves
@@ -260,7 +322,8 @@ class Engine:
             stream=rng.STREAM_STATIONARITY,
         )
         if is_import_path(config.problem):  # a family of one's own: its batches' shapes
-            check_batch(self.validation_tasks, (None,), f"{config.problem} validation_set")
+            if self.own_tasks is None:
+                check_batch(self.validation_tasks, (None,), f"{config.problem} validation_set")
             check_batch(stationarity, (len(self.agents), None), f"{config.problem} sample")
         # Population mode with fixed heads draws all of an agent's heads, whatever was asked.
         # A family with one fixed task per agent (federated data) has an exact meta-gradient:
@@ -301,6 +364,8 @@ class Engine:
             # A checkpoint of an earlier run must never be taken for one of this run.
             self.checkpoint.unlink(missing_ok=True)
         series = score_series(self.task.scores) | self.task.series
+        if self.own_tasks is not None:
+            series |= own_task_series(self.task.scores)
         series |= self.plan.algorithm.row_series(self.plan.algorithm_plan)
         self.writer = open_writer(
             self.config.output.writer, self.out_path, comm, exchange, self.plan.layout,
@@ -377,17 +442,21 @@ class Engine:
 
     def _evaluate(self, models: torch.Tensor) -> torch.Tensor:
         """[agents or 1, 1 + scores]: validation loss, then the task's scores, averaged over the
-        tasks (weighted by the task's validation weights); a shared model is evaluated once."""
+        tasks (weighted by the task's validation weights); a shared model is evaluated once.
+        With own tasks, models [local agents, P]: row k on agent k's own tasks."""
         count = len(models)
+        scores = tuple(self.task.scores.values())
+        at_once = self.config.validation.tasks_at_once
+        if self.own_tasks is not None:
+            with torch.no_grad():
+                return evaluate_own_tasks(
+                    self.learner, models, self.own_tasks, self.validation_steps, scores, at_once
+                ).mean(dim=1)
         if self.algorithm.shared_model:
             models = models[:1]
         with torch.no_grad():
             outcome = self.learner.evaluate(
-                models,
-                self.validation_tasks,
-                self.validation_steps,
-                tuple(self.task.scores.values()),
-                self.config.validation.tasks_at_once,
+                models, self.validation_tasks, self.validation_steps, scores, at_once
             )
         if self.validation_weights is None:
             means = outcome.mean(dim=1)
@@ -395,14 +464,30 @@ class Engine:
             means = torch.einsum("atj,t->aj", outcome, self.validation_weights.to(outcome))
         return means.expand(count, -1)
 
+    def _centroid_names(self) -> tuple[str, ...]:
+        return ("centroid/val_loss", *(f"centroid/val_{name}" for name in self.task.scores))
+
+    def _centroid_own_sums(self, centroid: torch.Tensor, evaluation: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the centroid's own-task validation: [1 + scores], the sum over
+        its agents of the centroid's scores on each agent's own tasks (for a shared model, the
+        agents' scores `evaluation` themselves); empty with the shared validation tasks, on
+        which rank 0 alone scores the centroid."""
+        if self.own_tasks is None:
+            return torch.zeros(0, dtype=torch.float64, device=self.device)
+        if not self.algorithm.shared_model:
+            evaluation = self._evaluate(centroid.expand(len(self.agents), -1))
+        return evaluation.sum(dim=0).to(torch.float64)
+
     def _rank0_scalars(self, centroid: torch.Tensor, began: float) -> dict[str, float]:
-        """The scalars only rank 0 computes: clocks and the centroid's validation (NaN on the
-        other ranks, whose values the writer ignores)."""
-        names = ("time/wall", "time/comm", "time/compute", "time/log", "centroid/val_loss")
-        names += tuple(f"centroid/val_{name}" for name in self.task.scores)
+        """The scalars only rank 0 computes: clocks and, with the shared validation tasks, the
+        centroid's validation (NaN on the other ranks, whose values the writer ignores)."""
+        names = ("time/wall", "time/comm", "time/compute", "time/log")
+        if self.own_tasks is None:
+            names += self._centroid_names()
         if self.rank != 0:
             return dict.fromkeys(names, math.nan)
-        evaluation = self._evaluate(centroid[None])[0]
+        own = self.own_tasks is not None
+        evaluation = [] if own else self._evaluate(centroid[None])[0].tolist()
         wall = time.perf_counter() - self.start
         window = self.window
         values = [
@@ -410,7 +495,7 @@ class Engine:
             window.comm_seconds,
             began - window.started - window.comm_seconds,
             wall - began,
-            *evaluation.tolist(),
+            *evaluation,
         ]
         return dict(zip(names, values, strict=True))
 
@@ -435,14 +520,22 @@ class Engine:
             spread = disagreement(models, centroid)
         train = self.window.mean_train_loss()
         halves = self._centroid_gradients(centroid, weights)
+        centroid_own = self._centroid_own_sums(centroid, evaluation)
         means = torch.stack([spread.sum(), train.sum(), evaluation[:, 0].sum()])
-        # All ranks synchronise here (2 of 2): network sums of both half-gradients and of
-        # the per-agent metrics the progress line and /centroid/disagreement need.
-        sums = self.exchange.allreduce_sum(torch.cat([*halves, means.to(torch.float64)]))
+        # All ranks synchronise here (2 of 2): network sums of both half-gradients, of the
+        # centroid's scores on every agent's own validation tasks (validation.own_tasks: each
+        # rank scores the centroid on its agents' tasks) and of the per-agent metrics the
+        # progress line and /centroid/disagreement need.
+        sums = self.exchange.allreduce_sum(
+            torch.cat([*halves, centroid_own, means.to(torch.float64)])
+        )
         size = centroid.shape[0]
         gradients = sums[: len(halves) * size].view(len(halves), size)
         mean_spread, mean_train, mean_validation = (sums[-3:] / num_agents).tolist()
         scalars = {"centroid/disagreement": mean_spread} | stationarity_scalars(gradients)
+        if self.own_tasks is not None:
+            own = sums[len(halves) * size : -3] / num_agents
+            scalars |= dict(zip(self._centroid_names(), own.tolist(), strict=True))
         scalars |= self._rank0_scalars(centroid, began)
         progress.row(iteration, mean_train, mean_validation, scalars)
         task_rows, task_scalars = self.task.row_metrics(models, centroid)

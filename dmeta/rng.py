@@ -49,9 +49,12 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                iteration 0)
     19 STREAM_L2C_ENCODER      meta-L2C's initial encoder, shared by all nodes (agent 0,
                                iteration 0)
+    20 STREAM_OWN_VALIDATION   an agent's own fixed validation tasks (validation.own_tasks;
+                               per agent, iteration 0)
 
-A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST) that draws its tasks in several parts
-draws part p from `substream(family, p)` = family + 256 p, so that no two parts share numbers:
+A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST, OWN_VALIDATION) that draws its tasks
+in several parts draws part p from `substream(family, p)` = family + 256 p, so that no two
+parts share numbers:
 
     1  PART_HEADS    heads w* of fresh linear-representation tasks
     2  PART_PICKS    which of an agent's fixed heads each task uses
@@ -94,6 +97,7 @@ STREAM_LOSS = 16
 STREAM_L2C_VALIDATION = 17
 STREAM_SPEED = 18
 STREAM_L2C_ENCODER = 19
+STREAM_OWN_VALIDATION = 20
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -56,6 +56,8 @@ class TaskFamily(ABC):
     one output: [shots, 1] and [shots, 1]). The engine lifts the model and loss over agents and
     tasks with `torch.func.vmap`, so they are written for one task.
 
+    `own_validation_set` (optional) gives each agent validation tasks of its own distribution,
+    which `validation.own_tasks = true` scores it on instead of the shared `validation_set`.
     `series` lists extra row-wise datasets (path -> (per agent?, units, meaning)) whose values
     `row_metrics` returns, `scores` extra validation measures (name -> score(prediction,
     target), a scalar per task) logged as /metrics/val_<name> and /centroid/val_<name> (their
@@ -147,6 +149,19 @@ class TaskFamily(ABC):
 
     def validation_weights(self) -> torch.Tensor | None:
         """Weights (summing to one) of the validation tasks in the logged means; None: equal."""
+        return None
+
+    def own_validation_set(
+        self, agents: torch.Tensor, config: ValidationConfig
+    ) -> TaskBatch | None:
+        """Each agent's own fixed validation tasks, from its own task distribution, for
+        `validation.own_tasks = true`: TaskBatch of [len(agents), config.tasks, shots, ...]
+        for the agents `agents` (int64 ids [A], this rank's), with `config.support_shots` and
+        `config.query_shots` where the family's tasks have a free size. Draw them as a function
+        of (self.seed, agent id) alone, e.g. from `rng.STREAM_OWN_VALIDATION` at iteration 0,
+        so every rank layout scores an agent on the same tasks; they weigh equally in the
+        logged means. None (the default): the family has none, and a run that asks for them
+        stops with one error line."""
         return None
 
     def test_weights(self) -> torch.Tensor | None:
@@ -270,6 +285,22 @@ class SineTask(TaskFamily):
             high,
         )
         return TaskBatch(*(part[0] for part in batch))
+
+    def own_validation_set(self, agents: torch.Tensor, config: ValidationConfig) -> TaskBatch:
+        """Agent k's fixed validation tasks from its own amplitude interval (the whole range
+        without task.split_amplitude) and the whole phase range: [agents, tasks, shots, 1],
+        keyed by agent id on rng.STREAM_OWN_VALIDATION, iteration 0."""
+        low, high = self._amplitude_bounds(agents)
+        return self._draw(
+            agents,
+            rng.STREAM_OWN_VALIDATION,
+            0,
+            config.tasks,
+            config.support_shots,
+            config.query_shots,
+            low,
+            high,
+        )
 
     def build_model(self, config: ModelConfig) -> FlatModel:
         """The fully connected network of `model` (1 input, 1 output)."""

@@ -126,6 +126,10 @@ RUN_CASES = {
         "/no/such/omniglot does not exist",
     ),
     "out is a folder": (lambda tmp: (tmp / "run.h5").mkdir() or ["run", JOB, *SETS], "a folder"),
+    "own validation tasks of a family without them": (
+        _run("problem=linear_representation", "validation.own_tasks=true"),
+        "problem = 'linear_representation' has no validation tasks of each agent's own",
+    ),
 }
 
 

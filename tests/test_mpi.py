@@ -421,6 +421,26 @@ def test_pushsum_runs_are_the_same_under_mpi(comm, setting) -> None:
     _verdict(comm, check)
 
 
+def test_own_task_validation_is_the_same_under_mpi(comm) -> None:
+    """validation.own_tasks: each rank scores its agents, and the centroid, on its agents' own
+    tasks (drawn by agent id); the centroid's mean over all agents is the row's all-reduce."""
+    config = small_config(
+        "strategy=pushsum", "graph.topology=exponential", "graph.directed=true",
+        "runtime.dtype=float64", "model.hidden=[8]", "validation.own_tasks=true",
+        "asynchrony.wake_probability=0.5",
+    )  # fmt: skip
+    parallel, local_run = _run_here_and_locally(comm, config)
+
+    def check() -> None:
+        for name in ("metrics/val_loss", "centroid/val_loss"):
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-12, atol=0, err_msg=name
+            )
+        assert np.isfinite(parallel["centroid/val_loss"]).all()
+
+    _verdict(comm, check)
+
+
 def test_a_pushsum_checkpoint_with_messages_in_flight_resumes_on_these_ranks(comm) -> None:
     """Stopped in-process at iteration 6 with messages in flight, resumed on every rank: the
     per-edge state is stored by receiving agent and in-neighbour id, so any layout reads it."""

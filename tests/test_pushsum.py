@@ -82,6 +82,45 @@ def test_synchronous_pushsum_equals_a_hand_written_sgp_loop(tmp_path) -> None:
     assert (x / y - x.mean(dim=0)).abs().max() > 1e-3, "the agents still disagree"
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_step_scaled_by_the_weight_moves_z_by_the_optimizer_s_step(tmp_path, scaled) -> None:
+    """RASGP's x_i - mu g(z_i) moves z_i = x_i / y_i by -mu g / y_i; with
+    asynchrony.scale_step_by_weight, x_i - y_i mu g moves it by -mu g, whatever y_i. Checked on
+    the awake agents of a round whose push is left out, after rounds that spread the weights."""
+    config = small_config(
+        *DIGRAPH, *TINY, *ASYNC, "strategy=pushsum", "optimizer.name=sgd", "optimizer.lr=0.1",
+        f"asynchrony.scale_step_by_weight={str(scaled).lower()}",
+    )  # fmt: skip
+    engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(7), tmp_path / "r.h5")
+    algorithm = engine.algorithm
+    for t in range(1, 6):
+        algorithm.round(t)
+    y = algorithm.sums.rows["numerator"][:, -1].clone()
+    assert (y - 1).abs().max() > 0.1, "the weights left 1"
+    before = algorithm.models().clone()
+    algorithm.sums.push = lambda *_: None  # round 6: wake-ups and steps only
+    algorithm.round(6)
+    awake = torch.nonzero(algorithm.sums.rows["asleep"] == 0).flatten()
+    assert 0 < len(awake) < 7
+    tasks = engine.task.sample(awake, 6, config.learner.tasks_per_agent)
+    gradients, _ = engine.learner.meta_gradients(before[awake], tasks)
+    step = -config.optimizer.lr * gradients
+    expected = before.clone()
+    expected[awake] += step if scaled else step / y[awake, None]
+    torch.testing.assert_close(algorithm.models(), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_the_scaled_step_changes_nothing_while_every_weight_is_one(tmp_path) -> None:
+    """Synchronous push-sum on a regular digraph keeps y = 1: both steps give the same file."""
+    config = small_config(*DIGRAPH, *TINY, "strategy=pushsum")
+    plain = run_local(config, tmp_path / "plain.h5")
+    config.asynchrony.scale_step_by_weight = True
+    scaled = run_local(config, tmp_path / "scaled.h5")
+    np.testing.assert_array_equal(plain["pushsum/weight"], 1.0)
+    for name in ("params/final", "metrics/val_loss", "metrics/train_loss"):
+        np.testing.assert_array_equal(scaled[name], plain[name], err_msg=name)
+
+
 @pytest.mark.parametrize("wake", [1.0, 0.5])
 def test_z_converges_to_the_exact_average_under_loss_and_delays(wake) -> None:
     rows = torch.as_tensor(np.random.default_rng(3).standard_normal((8, 5)))

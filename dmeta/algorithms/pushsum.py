@@ -9,12 +9,18 @@ round t an agent that is awake
     x_i <- x_i + (z_i' - z_i)           z_i' the learner's outer step(s) from z_i: with SGD
                                         x_i - mu g_i(z_i), RASGP's gradient step, g_i the
                                         meta-gradient after u = `learner.inner_steps` inner
-                                        steps (the slides' multi-step MAML, budget u)
+                                        steps (the slides' multi-step MAML, budget u); with
+                                        `scale_step_by_weight`, x_i + y_i (z_i' - z_i)
     phi_i <- phi_i + (x_i, y_i)/(d_i + 1)   the running sum of all it ever pushed along each
     (x_i, y_i) <- (x_i, y_i)/(d_i + 1)      out-edge (d_i out-neighbours, push weights 1/(d+1))
     for each in-edge j -> i whose newest arrived message (phi_j, send round s) is newer than
     the last applied one:  (x_i, y_i) += phi_j - rho_ij,  rho_ij <- phi_j
     z_i = x_i / y_i
+
+RASGP's step moves z_i = x_i / y_i by (z_i' - z_i) / y_i: an agent that kept shrinking its
+weight (awake, pushing shares, receiving nothing) jumps. The step scaled by y_i moves z_i by
+the optimizer's step itself; the network's numerator mass X then moves by sum_i y_i (z_i' -
+z_i), so an agent of small weight counts less in that round's step of the average.
 
 Sleeping agents neither compute, send nor apply. The sender pushes the same share to every
 out-neighbour, so one running sum phi_j serves all its out-edges. The communication conserves
@@ -335,7 +341,8 @@ class PushSum(Algorithm):
 
     def _train(self, t: int, rows: torch.Tensor) -> None:
         """`learner.local_steps` outer steps of the agents `rows` from their z (task draws
-        numbered as in the diffusion strategies); x moves by the change of z."""
+        numbered as in the diffusion strategies); x moves by the change of z (times y with
+        `asynchrony.scale_step_by_weight`, so that z moves by it)."""
         context = self.context
         settings = context.config.learner
         agents = context.agents[rows]
@@ -352,7 +359,10 @@ class PushSum(Algorithm):
         for name, value in state.items():
             self.optimizer_state[name][rows] = value
         numerator = self.sums.rows["numerator"]
-        numerator[rows, :-1] += (models - start).detach().to(F64)
+        step = (models - start).detach().to(F64)
+        if context.config.asynchrony.scale_step_by_weight:
+            step = step * numerator[rows, -1:]
+        numerator[rows, :-1] += step
         self.last_loss[rows] = loss_sum
         self.last_norm[rows] = torch.linalg.vector_norm(gradients, dim=1).to(F64)
 
