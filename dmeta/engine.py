@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import vmap
 
 from dmeta import rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
@@ -29,7 +28,6 @@ from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.federated_data import weighted_ci95
 from dmeta.fewshot import confidence_interval_95
-from dmeta.meta import MAML, Loss
 from dmeta.output import SERIES, RowSchema, RunWriter, open_writer
 from dmeta.problems import check_batch
 from dmeta.runner import DTYPES, RunPlan, build_learner, build_model, build_task, run_attributes
@@ -39,24 +37,6 @@ from dmeta.tasks import TaskBatch, score_series
 def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.Tensor:
     """||w_k - w_c||^2 per agent (Theorem 1), with w_c the network centroid (1/K) sum_k w_k."""
     return ((launch_models - centroid) ** 2).sum(dim=1)
-
-
-def evaluate_own_tasks(
-    learner: MAML,
-    models: torch.Tensor,
-    tasks: TaskBatch,
-    steps: int,
-    scores: tuple[Loss, ...],
-    tasks_at_once: int = 0,
-) -> torch.Tensor:
-    """`learner.evaluate` of each agent's model on its own tasks: models [agents, P], tasks
-    [agents, tasks, shots, ...]; returns [agents, tasks, 1 + len(scores)]. The agents are one
-    vmapped batch, not a loop."""
-
-    def one_agent(theta: torch.Tensor, own: TaskBatch) -> torch.Tensor:
-        return learner.evaluate(theta[None], own, steps, scores, tasks_at_once)[0]
-
-    return vmap(one_agent)(models, tasks)
 
 
 def own_task_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
@@ -449,8 +429,8 @@ class Engine:
         at_once = self.config.validation.tasks_at_once
         if self.own_tasks is not None:
             with torch.no_grad():
-                return evaluate_own_tasks(
-                    self.learner, models, self.own_tasks, self.validation_steps, scores, at_once
+                return self.learner.evaluate_own(
+                    models, self.own_tasks, self.validation_steps, scores, at_once
                 ).mean(dim=1)
         if self.algorithm.shared_model:
             models = models[:1]

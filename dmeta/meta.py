@@ -139,6 +139,22 @@ class MAML:
 
         return vmap(one_agent)(launch_models)
 
+    def evaluate_own(
+        self,
+        launch_models: torch.Tensor,
+        tasks: TaskBatch,
+        steps: int,
+        scores: tuple[Loss, ...] = (),
+        tasks_at_once: int = 0,
+    ) -> torch.Tensor:
+        """`evaluate` of each agent's model on its own tasks [agents, tasks, shots, ...]:
+        returns [agents, tasks, 1 + len(scores)], the agents one vmapped batch."""
+
+        def one_agent(theta: torch.Tensor, own: TaskBatch) -> torch.Tensor:
+            return self.evaluate(theta[None], own, steps, scores, tasks_at_once)[0]
+
+        return vmap(one_agent)(launch_models, tasks)
+
 
 class Reptile(MAML):
     """Reptile (Nichol et al.): the meta-direction is where SGD on a task's data leads.

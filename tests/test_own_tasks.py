@@ -10,7 +10,7 @@ import torch
 from conftest import run_local, small_config
 
 from dmeta.config import load_config
-from dmeta.engine import Engine, evaluate_own_tasks
+from dmeta.engine import Engine
 from dmeta.exchange import AgentLayout, LocalExchange
 from dmeta.runner import plan_run
 from dmeta.tasks import SineTask, TaskBatch
@@ -46,7 +46,7 @@ def test_the_batched_evaluation_equals_a_loop_over_agents(tmp_path) -> None:
     engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(7), tmp_path / "e.h5")
     models = engine.algorithm.models()
     own = engine.own_tasks
-    batched = evaluate_own_tasks(engine.learner, models, own, 1, (), tasks_at_once=4)
+    batched = engine.learner.evaluate_own(models, own, 1, (), tasks_at_once=4)
     for k in range(7):
         tasks = TaskBatch(*(part[k] for part in own))
         looped = engine.learner.evaluate(models[k : k + 1], tasks, 1)[0]
