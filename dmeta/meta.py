@@ -72,8 +72,11 @@ class MAML:
         w, step = self._split(theta)
         if self.inner_mask is not None:
             step = step * self.inner_mask.to(w)
+        # w + (-alpha) g is w - alpha g to the bit, and its backward needs no negation of the
+        # [agents, tasks, M] gradient (a pass over memory per second-order step).
+        descent = -step
         for _ in range(steps):
-            w = w - step * grad(self._support_loss)(w, x, y)
+            w = w + descent * grad(self._support_loss)(w, x, y)
         return w
 
     def task_loss(
