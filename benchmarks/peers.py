@@ -1,0 +1,227 @@
+"""Per agent-task meta-gradients: dmeta against what users have, side by side in one run.
+
+    python benchmarks/peers.py [--agents 40] [--repeats 5] [--threads 1] [--dtype float32]
+                               [--learn2learn PYTHON] [--no-compile]
+
+The workload is one iteration's meta-gradients of jobs/sine_diffusion.toml: K agents x 5 sine
+tasks of 10 shots, the 1-40-40-1 network, second-order MAML with one inner step. Each
+implementation computes the K meta-gradients from the same launch models and tasks:
+- `loop`: benchmarks/reference_loop.py, a Python loop over agents and tasks with
+  `torch.autograd.grad(create_graph=True)`;
+- `torch.func`: the torch.func MAML example's form, a Python loop over agents, each a
+  `grad` of a `vmap` over its tasks of a `functional_call` loss;
+- `learn2learn` (with `--learn2learn PYTHON`, a Python where learn2learn imports: see
+  benchmarks/install_learn2learn.sh): `l2l.algorithms.MAML`, `clone()` and `adapt()` per task,
+  run by benchmarks/peer_learn2learn.py in that interpreter;
+- `dmeta`: `MAML.meta_gradients`, all agents and tasks as one vmapped batch; and the same under
+  `torch.compile` (its compilation is excluded: it runs once before the timing).
+Each is first checked against dmeta's meta-gradients in float64. Then every implementation is
+timed once per round, rounds interleaved (`--repeats`), so a slow moment of the machine hits all
+of them; the table shows min / median / max ms per agent-task over the rounds and dmeta's
+speed-up over each (ratio of medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_sine import JOB, reference_modules
+from common import command_line, machine, print_table
+from reference_loop import ReferenceDifMAML
+from torch.func import functional_call, grad, vmap
+
+from dmeta.config import load_config
+from dmeta.runner import build_learner, build_task
+
+WORKER = Path(__file__).with_name("peer_learn2learn.py")
+Gradients = Callable[[], torch.Tensor]
+
+
+def workload(agents: int, dtype: torch.dtype) -> tuple[object, torch.Tensor, tuple, float]:
+    """(dmeta learner, launch models [K, M], tasks [K, 5, 10, 1] x 4, inner step size)."""
+    config = load_config(JOB, [f"agents={agents}", "runtime.device=cpu"])
+    task = build_task(config, dtype, torch.device("cpu"))
+    model = task.build_model(config.model)
+    learner = build_learner(config.learner, model, task)
+    ids = torch.arange(agents)
+    theta = model.initial_parameters(config.seed, ids, False, dtype)
+    tasks = tuple(task.sample(ids, 1, config.learner.tasks_per_agent))
+    return learner, theta, tasks, config.learner.inner_lr
+
+
+def loop_gradients(theta: torch.Tensor, tasks: tuple, inner_lr: float) -> Gradients:
+    modules = reference_modules(theta, [40, 40])
+    reference = ReferenceDifMAML(modules, np.eye(len(modules)), inner_lr, 0.001)
+
+    def run() -> torch.Tensor:
+        rows = []
+        for k, module in enumerate(modules):
+            gradient = reference.meta_gradient(module, *(part[k] for part in tasks))
+            rows.append(torch.nn.utils.parameters_to_vector(gradient))
+        return torch.stack(rows)
+
+    return run
+
+
+def torch_func_gradients(theta: torch.Tensor, tasks: tuple, inner_lr: float) -> Gradients:
+    """The torch.func MAML example's shape: per agent, grad of the mean over vmapped tasks."""
+    net = reference_modules(theta[:1], [40, 40])[0]
+    names = [name for name, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    sizes = [p.numel() for p in net.parameters()]
+    agents = [
+        {n: piece.view(s) for n, piece, s in zip(names, row.split(sizes), shapes, strict=True)}
+        for row in theta
+    ]
+
+    def mse(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return ((functional_call(net, params, (x,)) - y) ** 2).mean()
+
+    def task_loss(params: dict, sx, sy, qx, qy) -> torch.Tensor:
+        inner = grad(mse)(params, sx, sy)
+        adapted = {name: params[name] - inner_lr * inner[name] for name in params}
+        return mse(adapted, qx, qy)
+
+    def meta_loss(params: dict, sx, sy, qx, qy) -> torch.Tensor:
+        return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, sx, sy, qx, qy).mean()
+
+    def run() -> torch.Tensor:
+        rows = []
+        for k, params in enumerate(agents):
+            gradient = grad(meta_loss)(params, *(part[k] for part in tasks))
+            rows.append(torch.cat([gradient[name].reshape(-1) for name in names]))
+        return torch.stack(rows)
+
+    return run
+
+
+def dmeta_gradients(learner, theta: torch.Tensor, tasks: tuple, compiled: bool) -> Gradients:
+    step = torch.compile(learner.meta_gradients) if compiled else learner.meta_gradients
+    step(theta, tasks)  # a compiled step compiles here, outside the timing
+    return lambda: step(theta, tasks)[0]
+
+
+def seconds_per_call(run: Gradients, budget: float = 0.3) -> float:
+    """Mean seconds of `run` over enough calls to fill `budget` seconds (at least two)."""
+    run()  # warm-up
+    calls, began = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - began < budget:
+        run()
+        calls += 1
+    return (time.perf_counter() - began) / calls
+
+
+def timed(run: Gradients) -> Callable[[], float]:
+    return lambda: seconds_per_call(run)
+
+
+class Learn2Learn:
+    """learn2learn in another interpreter, fed the same models and tasks through a file."""
+
+    def __init__(
+        self, python: str, theta: torch.Tensor, tasks: tuple, inner_lr: float, threads: int
+    ):
+        self.folder = tempfile.TemporaryDirectory()
+        self.data = Path(self.folder.name) / "workload.npz"
+        arrays = {"theta": theta.numpy(), "inner_lr": np.array(inner_lr)}
+        arrays |= {
+            name: part.numpy() for name, part in zip(("sx", "sy", "qx", "qy"), tasks, strict=True)
+        }
+        np.savez(self.data, **arrays)
+        self.command = [python, str(WORKER), str(self.data), "--threads", str(threads)]
+
+    def call(self, *options: str) -> dict:
+        result = subprocess.run(
+            [*self.command, *options], capture_output=True, text=True, check=False
+        )
+        if result.returncode:
+            raise SystemExit(f"peers.py: learn2learn worker failed:\n{result.stderr.strip()}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    def gradients(self) -> torch.Tensor:
+        out = Path(self.folder.name) / "gradients.npy"
+        self.call("--gradients", str(out))
+        return torch.from_numpy(np.load(out))
+
+    def seconds(self) -> float:
+        return float(self.call()["seconds"])
+
+
+def check(args: argparse.Namespace) -> dict[str, float]:
+    """Largest |peer - dmeta| meta-gradient entry of each peer, in float64."""
+    learner, theta, tasks, inner_lr = workload(args.agents, torch.float64)
+    ours = learner.meta_gradients(theta, tasks)[0]
+    peers = {
+        "loop": loop_gradients(theta, tasks, inner_lr),
+        "torch.func": torch_func_gradients(theta, tasks, inner_lr),
+    }
+    if args.learn2learn:
+        peers["learn2learn"] = Learn2Learn(args.learn2learn, theta, tasks, inner_lr, 1).gradients
+    return {name: float((run() - ours).abs().max()) for name, run in peers.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every one")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--learn2learn", metavar="PYTHON", help="a python with learn2learn")
+    parser.add_argument("--no-compile", action="store_true", help="skip dmeta's compiled row")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# peers: {machine()}")
+    print(command_line(__file__, argv))
+    differences = check(args)
+    print(
+        "# max |meta-gradient peer - dmeta| (float64): "
+        + ", ".join(f"{n} {d:.1e}" for n, d in differences.items())
+    )
+    if max(differences.values()) > 1e-10:
+        print("peers.py: a peer disagrees with dmeta's meta-gradients", file=sys.stderr)
+        return 1
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    learner, theta, tasks, inner_lr = workload(args.agents, dtype)
+    timers: dict[str, Callable[[], float]] = {
+        "python loop + autograd.grad": timed(loop_gradients(theta, tasks, inner_lr)),
+        "torch.func, a loop over agents": timed(torch_func_gradients(theta, tasks, inner_lr)),
+    }
+    if args.learn2learn:
+        peer = Learn2Learn(args.learn2learn, theta, tasks, inner_lr, args.threads)
+        timers["learn2learn MAML (clone/adapt)"] = peer.seconds
+    timers["dmeta eager"] = timed(dmeta_gradients(learner, theta, tasks, False))
+    if not args.no_compile:
+        timers["dmeta compiled"] = timed(dmeta_gradients(learner, theta, tasks, True))
+    samples: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(args.repeats):
+        for name, timer in timers.items():
+            samples[name].append(timer())
+    per_task = 1e3 / (args.agents * tasks[0].shape[1])
+    medians = {name: float(np.median(values)) for name, values in samples.items()}
+    ours = [name for name in timers if name.startswith("dmeta")]
+    rows = []
+    for name, values in samples.items():
+        low, mid, high = (per_task * v for v in (min(values), medians[name], max(values)))
+        ratios = [
+            f"{medians[name] / medians[o]:.1f}x" if not name.startswith("dmeta") else "-"
+            for o in ours
+        ]
+        rows.append([name, f"{low:.4f}", f"{mid:.4f}", f"{high:.4f}", *ratios])
+    print_table(
+        ["implementation", "min ms/agent-task", "median", "max", *(f"{o} speed-up" for o in ours)],
+        rows,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
