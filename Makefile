@@ -10,7 +10,7 @@ MPI_TIMEOUT := timeout --signal=KILL 600
 RUNS := runs
 STRATEGIES := atc centralized noncooperative
 
-.PHONY: install run test lint figure theorems fewshot shakespeare fedmeta bench clean
+.PHONY: install run test lint figure theorems fewshot shakespeare fedmeta bench wheels clean
 
 install: $(STAMP)
 
@@ -97,6 +97,15 @@ fedmeta: $(SHAKESPEARE)
 	    || exit 1; \
 	done
 	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_*.h5
+
+# The mpich and mpi4py wheels that benchmarks/gpu.sh installs on a GPU machine without network
+# (its Python's version, x86-64 Linux) into wheels/ (ignored by git): make wheels, then carry
+# wheels/ there and run benchmarks/gpu.sh (BENCHMARKS.md, "GPU").
+GPU_PYTHON_VERSION ?= 3.12
+wheels: $(STAMP)
+	$(BIN)/pip download --quiet --no-deps --only-binary :all: --python-version $(GPU_PYTHON_VERSION) \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux_2_5_x86_64 mpich mpi4py -d wheels
 
 # Benchmarks (issue 7): each prints a table; see BENCHMARKS.md for results and times.
 bench: $(STAMP)

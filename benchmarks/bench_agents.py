@@ -1,7 +1,7 @@
 """Scaling with agents per rank: time per iteration per agent and peak memory per agent.
 
     python benchmarks/bench_agents.py [--agents 10 40 160 640 2560] [--iterations N]
-                                      [--topology ring] [--device auto]
+                                      [--topology ring] [--device auto] [--set KEY=VALUE]
 
 Each K runs in a fresh process (so peak memory is its own): the sine experiment of
 jobs/sine_diffusion.toml (5 tasks of 10 shots per agent, second-order MAML, Dif-MAML ATC) with
@@ -27,7 +27,9 @@ from common import command_line, machine, print_table
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sine_diffusion.toml"
 
 
-def single(agents: int, iterations: int, topology: str, device: str) -> dict[str, float]:
+def single(
+    agents: int, iterations: int, topology: str, device: str, extra: list[str]
+) -> dict[str, float]:
     """Run K agents once in this process and measure it (the child's side)."""
     import h5py
     import torch
@@ -48,6 +50,8 @@ def single(agents: int, iterations: int, topology: str, device: str) -> dict[str
             # The logged rows are not timed; keep their evaluation small.
             "validation.tasks=2",
             "validation.stationarity_tasks=2",
+            "runtime.compile=false",
+            *extra,
         ],
     )
     plan = plan_run(config, 1, 0, 0, 1)
@@ -74,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--topology", default="ring", help="graph.topology (default ring)")
     parser.add_argument("--device", default="auto", help="runtime.device (default auto)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
     parser.add_argument("--single", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single:
-        print(json.dumps(single(args.single, args.iterations, args.topology, args.device)))
+        result = single(args.single, args.iterations, args.topology, args.device, args.set)
+        print(json.dumps(result))
         return 0
     print(f"# bench_agents: {machine()}")
     print(command_line(__file__, argv))
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             args.topology,
             "--device",
             args.device,
+            *(item for override in args.set for item in ("--set", override)),
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode:

@@ -1,7 +1,7 @@
 """Scale: planning, set-up, iteration time and peak memory from 10^3 to 10^5 agents on one rank.
 
     python benchmarks/bench_scale.py [--agents 1000 10000 100000] [--iterations 20]
-                                     [--problem linrep] [--topology ring]
+                                     [--problem linrep] [--topology ring] [--device cpu]
 
 Each K runs in a fresh process (so peak memory is its own), in-process on one rank:
 - `linrep`: the linear-representation task in population mode (exact losses, no samples;
@@ -12,9 +12,9 @@ the start of planning until the run file is open (plan, task, model, launch mode
 evaluation tasks, the file's header); `row s` is one logged row's evaluation (every agent adapts
 to the 20 validation tasks, and the centroid's meta-gradients on 10 stationarity tasks per
 agent: it grows with `validation.tasks`); `ms/it` is the mean of iterations 2..N; `peak MB`
-the process's peak resident set, and the last column its growth over the previous K divided
-by the agents added (memory growing with K times the degree gives a flat column; K^2 memory
-would grow K-fold).
+the process's peak resident set, and `growth` its growth over the previous K divided by the
+agents added (memory growing with K times the degree gives a flat column; K^2 memory would
+grow K-fold); on a GPU, `GPU peak MB` is torch's peak allocation.
 """
 
 from __future__ import annotations
@@ -45,9 +45,14 @@ PROBLEMS = {
 }
 
 
-def single(problem: str, agents: int, iterations: int, topology: str) -> dict[str, float]:
+def single(
+    problem: str, agents: int, iterations: int, topology: str, device: str
+) -> dict[str, float]:
     """Plan, set up and run K agents in this process (the child's side)."""
     started = time.perf_counter()
+    import torch
+
+    from dmeta.algorithms.base import synchronize
     from dmeta.config import load_config
     from dmeta.engine import Engine, Progress, build_exchange
     from dmeta.runner import plan_run
@@ -62,6 +67,7 @@ def single(problem: str, agents: int, iterations: int, topology: str) -> dict[st
             f"graph.topology={topology}",
             "graph.rule=metropolis",
             "runtime.threads=0",
+            f"runtime.device={device}",
         ],
     )
     begin = time.perf_counter()
@@ -75,11 +81,14 @@ def single(problem: str, agents: int, iterations: int, topology: str) -> dict[st
         engine.log_row(0, Progress(iterations, enabled=False))
         ready = time.perf_counter()
         engine.algorithm.round(1)
+        synchronize(plan.device)
         second = time.perf_counter()
         for t in range(2, iterations + 1):
             engine.algorithm.round(t)
+        synchronize(plan.device)  # host clocks must time the GPU's queued work too
         done = time.perf_counter()
         engine.writer.abandon()
+    cuda = plan.device.type == "cuda"
     return {
         "import_s": begin - started,
         "plan_s": planned - begin,
@@ -87,6 +96,7 @@ def single(problem: str, agents: int, iterations: int, topology: str) -> dict[st
         "row_s": ready - opened,
         "ms_per_iteration": 1e3 * (done - second) / (iterations - 1),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "gpu_peak_mb": torch.cuda.max_memory_allocated(plan.device) / 2**20 if cuda else 0.0,
     }
 
 
@@ -96,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--problem", choices=sorted(PROBLEMS), default="linrep")
     parser.add_argument("--topology", default="ring")
+    parser.add_argument("--device", default="cpu", help="runtime.device (default cpu)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(single(args.problem, args.agents[0], args.iterations, args.topology)))
+        result = single(args.problem, args.agents[0], args.iterations, args.topology, args.device)
+        print(json.dumps(result))
         return 0
     print(f"# bench_scale: {machine()}")
     print(command_line(__file__, argv))
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for agents in args.agents:
         command = [sys.executable, __file__, "--child", "--agents", str(agents)]
         command += ["--iterations", str(args.iterations), "--problem", args.problem]
-        command += ["--topology", args.topology]
+        command += ["--topology", args.topology, "--device", args.device]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         growth = "-"
@@ -124,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result['ms_per_iteration']:.1f}",
                 f"{result['peak_mb']:.0f}",
                 growth,
+                f"{result['gpu_peak_mb']:.0f}" if args.device != "cpu" else "-",
             ]
         )
     header = ["agents", "plan s", "set-up s", "row s", "ms/it", "peak MB", "growth per added agent"]
+    header.append("GPU peak MB")
     print_table(header, rows)
     return 0
 

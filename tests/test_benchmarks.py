@@ -44,3 +44,20 @@ def test_every_benchmark_runs_its_smallest_setting(script, tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "# command:" in result.stdout and "---" in result.stdout
+
+
+def test_the_gpu_script_runs_every_step_on_the_cpu(tmp_path) -> None:
+    """benchmarks/gpu.sh --quick on the CPU with this venv: every step runs and the file is
+    written (its install step needs the wheels and a GPU machine: see BENCHMARKS.md)."""
+    out = tmp_path / "gpu.txt"
+    result = subprocess.run(
+        [
+            "bash", str(BENCHMARKS / "gpu.sh"), "--device", "cpu", "--python", sys.executable,
+            "--no-install", "--quick", "--out", str(out),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    assert "step failed" not in text, text[-3000:]
+    assert text.count("# command:") == 4 and "agree" in text

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU checks and tables (issue 18) in one call, written to one file.
+#
+#   benchmarks/gpu.sh [--device cuda] [--python PYTHON] [--wheels DIR] [--out FILE]
+#                     [--no-install] [--quick]
+#
+# For a machine with a GPU and a Python that holds torch, numpy, scipy, h5py and networkx but
+# nothing of dmeta's: it makes a throwaway venv whose .pth files name that Python's
+# site-packages and this checkout, installs the mpich and mpi4py wheels found in DIR (default
+# wheels/, which `make wheels` fills for Python 3.12 on x86-64 Linux) with no index, and writes
+# a `dmeta` command into it (no build step: the machine needs no network). Then, each step
+# under its own time limit, a failed step reported and the next one run:
+#   1. correctness: the sine job in float64 on the CPU, and on DEVICE in-process and under
+#      mpiexec -n 2 (benchmarks/device_check.py);
+#   2. sine agents K = 40, 2560, 10000: ms per iteration and peak memory per agent, eager;
+#   3. K = 40 with runtime.compile=true (on CUDA: a CUDA graph of the compiled step);
+#   4. 100,000 linear-representation agents on a ring (benchmarks/bench_scale.py).
+# Everything goes to FILE (default runs/gpu.txt) and the terminal. About 5 minutes on one H100.
+# --no-install uses PYTHON as it is (a venv with dmeta); --quick runs every step's smallest
+# setting (the test runs `--device cpu --no-install --quick`).
+set -uo pipefail
+
+DEVICE=cuda
+PYTHON=python3
+WHEELS=wheels
+OUT=runs/gpu.txt
+INSTALL=1
+QUICK=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --device) DEVICE=$2; shift 2 ;;
+        --python) PYTHON=$2; shift 2 ;;
+        --wheels) WHEELS=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --no-install) INSTALL=0; shift ;;
+        --quick) QUICK=1; shift ;;
+        *) echo "gpu.sh: unknown option '$1' (the options are at the top of $0)" >&2; exit 2 ;;
+    esac
+done
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT" || exit 2
+
+fail() { echo "gpu.sh: $*" >&2; exit 1; }
+
+if [ "$INSTALL" = 1 ]; then
+    compgen -G "$WHEELS/mpi4py-*.whl" >/dev/null || fail "no mpi4py wheel in $WHEELS (make wheels)"
+    VENV=$(mktemp -d)/venv
+    "$PYTHON" -m venv "$VENV" || fail "could not make a venv with $PYTHON"
+    # The wheels first: with the base Python's packages visible, pip would take its for ours.
+    "$VENV/bin/pip" install --quiet --no-index --find-links "$WHEELS" mpich mpi4py \
+        || fail "could not install the mpich and mpi4py wheels from $WHEELS"
+    base=$("$PYTHON" -c 'import site; print(site.getsitepackages()[0])')
+    own=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    printf '%s\n' "$base" >"$own/base_python.pth"
+    printf '%s\n' "$ROOT" >"$own/dmeta_checkout.pth"
+    printf '#!%s\nimport sys\nfrom dmeta.cli import main\nsys.exit(main())\n' \
+        "$VENV/bin/python" >"$VENV/bin/dmeta"
+    chmod +x "$VENV/bin/dmeta"
+    PYTHON=$VENV/bin/python
+fi
+"$PYTHON" -c 'import dmeta, mpi4py, torch, h5py' || fail "$PYTHON cannot import dmeta's needs"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+
+if [ "$QUICK" = 1 ]; then
+    CHECK=(--ranks 1 --set iterations=2 --set log_every=1)
+    AGENTS=(--agents 4 --iterations 3)
+    COMPILED=(--agents 4 --iterations 3 --set runtime.compile_after=1000000)
+    SCALE=(--agents 20 --iterations 3)
+else
+    CHECK=(--ranks 2)
+    AGENTS=(--agents 40 2560 10000 --iterations 30)
+    COMPILED=(--agents 40 --iterations 300 --set runtime.compile=true)
+    SCALE=(--agents 100000 --iterations 10)
+fi
+
+# One step: its command, under a time limit; a failure is written down and the next step runs.
+step() {
+    local limit=$1
+    shift
+    echo
+    echo "## $*"
+    timeout --signal=KILL "$limit" "$PYTHON" "$@" 2>&1 || echo "# step failed with status $?"
+}
+
+mkdir -p "$(dirname "$OUT")"
+{
+    echo "# gpu.sh on $(hostname), $(date -u +%Y-%m-%dT%H:%M:%SZ): device $DEVICE"
+    "$PYTHON" -c 'import torch; print("# torch", torch.__version__, "cuda", torch.version.cuda,
+        torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
+    step 120 benchmarks/device_check.py --device "$DEVICE" "${CHECK[@]}"
+    step 150 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
+    step 150 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
+    step 120 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
+} | tee "$OUT"
+echo "gpu.sh: written to $OUT"
