@@ -60,8 +60,10 @@ step "checking DMETA_PYTHON=$DMETA_PYTHON"
 logged "$DMETA_PYTHON" -c 'import torch'
 DMETA_SITE=$("$DMETA_PYTHON" -c 'import site; print(site.getsitepackages()[0])')
 
-step "creating venv $VENV"
-if ! "$VENV/bin/python" -c '' >/dev/null 2>&1; then
+if "$VENV/bin/python" -c '' >/dev/null 2>&1; then
+    step "reusing venv $VENV"
+else
+    step "creating venv $VENV"
     logged "$DMETA_PYTHON" -m venv "$VENV"
 fi
 PY=$VENV/bin/python
