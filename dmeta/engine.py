@@ -243,7 +243,9 @@ class Engine:
         self.agents = torch.as_tensor(plan.layout.agents(self.rank), device=self.device)
         self.task = build_task(config, dtype, self.device)
         model = build_model(self.task, config)
-        self.learner = build_learner(config.learner, model, self.task)
+        self.learner = build_learner(
+            config.learner, model, self.task, config.runtime.agents_at_once
+        )
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients
         self.compiled = CompiledStep(meta_gradients, plan.device) if plan.compile else None

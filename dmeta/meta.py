@@ -39,6 +39,7 @@ class MAML:
         first_order: bool,
         inner_mask: torch.Tensor | None = None,
         learned_inner_lr: bool = False,
+        agents_at_once: int = 0,
     ) -> None:
         self.forward = forward
         self.loss = loss
@@ -47,6 +48,9 @@ class MAML:
         self.first_order = first_order
         self.inner_mask = inner_mask
         self.learned_inner_lr = learned_inner_lr
+        # Meta-gradients of this many agents at a time (0: all): each agent's row is computed
+        # alone either way, so chunks change memory and speed, not numbers.
+        self.agents_at_once = agents_at_once
 
     def initial_state(self, launch_models: torch.Tensor) -> torch.Tensor:
         """The learner's launch rows from the models' [agents, M]: Meta-SGD appends its step
@@ -108,7 +112,8 @@ class MAML:
         launch_models: [agents, P]; tasks: [agents, tasks, shots, ...].
         Returns gradients [agents, P] and losses [agents].
         """
-        return vmap(grad_and_value(self.agent_meta_loss))(launch_models, tasks)
+        chunk = self.agents_at_once or None
+        return vmap(grad_and_value(self.agent_meta_loss), chunk_size=chunk)(launch_models, tasks)
 
     def evaluate(
         self,
@@ -156,7 +161,7 @@ class MAML:
         def one_agent(theta: torch.Tensor, own: TaskBatch) -> torch.Tensor:
             return self.evaluate(theta[None], own, steps, scores, tasks_at_once)[0]
 
-        return vmap(one_agent)(launch_models, tasks)
+        return vmap(one_agent, chunk_size=self.agents_at_once or None)(launch_models, tasks)
 
 
 class Reptile(MAML):
@@ -168,8 +173,17 @@ class Reptile(MAML):
     reported loss is the query loss after adaptation on the support set alone.
     """
 
-    def __init__(self, forward: Forward, loss: Loss, inner_lr: float, inner_steps: int) -> None:
-        super().__init__(forward, loss, inner_lr, inner_steps, first_order=True)
+    def __init__(
+        self,
+        forward: Forward,
+        loss: Loss,
+        inner_lr: float,
+        inner_steps: int,
+        agents_at_once: int = 0,
+    ) -> None:
+        super().__init__(
+            forward, loss, inner_lr, inner_steps, first_order=True, agents_at_once=agents_at_once
+        )
 
     def task_direction(
         self,

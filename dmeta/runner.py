@@ -180,12 +180,15 @@ def build_model(task: TaskFamily, config: Config) -> FlatModel:
     return task.build_model(config.model)
 
 
-def build_learner(settings: LearnerConfig, model: FlatModel, task: TaskFamily) -> MAML:
-    """The meta-learner `learner.name` on `model` and `task` (see dmeta/meta.py)."""
+def build_learner(
+    settings: LearnerConfig, model: FlatModel, task: TaskFamily, agents_at_once: int = 0
+) -> MAML:
+    """The meta-learner `learner.name` on `model` and `task` (see dmeta/meta.py), taking the
+    meta-gradients of `agents_at_once` agents at a time (0: all; runtime.agents_at_once)."""
     name = settings.name
     forward, loss = task.learner_functions(model)
     if name == "reptile":
-        return Reptile(forward, loss, settings.inner_lr, settings.inner_steps)
+        return Reptile(forward, loss, settings.inner_lr, settings.inner_steps, agents_at_once)
     return MAML(
         forward,
         loss,
@@ -194,6 +197,7 @@ def build_learner(settings: LearnerConfig, model: FlatModel, task: TaskFamily) -
         first_order=name in ("fomaml", "foanil"),
         inner_mask=model.head_mask() if name in ("anil", "foanil") else None,
         learned_inner_lr=name == "metasgd",
+        agents_at_once=agents_at_once,
     )
 
 

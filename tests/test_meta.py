@@ -106,3 +106,16 @@ def test_vmap_over_agents_equals_one_agent_at_a_time() -> None:
         )
         torch.testing.assert_close(together[a], alone[0])
         torch.testing.assert_close(losses[a], loss[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_meta_gradients_in_chunks_of_agents_are_the_same_bits(dtype) -> None:
+    """runtime.agents_at_once changes memory and speed, not numbers: each agent's row is
+    computed alone in either case."""
+    model = build_mlp(ModelConfig(hidden=[8, 8]), 1, 1)
+    theta = 0.3 * torch.randn(7, model.num_parameters, dtype=dtype)
+    tasks = TaskBatch(*(torch.randn(7, 3, 4, 1, dtype=dtype) for _ in range(4)))
+    whole = MAML(model.forward, mse_loss, 0.1, 2, False).meta_gradients(theta, tasks)
+    chunked = MAML(model.forward, mse_loss, 0.1, 2, False, agents_at_once=3)
+    for ours, theirs in zip(chunked.meta_gradients(theta, tasks), whole, strict=True):
+        assert torch.equal(ours, theirs)
