@@ -1,0 +1,100 @@
+"""Ranks that help: the sine experiment's time per iteration on P ranks against one.
+
+    python benchmarks/bench_ranks.py [--agents 40 640] [--ranks 1 2] [--iterations 100]
+                                     [--repeats 3] [--topology erdos_renyi] [--set KEY=VALUE]
+
+For each K, `dmeta run jobs/sine_diffusion.toml` with K agents under `mpiexec -n P` for every
+P (P = 1 without mpiexec), one torch thread per rank, eager, the runs of all P interleaved and
+repeated `--repeats` times so that a slow moment of the machine hits every P alike. Time per
+iteration is rank 0's /time/compute + /time/comm over iterations 2..N (the ranks meet at every
+combination, so rank 0's clock is the iteration's; logged rows excluded). The table shows min /
+median / max and the speed-up of the medians over P = 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+from common import command_line, machine, print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "sine_diffusion.toml"
+
+
+def seconds_per_iteration(agents: int, ranks: int, args: argparse.Namespace, out: Path) -> float:
+    """One run: rank 0's seconds per iteration over iterations 2..N."""
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "dmeta"), "run", str(JOB), "--out", str(out), "--quiet"]
+    settings = [
+        f"agents={agents}",
+        f"iterations={args.iterations}",
+        f"log_every={args.iterations}",
+        "log_every_iteration_until=1",  # iteration 1 (warm-up) gets its own row
+        f"graph.topology={args.topology}",
+        "runtime.threads=1",
+        "runtime.compile=false",
+        "validation.tasks=2",
+        "validation.stationarity_tasks=2",
+        *args.set,
+    ]
+    for setting in settings:
+        command += ["--set", setting]
+    if ranks > 1:
+        command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise SystemExit(f"bench_ranks: {' '.join(command)} failed:\n{result.stderr.strip()}")
+    with h5py.File(out) as run:
+        spent = float(run["time/compute"][-1] + run["time/comm"][-1])
+    out.unlink()
+    return spent / (args.iterations - 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--agents", type=int, nargs="+", default=[40, 640])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--topology", default="erdos_renyi", help="graph.topology")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
+    args = parser.parse_args(argv)
+    print(f"# bench_ranks: {machine()}")
+    print(command_line(__file__, argv))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for agents in args.agents:
+            samples: dict[int, list[float]] = {ranks: [] for ranks in args.ranks}
+            for _ in range(args.repeats):
+                for ranks in args.ranks:
+                    out = Path(folder) / f"{agents}_{ranks}.h5"
+                    samples[ranks].append(seconds_per_iteration(agents, ranks, args, out))
+            one = float(np.median(samples[min(args.ranks)]))
+            for ranks, values in samples.items():
+                middle = float(np.median(values))
+                rows.append(
+                    [
+                        str(agents),
+                        str(ranks),
+                        f"{1e3 * min(values):.2f}",
+                        f"{1e3 * middle:.2f}",
+                        f"{1e3 * max(values):.2f}",
+                        f"{one / middle:.2f}x",
+                    ]
+                )
+    header = ["agents", "ranks", "min ms/it", "median ms/it", "max ms/it", "speed-up"]
+    print_table(header, rows)
+    print(f"# speed-up: the median over P = {min(args.ranks)} divided by the median over P")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
