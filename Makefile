@@ -108,12 +108,18 @@ wheels: $(STAMP)
 	  --platform manylinux_2_5_x86_64 mpich mpi4py -d wheels
 
 # Benchmarks (issue 7): each prints a table; see BENCHMARKS.md for results and times.
+# PEERS=1 also builds learn2learn in a throwaway venv for peers.py (about a minute, network).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sine.py
 	$(BIN)/python benchmarks/bench_agents.py
 	$(BIN)/python benchmarks/bench_combine.py
 	$(BIN)/python benchmarks/bench_comm.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_ranks.py
+	@if [ "$(PEERS)" = 1 ]; then \
+	  l2l=$$(DMETA_PYTHON=$(BIN)/python bash benchmarks/install_learn2learn.sh | head -n 1) \
+	    && $(BIN)/python benchmarks/peers.py --learn2learn "$$l2l"; \
+	else $(BIN)/python benchmarks/peers.py; fi
 	$(BIN)/python benchmarks/bench_fig1b.py --out-dir $(RUNS)/bench_fig1b
 
 clean:
