@@ -14,7 +14,8 @@
 #      mpiexec -n 2 (benchmarks/device_check.py);
 #   2. sine agents K = 40, 2560, 10000: ms per iteration and peak memory per agent, eager;
 #   3. K = 40 with runtime.compile=true (on CUDA: a CUDA graph of the compiled step);
-#   4. 100,000 linear-representation agents on a ring (benchmarks/bench_scale.py).
+#   4. 100,000 linear-representation agents on a ring (benchmarks/bench_scale.py);
+#   5. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
 # Everything goes to FILE (default runs/gpu.txt) and the terminal. About 5 minutes on one H100.
 # --no-install uses PYTHON as it is (a venv with dmeta); --quick runs every step's smallest
 # setting (the test runs `--device cpu --no-install --quick`).
@@ -66,11 +67,13 @@ if [ "$QUICK" = 1 ]; then
     AGENTS=(--agents 4 --iterations 3)
     COMPILED=(--agents 4 --iterations 3 --set runtime.compile_after=1000000)
     SCALE=(--agents 20 --iterations 3)
+    RANKS=(--agents 4 --ranks 1 2 --iterations 3 --repeats 1)
 else
     CHECK=(--ranks 2)
     AGENTS=(--agents 40 2560 10000 --iterations 30)
     COMPILED=(--agents 40 --iterations 300 --set runtime.compile=true)
     SCALE=(--agents 100000 --iterations 10)
+    RANKS=(--agents 2560 --ranks 1 8 --iterations 12 --repeats 1)
 fi
 
 # One step: its command, under a time limit; a failure is written down and the next step runs.
@@ -91,5 +94,6 @@ mkdir -p "$(dirname "$OUT")"
     step 150 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
     step 150 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
     step 120 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
+    step 120 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
 } | tee "$OUT"
 echo "gpu.sh: written to $OUT"
