@@ -415,7 +415,7 @@ class RuntimeConfig:
     # about 2-3x faster there (BENCHMARKS.md): it pays off after a few thousand iterations.
     compile: Literal["auto", "true", "false"] = "auto"
     compile_after: int = 5000
-    # The training step's meta-gradients take this many of a rank's agents at a time (0: all
+    # The meta-gradients and evaluations take this many of a rank's agents at a time (0: all
     # at once). Each agent's row is computed alone either way: chunks bound the memory of the
     # second-order graphs, and keep them in the caches (10,000 sine agents on one CPU rank:
     # about 2x faster per agent with chunks of 256 than all at once; BENCHMARKS.md).

@@ -48,8 +48,8 @@ class MAML:
         self.first_order = first_order
         self.inner_mask = inner_mask
         self.learned_inner_lr = learned_inner_lr
-        # Meta-gradients of this many agents at a time (0: all): each agent's row is computed
-        # alone either way, so chunks change memory and speed, not numbers.
+        # Meta-gradients and evaluations of this many agents at a time (0: all): each agent's
+        # row is computed alone either way, so chunks change memory and speed, not numbers.
         self.agents_at_once = agents_at_once
 
     def initial_state(self, launch_models: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class MAML:
                 theta, *tasks
             )
 
-        return vmap(one_agent)(launch_models)
+        return vmap(one_agent, chunk_size=self.agents_at_once or None)(launch_models)
 
     def evaluate_own(
         self,

@@ -109,7 +109,7 @@ def test_vmap_over_agents_equals_one_agent_at_a_time() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_meta_gradients_in_chunks_of_agents_are_the_same_bits(dtype) -> None:
+def test_meta_gradients_and_evaluations_in_chunks_of_agents_are_the_same_bits(dtype) -> None:
     """runtime.agents_at_once changes memory and speed, not numbers: each agent's row is
     computed alone in either case."""
     model = build_mlp(ModelConfig(hidden=[8, 8]), 1, 1)
@@ -119,3 +119,6 @@ def test_meta_gradients_in_chunks_of_agents_are_the_same_bits(dtype) -> None:
     chunked = MAML(model.forward, mse_loss, 0.1, 2, False, agents_at_once=3)
     for ours, theirs in zip(chunked.meta_gradients(theta, tasks), whole, strict=True):
         assert torch.equal(ours, theirs)
+    shared = TaskBatch(*(part[0] for part in tasks))
+    evaluated = MAML(model.forward, mse_loss, 0.1, 2, False).evaluate(theta, shared, 1)
+    assert torch.equal(chunked.evaluate(theta, shared, 1), evaluated)
