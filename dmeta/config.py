@@ -271,6 +271,38 @@ class FederatedConfig:
 
 
 @dataclass
+class NonIIDConfig:
+    """Nodes holding their own classification data (problem = "noniid"; dmeta/noniid.py), the
+    non-IID tasks of Li et al. (CVPR 2022, Sec. 4 and Fig. 2, 4).
+
+    Every class of `dataset` (M classes) is cut into `shards_per_class` (P) shards of equal size.
+    `split = "shards"` (Fig. 2): shard p of every class joins a group (a random one per class),
+    each group's M shards are shuffled and dealt, `classes_per_node` (N) at a time, to M / N
+    nodes: K = M P / N nodes, each with N random classes and one shard of each. `split =
+    "tasks"` (Fig. 4): the classes are cut once into M / N tasks of N classes and every task goes
+    to P nodes, each with one shard (1/P) of each of its classes: K = M P / N again, nodes
+    j P .. j P + P - 1 sharing task j. Each node's examples are split into training and
+    validation (`validation_fraction`, the paper's 20%); it is tested on the first
+    `test_images_per_class` (0: all) test images of each of its classes.
+    """
+
+    dataset: Literal["fashion_mnist"] = "fashion_mnist"
+    # A folder holding the four IDX files (train/t10k images and labels, gzipped or not), as
+    # Debian's dataset-fashion-mnist installs them (`make fashion-mnist`).
+    paths: list[str] = field(default_factory=list)
+    split: Literal["shards", "tasks"] = "shards"
+    shards_per_class: int = 20
+    classes_per_node: int = 2
+    # Training images per class used (0: all): the first of each class's random order.
+    images_per_class: int = 0
+    validation_fraction: float = 0.2
+    # Minibatch of a local SGD step; an epoch is a node's training split in a new random order,
+    # cut into floor(training examples / batch_size) batches.
+    batch_size: int = 10
+    test_images_per_class: int = 0
+
+
+@dataclass
 class AsynchronyConfig:
     """Simulated asynchrony of `strategy = "pushsum"` (PARS-Push; dmeta/algorithms/pushsum.py).
 
@@ -447,6 +479,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    noniid: NonIIDConfig = field(default_factory=NonIIDConfig)
     asynchrony: AsynchronyConfig = field(default_factory=AsynchronyConfig)
     l2c: L2CConfig = field(default_factory=L2CConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -467,6 +500,7 @@ PROBLEM_SECTIONS = {
     "linear_representation": ("linear",),
     "fewshot": ("fewshot", "model"),
     "federated": ("federated", "model"),
+    "noniid": ("noniid", "model"),
 }
 BUILTIN_PROBLEMS = tuple(PROBLEM_SECTIONS)
 OPTIONS = "problem_options"
@@ -643,6 +677,8 @@ def _check(config: Config) -> None:
     _check_fewshot(config)
     if config.problem == "federated":
         _check_federated(config)
+    if config.problem == "noniid":
+        _check_noniid(config)
     if any(width < 1 for width in config.model.hidden):
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
 
@@ -840,6 +876,34 @@ def _check_federated(config: Config) -> None:
         if getattr(model, key) < 1:
             raise DmetaError(f"model.{key} = {getattr(model, key)} must be at least 1")
     _check_femnist_side(model, settings.image_size, "federated.image_size")
+
+
+def _check_noniid(config: Config) -> None:
+    """Range checks of the [noniid] keys (problem = "noniid"); those that depend on the data
+    (the classes, the agents) are checked when it is read (dmeta.noniid)."""
+    settings, model = config.noniid, config.model
+    if not settings.paths:
+        raise DmetaError(
+            "problem = 'noniid' needs noniid.paths: the folder of the data set's IDX files "
+            "(`make fashion-mnist` fetches Fashion-MNIST; see the README's L2C section)"
+        )
+    if len(settings.paths) != 1:
+        raise DmetaError(f"noniid.paths = {settings.paths} must name one folder")
+    for key in ("shards_per_class", "classes_per_node", "batch_size"):
+        if getattr(settings, key) < 1:
+            raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must be at least 1")
+    for key in ("images_per_class", "test_images_per_class"):
+        if getattr(settings, key) < 0:
+            raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must not be negative")
+    if not 0 < settings.validation_fraction < 1:
+        raise DmetaError(
+            f"noniid.validation_fraction = {settings.validation_fraction} must lie in (0, 1)"
+        )
+    if model.convnet == "maml" and model.norm == "group" and model.filters % min(8, model.filters):
+        raise DmetaError(
+            f"model.norm = 'group' uses 8 groups: model.filters = {model.filters} must be a "
+            "multiple of 8 (or at most 8)"
+        )
 
 
 def _check_femnist_side(model: ModelConfig, size: int, key: str) -> None:

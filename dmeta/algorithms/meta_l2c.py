@@ -423,9 +423,8 @@ class MetaL2C(LearnedMixing):
         sends = torch.as_tensor(self.route.sends_per_agent * 2 * self.model_bytes)
         if t == settings.prune_round and settings.prune_count > 0:
             self._prune(settings.prune_count)
-        return RoundReport(
-            loss_sum, settings.local_epochs, norm, sends.to(loss_sum.device), timer.seconds
-        )
+        steps = self.training.steps(settings.local_epochs)
+        return RoundReport(loss_sum, steps, norm, sends.to(loss_sum.device), timer.seconds)
 
     def aggregate(
         self,
