@@ -275,6 +275,8 @@ class Engine:
             self.validation_weights = self.task.validation_weights()
         # Each agent's own test tasks, scored at every logged row (None: the family has none).
         self.own_test = self.task.own_test_set(self.agents)
+        if self.own_test is not None and is_import_path(config.problem):
+            check_batch(self.own_test, (len(self.agents), None), f"{config.problem} own_test_set")
         self.validation_steps = self.algorithm.evaluation_steps(
             config.validation.inner_steps or config.learner.inner_steps
         )

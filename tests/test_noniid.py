@@ -264,3 +264,27 @@ def test_the_config_section_defaults_are_the_papers() -> None:
     settings = NonIIDConfig()
     assert (settings.shards_per_class, settings.classes_per_node) == (20, 2)  # CIFAR-10's M P N
     assert settings.validation_fraction == 0.2 and settings.batch_size == 10
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=meta_l2c"],
+        ["strategy=noncooperative", "learner.local_steps=2"],
+        ["strategy=atc", "graph.rule=metropolis", "learner.local_steps=2"],
+        [
+            "strategy=fedavg",
+            "federated.clients_per_round=2",
+            "federated.server_optimizer=sgd",
+            "federated.server_lr=1",
+            "federated.local_steps=2",
+        ],
+    ],
+)
+def test_the_baselines_train_local_epochs_and_log_test_accuracy(images, tmp_path, overrides):
+    """Local training, D-PSGD, FedAvg and meta-L2C run on the nodes' data: a round is the
+    local epochs' steps_per_epoch x epochs SGD steps, and every node gets a test accuracy."""
+    data = run_local(noniid_config(images, *overrides), tmp_path / "run.h5")
+    accuracy = data["metrics/test_accuracy"]
+    assert accuracy.shape == (3, 4) and ((accuracy >= 0) & (accuracy <= 1)).all()
+    assert np.isfinite(data["metrics/train_loss"][1:]).all()
