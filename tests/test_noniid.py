@@ -11,77 +11,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_local
+from conftest import (
+    CLASSES,
+    SIDE,
+    TEST_PER_CLASS,
+    TRAIN_PER_CLASS,
+    noniid_config,
+    run_local,
+    write_images,
+)
 
 from dmeta import noniid
 from dmeta.algorithms.diffusion import LocalTraining
-from dmeta.config import NonIIDConfig, load_config
+from dmeta.config import NonIIDConfig
 from dmeta.engine import Engine
 from dmeta.errors import DmetaError
 from dmeta.exchange import LocalExchange
 from dmeta.runner import build_model, plan_run
 
-CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SIDE = 4, 12, 5, 8
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file of unsigned bytes, gzipped when the name ends in .gz."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if path.suffix == ".gz" else open)(path, "wb").write(data)
-
-
-def write_images(folder: Path, gz: bool = True) -> Path:
-    """Tiny labelled images: class c's pixels brighter where c says (learnable), classes
-    interleaved so that rows are not sorted by class."""
-    state = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("t10k", TEST_PER_CLASS)):
-        labels = np.tile(np.arange(CLASSES), per_class)
-        images = state.integers(0, 60, (len(labels), SIDE, SIDE))
-        images[np.arange(len(labels)), labels, :] += 150
-        suffix = ".gz" if gz else ""
-        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
-        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
-    return folder
-
 
 @pytest.fixture
 def images(tmp_path) -> Path:
     return write_images(tmp_path / "data")
-
-
-def noniid_config(folder: Path, *overrides: str):
-    """4 nodes of two-class tasks (Fig. 4) on the tiny images, L2C, two rounds."""
-    return load_config(
-        None,
-        [
-            "problem=noniid",
-            f"noniid.paths=[{folder}]",
-            "noniid.split=tasks",
-            "noniid.shards_per_class=2",
-            "noniid.classes_per_node=2",
-            "noniid.batch_size=4",
-            "agents=4",
-            "strategy=l2c",
-            "graph.topology=complete",
-            "iterations=2",
-            "log_every=1",
-            "learner.name=arm",
-            "learner.inner_steps=0",
-            "optimizer.name=sgd",
-            "optimizer.lr=0.05",
-            "model.filters=8",
-            "model.blocks=2",
-            "model.norm=group",
-            "model.same_init=true",
-            "validation.own_tasks=true",
-            "validation.stationarity_tasks=0",
-            "runtime.threads=1",
-            "runtime.dtype=float64",
-            *overrides,
-        ],
-    )
 
 
 def build_task(config) -> noniid.NonIIDTask:
