@@ -275,7 +275,7 @@ class NonIIDConfig:
     """Nodes holding their own classification data (problem = "noniid"; dmeta/noniid.py), the
     non-IID tasks of Li et al. (CVPR 2022, Sec. 4 and Fig. 2, 4).
 
-    Every class of `dataset` (M classes) is cut into `shards_per_class` (P) shards of equal size.
+    Every class of the data set (M classes) is cut into `shards_per_class` (P) shards of equal size.
     `split = "shards"` (Fig. 2): shard p of every class joins a group (a random one per class),
     each group's M shards are shuffled and dealt, `classes_per_node` (N) at a time, to M / N
     nodes: K = M P / N nodes, each with N random classes and one shard of each. `split =
@@ -286,9 +286,9 @@ class NonIIDConfig:
     `test_images_per_class` (0: all) test images of each of its classes.
     """
 
-    dataset: Literal["fashion_mnist"] = "fashion_mnist"
-    # A folder holding the four IDX files (train/t10k images and labels, gzipped or not), as
-    # Debian's dataset-fashion-mnist installs them (`make fashion-mnist`).
+    # A folder holding a data set's four IDX files (train/t10k images and labels, gzipped or
+    # not: MNIST's layout), e.g. Fashion-MNIST as Debian's dataset-fashion-mnist installs it
+    # (`make fashion-mnist`).
     paths: list[str] = field(default_factory=list)
     split: Literal["shards", "tasks"] = "shards"
     shards_per_class: int = 20
