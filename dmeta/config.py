@@ -207,7 +207,9 @@ class LearnerConfig:
     tasks_per_agent: int = 5
     # Outer steps each agent takes between two combinations (FedAvg-style local updates); 1 is
     # Algorithm 1. With arm, 1 is D-SGD and 2 or more decentralized FedAvg. With strategy =
-    # "pushsum", 0 takes no gradient step at all: push-sum consensus alone.
+    # "pushsum", 0 takes no gradient step at all: push-sum consensus alone. Each is a local
+    # epoch: the task family's steps_per_epoch steps (one on the sampling families; a pass over
+    # the node's training split in minibatches with problem = "noniid").
     local_steps: int = 1
 
 
@@ -239,6 +241,7 @@ class FederatedConfig:
     server_optimizer: Literal["adam", "sgd"] = "adam"
     server_lr: float = 0.001
     client_lr: float = 0.01
+    # FedAvg's client epochs (steps_per_epoch steps each, as learner.local_steps).
     local_steps: int = 1
     # FedAvg(Meta) (Chen et al., Sec. 4.1): fine-tune the server model on each held-out client's
     # support set before scoring its query set; plain FedAvg (false) scores it unadapted.
@@ -343,11 +346,13 @@ class L2CConfig:
     """Learned mixing weights of `strategy = "l2c"` and `"meta_l2c"` (Li et al., CVPR 2022,
     Algorithm 1; dmeta/algorithms/l2c.py and meta_l2c.py).
 
-    Each round a node takes `local_epochs` steps of the learner on its training tasks, then
+    Each round a node takes `local_epochs` epochs of the learner on its training tasks (an
+    epoch: the task family's steps_per_epoch steps, one on the sampling families), then
     aggregates its in-neighbours' model updates with w_i = softmax(alpha_i) (eq. 2), then
     alpha_i takes one Adam step (`alpha_lr`, `alpha_weight_decay`) on the node's loss over
-    `validation_tasks` tasks of its own (eq. 3). After round `prune_round` each node drops the
-    `prune_count` in-neighbours of smallest weight (never itself); prune_count = 0 never prunes.
+    `validation_tasks` tasks of its own, or its validation split on non-IID data (eq. 3).
+    After round `prune_round` each node drops the `prune_count` in-neighbours of smallest
+    weight (never itself); prune_count = 0 never prunes.
 
     meta-L2C makes the weights by dot-product attention between encodings of the nodes' model
     changes since initialisation (eq. 4-5, 7-8): the encoder, shared by all nodes, takes the
