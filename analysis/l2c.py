@@ -18,10 +18,11 @@ Usage (from the repository root), one table (and figure with --out) per command:
 - compare (any strategies): /metrics/test_accuracy of the last row (each node's model on the
   test images of its classes): mean, standard deviation and minimum over nodes and the mean of
   the worst 10% of nodes (Table 3), and the megabytes a node sent over the run along edges
-  (one model row per active edge and round, twice that for meta-L2C's update and change;
+  (one model row per edge and round, after round T0 only along the edges pruning keeps, twice
+  that for meta-L2C's update and change;
   D-PSGD every edge every round; FedAvg the recorded /comm/bytes_up + /comm/bytes_down; local
   training none; /comm/bytes itself counts only bytes between ranks). The figure: mean test
-  accuracy against rounds with the spread over nodes (one standard deviation).
+  accuracy against rounds, the range over nodes shaded.
 - shared (l2c or meta_l2c): w_ij against the number of classes nodes i and j share (Fig. 7),
   mean and standard deviation over the pairs i != j, at the row of round --round (default: the
   last row before pruning, else the last).
@@ -79,6 +80,8 @@ class NodeRun:
         settings = config.get("l2c", {})
         if self.strategy in LEARNED and settings.get("prune_count", 0) > 0:
             name += f", prune {settings['prune_count']} at T0 = {settings['prune_round']}"
+        if self.strategy == "meta_l2c" and settings.get("pretrained"):
+            name += ", pretrained"
         return name
 
 
@@ -215,22 +218,28 @@ def plot_weights(runs: list[NodeRun], rounds: list[int], out: str) -> None:
 
 
 def bytes_per_node(run: NodeRun) -> float:
-    """Bytes a node sent over the run along edges (module docstring), mean over nodes."""
+    """Bytes a node sent over the run along edges (module docstring), mean over nodes. L2C and
+    meta-L2C send along every in-edge up to round T0 (`l2c.prune_round`) and along the
+    max(in-degree - K0, 0) kept ones of each node after it (K0 = `l2c.prune_count`)."""
     rounds = int(run.config["iterations"])
     if run.strategy == "noncooperative":
         return 0.0
     if run.strategy == "fedavg":
         return run.federated_bytes / run.agents
     require(run, "edges")
-    crossing = run.edges[:, 0] != run.edges[:, 1]
+    crossing = run.edges[run.edges[:, 0] != run.edges[:, 1]]
     if run.strategy not in LEARNED:
-        return rounds * crossing.sum() * run.row_bytes / run.agents
-    require(run, "weights")
-    # Round t sends along the edges active after the last row before it (row 0: all of them).
-    before = np.searchsorted(run.iteration, np.arange(1, rounds + 1), side="left") - 1
-    active = (run.weights[before] > 0) & crossing
+        return rounds * len(crossing) * run.row_bytes / run.agents
+    settings = run.config["l2c"]
+    kept = len(crossing)
+    full = rounds
+    if settings["prune_count"] > 0 and settings["prune_round"] < rounds:
+        in_degree = np.bincount(crossing[:, 1], minlength=run.agents)
+        kept = int(np.maximum(in_degree - settings["prune_count"], 0).sum())
+        full = settings["prune_round"]
+    sends = full * len(crossing) + (rounds - full) * kept
     per_edge = run.row_bytes * (2 if run.strategy == "meta_l2c" else 1)
-    return float(active.sum()) * per_edge / run.agents
+    return sends * per_edge / run.agents
 
 
 def worst_share(values: np.ndarray, share: float = 0.1) -> float:
@@ -261,21 +270,21 @@ def compare_table(runs: list[NodeRun]) -> list[str]:
 
 
 def plot_compare(runs: list[NodeRun], out: str) -> None:
-    """Mean test accuracy over nodes against rounds, one standard deviation shaded."""
+    """Mean test accuracy over nodes against rounds, the range over nodes shaded."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.5, 4.2), layout="constrained")
     axis = figure.subplots()
     for run in runs:
-        mean, spread = run.test_accuracy.mean(axis=1), run.test_accuracy.std(axis=1)
-        (line,) = axis.plot(run.iteration, mean, label=run.label)
-        axis.fill_between(
-            run.iteration, mean - spread, mean + spread, color=line.get_color(), alpha=0.15
-        )
+        accuracy = run.test_accuracy
+        (line,) = axis.plot(run.iteration, accuracy.mean(axis=1), label=run.label)
+        low, high = accuracy.min(axis=1), accuracy.max(axis=1)
+        axis.fill_between(run.iteration, low, high, color=line.get_color(), alpha=0.12)
     axis.set_xlabel("round")
     axis.set_ylabel("test accuracy on the node's classes")
-    axis.legend(fontsize=8)
+    axis.set_ylim(0, 1.02)
+    axis.legend(fontsize=8, loc="lower right")
     FigureCanvasAgg(figure).print_figure(out, dpi=110)
 
 
@@ -318,6 +327,7 @@ def plot_shared(runs: list[NodeRun], wanted: int | None, out: str) -> None:
     """Mean w_ij (one standard deviation as error bars) against shared classes, per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(5.5, 4), layout="constrained")
     axis = figure.subplots()
@@ -333,6 +343,7 @@ def plot_shared(runs: list[NodeRun], wanted: int | None, out: str) -> None:
             label=f"{run.label} (round {used})",
         )
     axis.axhline(1 / runs[0].agents, color="grey", linestyle=":", label="uniform 1/K")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("classes shared by nodes i and j")
     axis.set_ylabel("mixing weight w_ij")
     axis.legend(fontsize=8)

@@ -58,14 +58,17 @@ def test_weight_on_the_own_task_and_mates_on_top(tmp_path) -> None:
     assert l2c.mates_on_top(swapped, MATES).tolist() == [False, True, True, True]
 
 
-def test_bytes_count_model_rows_along_the_active_edges(tmp_path) -> None:
-    """Round t sends along the edges active at the last row before it: 12 crossing edges in
-    round 1, then 4 after pruning; meta-L2C sends twice, D-PSGD every edge, local nothing."""
+def test_bytes_count_model_rows_along_the_kept_edges(tmp_path) -> None:
+    """Two rounds: 12 crossing edges in round 1, then the 4 that dropping two in-neighbours a
+    node after round T0 = 1 keeps; meta-L2C sends twice, D-PSGD every edge, local nothing."""
     weights = [UNIFORM, PRUNED, PRUNED]
-    learned = l2c.read_run(str(write_run(tmp_path / "l.h5", "l2c", weights)))
+    pruning = {"l2c": {"prune_count": 2, "prune_round": 1}}
+    learned = l2c.read_run(str(write_run(tmp_path / "l.h5", "l2c", weights, **pruning)))
     assert l2c.bytes_per_node(learned) == pytest.approx((12 + 4) * 40 / 4)
-    meta = l2c.read_run(str(write_run(tmp_path / "m.h5", "meta_l2c", weights)))
+    meta = l2c.read_run(str(write_run(tmp_path / "m.h5", "meta_l2c", weights, **pruning)))
     assert l2c.bytes_per_node(meta) == pytest.approx(2 * (12 + 4) * 40 / 4)
+    unpruned = l2c.read_run(str(write_run(tmp_path / "u.h5", "l2c", weights)))
+    assert l2c.bytes_per_node(unpruned) == pytest.approx(2 * 12 * 40 / 4)
     fixed = l2c.read_run(str(write_run(tmp_path / "d.h5", "atc", weights)))
     assert l2c.bytes_per_node(fixed) == pytest.approx(2 * 12 * 40 / 4)
     alone = l2c.read_run(str(write_run(tmp_path / "n.h5", "noncooperative", weights)))
