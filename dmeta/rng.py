@@ -51,6 +51,13 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                iteration 0)
     20 STREAM_OWN_VALIDATION   an agent's own fixed validation tasks (validation.own_tasks;
                                per agent, iteration 0)
+    21 STREAM_CLASS_SHARDS     non-IID data: the order of a class's examples, which cuts its
+                               shards, and which group each shard joins (key: class id,
+                               iteration 0)
+    22 STREAM_GROUP_CLASSES    non-IID data: the order of the classes in a group of shards,
+                               which deals them to nodes (key: group id, iteration 0)
+    23 STREAM_NODE_SPLIT       non-IID data: the order of a node's examples, which cuts its
+                               training and validation splits (per node, iteration 0)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST, OWN_VALIDATION) that draws its tasks
 in several parts draws part p from `substream(family, p)` = family + 256 p, so that no two
@@ -98,6 +105,9 @@ STREAM_L2C_VALIDATION = 17
 STREAM_SPEED = 18
 STREAM_L2C_ENCODER = 19
 STREAM_OWN_VALIDATION = 20
+STREAM_CLASS_SHARDS = 21
+STREAM_GROUP_CLASSES = 22
+STREAM_NODE_SPLIT = 23
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -32,6 +32,7 @@ from dmeta.federated_data import FederatedDataTask
 from dmeta.fewshot import FewShotTask, check_sources
 from dmeta.meta import MAML, Reptile
 from dmeta.models import FlatModel
+from dmeta.noniid import NonIIDTask
 from dmeta.output import parallel_hdf5_available, utc_now
 from dmeta.tasks import LinearRepresentationTask, SineTask, TaskFamily
 
@@ -170,6 +171,8 @@ def build_task(config: Config, dtype: torch.dtype, device: torch.device) -> Task
         return FewShotTask(config.fewshot, config.agents, config.seed, dtype, device)
     if config.problem == "federated":
         return FederatedDataTask(config.federated, config.agents, config.seed, dtype, device)
+    if config.problem == "noniid":
+        return NonIIDTask(config.noniid, config.agents, config.seed, dtype, device)
     return SineTask(config.task, config.agents, config.seed, dtype, device)
 
 

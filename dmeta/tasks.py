@@ -64,7 +64,9 @@ class TaskFamily(ABC):
     units and meaning may be given in `series`); with `final_evaluation`,
     `test_batches` gives the fixed meta-test tasks of the evaluation that ends the run.
     Federated strategies ask `example_counts` for a client's weight and FedAvg `training_data`
-    for what it trains on.
+    for what it trains on; L2C's mixing step scores `validation_data`. A family whose agents
+    hold finite data says how many draws make one pass over it (`steps_per_epoch`) and may give
+    each agent test tasks of its own (`own_test_set`, scored at every logged row).
     """
 
     # Settings of a family given by import path: a dataclass whose fields are the keys of the
@@ -163,6 +165,26 @@ class TaskFamily(ABC):
         logged means. None (the default): the family has none, and a run that asks for them
         stops with one error line."""
         return None
+
+    def own_test_set(self, agents: torch.Tensor) -> TaskBatch | None:
+        """Each agent's own fixed test tasks: TaskBatch of [len(agents), tasks, shots, ...],
+        scored (after the validation's inner steps on each support set) at every logged row as
+        /metrics/test_loss and /metrics/test_<score> [T, K], the tasks weighing equally. None
+        (the default): the family has none."""
+        return None
+
+    def steps_per_epoch(self) -> int:
+        """Draws of `sample` that make one pass over an agent's training data: what one local
+        step (`learner.local_steps` of the diffusion family and push-sum, `l2c.local_epochs`,
+        `federated.local_steps` of FedAvg) takes. 1 (the default) for families that draw fresh
+        tasks or hold an agent's data as one batch."""
+        return 1
+
+    def validation_data(self, agents: torch.Tensor, iteration: int, tasks: int) -> TaskBatch:
+        """D_k^val of each agent in round `iteration`, the data L2C's mixing step scores
+        (Li et al., eq. 3 and 6): by default `tasks` fresh tasks of the agent's own
+        distribution on rng.STREAM_L2C_VALIDATION."""
+        return self.sample(agents, iteration, tasks, stream=rng.STREAM_L2C_VALIDATION)
 
     def test_weights(self) -> torch.Tensor | None:
         """Weights (summing to one) of the test tasks in `final_per_task`'s mean; None: equal."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -189,3 +190,63 @@ def federated_config(leaf: Path, *overrides: str) -> Config:
         "model.filters=4", "model.blocks=1", "runtime.dtype=float64", "learner.inner_lr=0.1",
         "validation.stationarity_tasks=2", *overrides,
     )  # fmt: skip
+
+
+# Non-IID data (problem = "noniid"): tiny labelled images as IDX files and a run on them.
+CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS, SIDE = 4, 12, 5, 8
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes, gzipped when the name ends in .gz."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_images(folder: Path, gz: bool = True) -> Path:
+    """Tiny labelled images: class c's pixels brighter where c says (learnable), classes
+    interleaved so that rows are not sorted by class."""
+    state = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("t10k", TEST_PER_CLASS)):
+        labels = np.tile(np.arange(CLASSES), per_class)
+        images = state.integers(0, 60, (len(labels), SIDE, SIDE))
+        images[np.arange(len(labels)), labels, :] += 150
+        suffix = ".gz" if gz else ""
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels)
+    return folder
+
+
+def noniid_config(folder: Path, *overrides: str):
+    """4 nodes of two-class tasks (Fig. 4) on the tiny images, L2C, two rounds."""
+    return load_config(
+        None,
+        [
+            "problem=noniid",
+            f"noniid.paths=[{folder}]",
+            "noniid.split=tasks",
+            "noniid.shards_per_class=2",
+            "noniid.classes_per_node=2",
+            "noniid.batch_size=4",
+            "agents=4",
+            "strategy=l2c",
+            "graph.topology=complete",
+            "iterations=2",
+            "log_every=1",
+            "learner.name=arm",
+            "learner.inner_steps=0",
+            "optimizer.name=sgd",
+            "optimizer.lr=0.05",
+            "model.filters=8",
+            "model.blocks=2",
+            "model.norm=group",
+            "model.same_init=true",
+            "validation.own_tasks=true",
+            "validation.stationarity_tasks=0",
+            "runtime.threads=1",
+            "runtime.dtype=float64",
+            *overrides,
+        ],
+    )

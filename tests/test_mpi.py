@@ -14,9 +14,11 @@ from conftest import (
     LINEAR,
     dense_matrix,
     federated_config,
+    noniid_config,
     read_datasets,
     run_local,
     small_config,
+    write_images,
     write_leaf,
     write_miniimagenet,
 )
@@ -530,6 +532,29 @@ def test_meta_l2c_runs_are_the_same_under_mpi(comm) -> None:
         assert sent[1] > 0 and sent[-1] < sent[1], sent
         assert (parallel["mixing/weights"][-1] == 0).sum() > 0
         assert not np.allclose(parallel["l2c/encoder"][-1], parallel["l2c/encoder"][0])
+
+    _verdict(comm, check)
+
+
+def test_noniid_l2c_runs_are_the_same_under_mpi(comm) -> None:
+    """L2C on the non-IID split of tiny images (4 nodes of two-class tasks): every rank deals
+    the same shards and splits from the seed, and the epochs, the mixing weights and each
+    node's test accuracy equal the in-process run's."""
+    folder = Path(comm.bcast(tempfile.mkdtemp() if comm.Get_rank() == 0 else None))
+    if comm.Get_rank() == 0:
+        write_images(folder / "data")
+    comm.Barrier()
+    parallel, local_run = _run_here_and_locally(comm, noniid_config(folder / "data"))
+
+    def check() -> None:
+        names = ("metrics/train_loss", "metrics/test_accuracy", "mixing/weights", "params/final")
+        for name in names:
+            scale = np.nanmax(np.abs(local_run[name]))
+            np.testing.assert_allclose(
+                parallel[name], local_run[name], rtol=1e-12, atol=1e-12 * scale, err_msg=name
+            )
+        classes = "tasks/node_classes"
+        np.testing.assert_array_equal(parallel[classes], local_run[classes])
 
     _verdict(comm, check)
 

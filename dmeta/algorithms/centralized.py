@@ -30,7 +30,7 @@ class Centralized(MetaLearning):
         # A bandwidth-optimal all-reduce sends 2 (P - 1) / P model sums per rank, shared here
         # evenly by the rank's agents.
         share = 2 * (exchange.size - 1) / exchange.size * self.model_bytes / exchange.num_local
-        steps = self.context.config.learner.local_steps
+        steps = self.training.steps()
         return RoundReport(loss_sum, steps, norm, torch.full_like(loss_sum, share), timer.seconds)
 
     @classmethod

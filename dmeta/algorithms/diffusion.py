@@ -112,12 +112,17 @@ class LocalTraining:
             if name.startswith(prefix)
         }
 
-    def adapt(self, t: int, steps: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eq. (6a) tau times (`steps`, default `learner.local_steps`); returns (loss sum over
-        the steps, last meta-gradient norm)."""
+    def steps(self, epochs: int = 0) -> int:
+        """The outer steps of `epochs` local epochs (default `learner.local_steps`), each the
+        task family's `steps_per_epoch` draws (one where tasks are drawn fresh)."""
+        epochs = epochs or self.context.config.learner.local_steps
+        return epochs * self.context.task.steps_per_epoch()
+
+    def adapt(self, t: int, epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. (6a) tau times, tau = `steps(epochs)`; returns (loss sum over the steps, last
+        meta-gradient norm)."""
         context = self.context
-        settings = context.config.learner
-        steps = steps or settings.local_steps
+        steps = self.steps(epochs)
         loss_sum = torch.zeros(len(context.agents), dtype=torch.float64, device=context.device)
         norm = torch.full_like(loss_sum, float("nan"))
         for step in range(steps):
@@ -151,7 +156,7 @@ class LocalTraining:
         """Draw round t's first tasks now: work for the CPU while rows travel between ranks."""
         if t > self.context.config.iterations:
             return
-        draw = self._draw(t, self.context.config.learner.local_steps, 0)
+        draw = self._draw(t, self.steps(), 0)
         self._prefetched = (draw, self._tasks(draw))
 
 
@@ -204,7 +209,7 @@ class Diffusion(MetaLearning):
         loss_sum, norm = self.training.adapt(t)
         if self.adapt_first:
             comm_bytes += self._combine(t, timer)
-        steps = self.context.config.learner.local_steps
+        steps = self.training.steps()
         return RoundReport(loss_sum, steps, norm, comm_bytes.to(loss_sum.device), timer.seconds)
 
     def _combine(self, t: int, timer: CommTimer) -> torch.Tensor:

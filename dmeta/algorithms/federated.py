@@ -326,9 +326,10 @@ class FedAvg(Federated):
         settings = context.config.federated
         models = launch.clone()
         loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
-        for step in range(settings.local_steps):
+        steps = self.steps_per_round()
+        for step in range(steps):
             # Task draws numbered by client step, as in the diffusion strategies' local steps.
-            draw = (t - 1) * settings.local_steps + step + 1
+            draw = (t - 1) * steps + step + 1
             tasks = context.task.training_data(
                 clients, draw, context.config.learner.tasks_per_agent
             )
@@ -346,4 +347,5 @@ class FedAvg(Federated):
         return steps if self.context.config.federated.finetune_at_test else 0
 
     def steps_per_round(self) -> int:
-        return self.context.config.federated.local_steps
+        """`federated.local_steps` local epochs, each the task family's `steps_per_epoch`."""
+        return self.context.config.federated.local_steps * self.context.task.steps_per_epoch()

@@ -4,7 +4,7 @@ CVPR 2022, Algorithm 1): mixing weights learned on each node's validation loss.
 Node i keeps logits alpha_i over its in-neighbours and itself, w_i = softmax(alpha_i) over its
 surviving in-edges (eq. 3). Round t of node i:
 
-    theta_i^{t+1/2}  `l2c.local_epochs` steps of the learner from theta_i^t on its training
+    theta_i^{t+1/2}  `l2c.local_epochs` epochs of the learner from theta_i^t on its training
                      tasks (eq. 1: with `learner.name = "arm"` and SGD, plain local SGD)
     Delta_j^t      = theta_j^t - theta_j^{t+1/2}, the update node j sends
     theta_i^{t+1}  = theta_i^t - sum_{j in i + N(i)} w_ij Delta_j^t            (eq. 2)
@@ -13,12 +13,14 @@ surviving in-edges (eq. 3). Round t of node i:
 
 The gradient in alpha_i is taken through the mix: the exchange's mix is differentiable in its
 weights, and the neighbours' updates enter as constants (they do not depend on alpha_i).
-D_i^val is `l2c.validation_tasks` tasks of node i's own distribution drawn each round on their
-own stream, and L the learner's loss on them (after its inner steps: MAML's query loss after
-adaptation; ARM's plain loss). After round `l2c.prune_round` (T0) each node drops the
-`l2c.prune_count` (K0) in-neighbours of smallest weight, never itself (Algorithm 1, l. 20-21;
-ranked by the logits after that round's step, ties by neighbour id); the exchange stops
-sending along those edges.
+D_i^val is the task family's `validation_data` of round t: `l2c.validation_tasks` tasks of
+node i's own distribution drawn each round on their own stream, or the node's own validation
+set where it holds one (problem = "noniid": its 20%), and L the learner's loss on them (after
+its inner steps: MAML's query loss after adaptation; ARM's plain loss). Each of the
+`l2c.local_epochs` local epochs is the family's `steps_per_epoch` steps. After round
+`l2c.prune_round` (T0) each node drops the `l2c.prune_count` (K0) in-neighbours of smallest
+weight, never itself (Algorithm 1, l. 20-21; ranked by the logits after that round's step,
+ties by neighbour id); the exchange stops sending along those edges.
 
 State per in-edge lives with the receiver, in a fixed width [local agents, max in-degree]:
 slot p of node i is its p-th in-edge by source id (itself included), the route's edge order.
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from dmeta import rng, topology
+from dmeta import topology
 from dmeta.algorithms.base import CommTimer, Context, RoundReport, TopologyRecord
 from dmeta.algorithms.diffusion import MetaLearning
 from dmeta.config import Config, L2CConfig
@@ -153,10 +155,10 @@ class LearnedMixing(MetaLearning):
 
     def validation_loss(self, t: int, models: torch.Tensor) -> torch.Tensor:
         """[local agents]: L(theta_i; D_i^val), the learner's loss on node i's validation
-        tasks of round t, differentiable in `models`."""
+        data of round t (`TaskFamily.validation_data`), differentiable in `models`."""
         context = self.context
         count = self.plan_.settings.validation_tasks
-        tasks = context.task.sample(context.agents, t, count, stream=rng.STREAM_L2C_VALIDATION)
+        tasks = context.task.validation_data(context.agents, t, count)
         return vmap(context.learner.agent_meta_loss)(models, tasks)
 
     def _prune(self, count: int) -> None:
@@ -248,9 +250,8 @@ class L2C(LearnedMixing):
         sends = torch.as_tensor(self.route.sends_per_agent * self.model_bytes)
         if t == settings.prune_round and settings.prune_count > 0:
             self._prune(settings.prune_count)
-        return RoundReport(
-            loss_sum, settings.local_epochs, norm, sends.to(loss_sum.device), timer.seconds
-        )
+        steps = self.training.steps(settings.local_epochs)
+        return RoundReport(loss_sum, steps, norm, sends.to(loss_sum.device), timer.seconds)
 
     def aggregate(
         self, t: int, start: torch.Tensor, updates: torch.Tensor, timer: CommTimer

@@ -4,7 +4,7 @@ between encodings of the nodes' model changes, by one encoder that all nodes sha
 
 Round t of node i, with L2C's graph, local steps, validation tasks and pruning (l2c.py):
 
-    theta_i^{t+1/2}  `l2c.local_epochs` steps of the learner from theta_i^t           (eq. 1)
+    theta_i^{t+1/2}  `l2c.local_epochs` epochs of the learner from theta_i^t          (eq. 1)
     Delta_j^t      = theta_j^t - theta_j^{t+1/2}, the update node j sends
     dhat_j^t       = theta_j^{t+1/2} - theta_j^0, its change since initialisation  (Alg. 1, l. 11)
     f_ij           = <E(dhat_i^t; alpha), E(dhat_j^t; alpha)>, alpha the encoder's
@@ -423,9 +423,8 @@ class MetaL2C(LearnedMixing):
         sends = torch.as_tensor(self.route.sends_per_agent * 2 * self.model_bytes)
         if t == settings.prune_round and settings.prune_count > 0:
             self._prune(settings.prune_count)
-        return RoundReport(
-            loss_sum, settings.local_epochs, norm, sends.to(loss_sum.device), timer.seconds
-        )
+        steps = self.training.steps(settings.local_epochs)
+        return RoundReport(loss_sum, steps, norm, sends.to(loss_sum.device), timer.seconds)
 
     def aggregate(
         self,

@@ -20,8 +20,7 @@ class NonCooperative(MetaLearning):
 
     def round(self, t: int) -> RoundReport:
         loss_sum, norm = self.training.adapt(t)
-        steps = self.context.config.learner.local_steps
-        return RoundReport(loss_sum, steps, norm, torch.zeros_like(loss_sum))
+        return RoundReport(loss_sum, self.training.steps(), norm, torch.zeros_like(loss_sum))
 
     @classmethod
     def topology(cls, plan: int) -> TopologyRecord:

@@ -333,25 +333,31 @@ class PushSum(Algorithm):
         sends = torch.as_tensor(self.sums.route.sends_per_agent * row_bytes, device=context.device)
         return RoundReport(
             loss_sum=self.last_loss.clone(),
-            steps=context.config.learner.local_steps,
+            steps=self._steps(),
             gradient_norm=self.last_norm.clone(),
             comm_bytes=sends,
             comm_seconds=timer.seconds,
         )
 
+    def _steps(self) -> int:
+        """The outer steps of `learner.local_steps` local epochs (the task family's
+        steps_per_epoch each, as in the diffusion strategies)."""
+        return self.context.config.learner.local_steps * self.context.task.steps_per_epoch()
+
     def _train(self, t: int, rows: torch.Tensor) -> None:
-        """`learner.local_steps` outer steps of the agents `rows` from their z (task draws
+        """`learner.local_steps` local epochs of the agents `rows` from their z (task draws
         numbered as in the diffusion strategies); x moves by the change of z (times y with
         `asynchrony.scale_step_by_weight`, so that z moves by it)."""
         context = self.context
         settings = context.config.learner
+        steps = self._steps()
         agents = context.agents[rows]
         start = self.sums.estimates()[rows].to(context.dtype)
         models = start
         state = {name: value[rows] for name, value in self.optimizer_state.items()}
         loss_sum = torch.zeros(len(rows), dtype=F64, device=context.device)
-        for step in range(settings.local_steps):
-            draw = (t - 1) * settings.local_steps + step + 1
+        for step in range(steps):
+            draw = (t - 1) * steps + step + 1
             tasks = context.task.sample(agents, draw, settings.tasks_per_agent)
             gradients, losses = context.meta_gradients(models, tasks)
             models, state = self.optimizer.step(models, gradients, state)
