@@ -49,7 +49,9 @@ def label_of(config: dict) -> str:
         name = "FedAvg"
         if federated.get("finetune_at_test"):
             learner = config.get("learner", {})
-            steps, lr = learner.get("inner_steps"), learner.get("inner_lr")
+            # Its step: federated.finetune_lr, 0 (or absent, in older run files) the learner's.
+            steps = learner.get("inner_steps")
+            lr = federated.get("finetune_lr") or learner.get("inner_lr")
             name = f"FedAvg(Meta) (fine-tune {steps} x {lr})"
     else:
         name = f"FedMeta ({config['learner']['name']})"

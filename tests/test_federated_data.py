@@ -121,6 +121,24 @@ def test_plain_fedavg_scores_the_server_model_unadapted(leaf, tmp_path) -> None:
     assert (runs["false"]["final/test_loss"] != runs["true"]["final/test_loss"]).all()
 
 
+def test_fedavg_meta_fine_tunes_with_finetune_lr_else_the_learners_step(leaf, tmp_path) -> None:
+    import h5py
+
+    runs = {}
+    for name, inner, finetune in (("own", 0.1, 0.02), ("learner", 0.02, 0)):
+        config = federated_config(
+            leaf, "strategy=fedavg", "iterations=2", "federated.finetune_at_test=true",
+            f"learner.inner_lr={inner}", f"federated.finetune_lr={finetune}",
+        )  # fmt: skip
+        runs[name] = run_local(config, tmp_path / f"{name}.h5")
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            assert json.loads(f.attrs["config"])["federated"]["finetune_lr"] == finetune
+    # 0.02 as finetune_lr fine-tunes exactly as 0.02 as the learner's step (FedAvg's training
+    # never takes the learner's step), on the validation clients and on the test clients.
+    for name in ("params/final", "metrics/val_loss", "final/test_loss"):
+        np.testing.assert_array_equal(runs["own"][name], runs["learner"][name])
+
+
 def test_the_leaf_reader_joins_a_users_files_and_infers_images(tmp_path) -> None:
     first = write_leaf(tmp_path / "train.json", [5, 7])
     second = write_leaf(tmp_path / "test.json", [3, 2])
