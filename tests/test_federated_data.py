@@ -288,6 +288,29 @@ def test_each_role_is_a_client_of_next_character_windows(tmp_path) -> None:
     assert shakespeare.VOCABULARY[data.y[kent]] == text[10]
 
 
+def test_the_lstm_layer_and_its_gradient_equal_torchs_lstm() -> None:
+    from dmeta.models import LSTMLayer
+
+    torch.manual_seed(0)
+    layer = LSTMLayer(3, 5).double()
+    reference = torch.nn.LSTM(3, 5, batch_first=True).double()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_()
+        reference.weight_ih_l0.copy_(layer.weight_ih)
+        reference.weight_hh_l0.copy_(layer.weight_hh)
+        reference.bias_ih_l0.copy_(layer.bias)
+        reference.bias_hh_l0.zero_()
+    sequence = torch.randn(4, 7, 3, dtype=torch.float64, requires_grad=True)
+    mine, theirs = layer(sequence), reference(sequence)[0]
+    torch.testing.assert_close(mine, theirs)
+    weights = torch.randn_like(mine)  # a loss on every step's state
+    got = torch.autograd.grad((weights * mine).sum(), [sequence, layer.weight_ih])
+    expected = torch.autograd.grad((weights * theirs).sum(), [sequence, reference.weight_ih_l0])
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_character_lstm_vmaps_over_clients() -> None:
     model = build_char_lstm(80, 3, 5, 2)
     theta = model.initial_parameters(0, torch.arange(2), False, torch.float64)
