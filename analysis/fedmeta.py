@@ -10,7 +10,9 @@ A run's bytes are the cumulative sum of /comm/bytes_up + /comm/bytes_down; its a
 /centroid/val_accuracy (the server model on the validation clients). The target is --target,
 or FedAvg's final validation accuracy (the first fedavg run without fine-tuning, else any
 fedavg run): the paper's "reaches FedAvg's accuracy with less communication". The table also
-gives the example-weighted test accuracy (/final/test_accuracy's network_mean and network_ci95).
+gives each run's rounds, the round at which it reaches the target (the first logged row at or
+above it) and the example-weighted test accuracy (/final/test_accuracy's network_mean and
+network_ci95).
 Reads HDF5 only: no torch, no mpi4py.
 """
 
@@ -96,8 +98,15 @@ def default_target(runs: list[FederatedRun]) -> float:
     return float((plain or fedavg)[0].accuracy[-1])
 
 
+def round_to_reach(run: FederatedRun, target: float) -> float:
+    """The round of the first logged row whose accuracy reaches `target` (NaN: never)."""
+    reached = np.flatnonzero(run.accuracy >= target)
+    return float(run.rounds[reached[0]]) if len(reached) else np.nan
+
+
 def table(runs: list[FederatedRun], target: float) -> list[str]:
-    """One line per run: final accuracies, bytes to the target and the ratio to FedAvg's."""
+    """One line per run: rounds, final accuracies, bytes (and the round) to the target and the
+    ratio of FedAvg's bytes to the run's."""
     reference = next((bytes_to_reach(r, target) for r in runs if r.is_fedavg), np.nan)
     rows = []
     for run in runs:
@@ -105,13 +114,18 @@ def table(runs: list[FederatedRun], target: float) -> list[str]:
         rows.append(
             [
                 run.label,
+                f"{run.rounds[-1]:g}",
                 f"{run.accuracy[-1]:.4f}",
                 f"{run.test_mean:.4f} +- {run.test_ci95:.4f}",
                 f"{needed:.4g}",
+                f"{round_to_reach(run, target):g}",
                 f"{reference / needed:.2f}" if needed > 0 else "nan",
             ]
         )
-    header = ["run", "final val acc", "test acc (95%)", f"bytes to {target:.4f}", "FedAvg/run"]
+    header = [
+        "run", "rounds", "final val acc", "test acc (95%)", f"bytes to {target:.4f}", "at round",
+        "FedAvg/run",
+    ]  # fmt: skip
     return table_lines(header, rows)
 
 

@@ -43,6 +43,7 @@ def test_bytes_to_fedavgs_final_accuracy_and_the_ratio(tmp_path, capsys) -> None
     assert fedmeta.bytes_to_reach(runs[0], 0.6) == 800
     assert fedmeta.bytes_to_reach(runs[1], 0.6) == 400
     assert np.isnan(fedmeta.bytes_to_reach(runs[1], 0.9))
+    assert fedmeta.round_to_reach(runs[0], 0.6) == 30 and fedmeta.round_to_reach(runs[1], 0.6) == 10
     out = tmp_path / "fedmeta.png"
     assert fedmeta.main([str(tmp_path / "*.h5"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
