@@ -10,8 +10,8 @@ MPI_TIMEOUT := timeout --signal=KILL 600
 RUNS := runs
 STRATEGIES := atc centralized noncooperative
 
-.PHONY: install run test lint figure theorems fewshot shakespeare fashion-mnist fedmeta bench wheels \
-	clean
+.PHONY: install run test lint figure theorems fewshot shakespeare fashion-mnist fedmeta fedmeta-cpu \
+	bench wheels clean
 
 install: $(STAMP)
 
@@ -119,6 +119,14 @@ fedmeta: $(SHAKESPEARE)
 	    || exit 1; \
 	done
 	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_*.h5
+
+# FedMeta's claim on Shakespeare sized for one CPU core (README): FedMeta (MAML, Meta-SGD),
+# FedAvg and FedAvg(Meta), one run at a time on one thread (about 80 minutes).
+fedmeta-cpu: $(SHAKESPEARE)
+	$(BIN)/dmeta sweep jobs/fedmeta_shakespeare_cpu_sweep.toml --parallel 1 --set runtime.threads=1 \
+	  --set 'federated.paths=["$(SHAKESPEARE)"]' --out-dir $(RUNS)/fedmeta_shakespeare_cpu_sweep
+	$(BIN)/python analysis/fedmeta.py '$(RUNS)/fedmeta_shakespeare_cpu_sweep/*.h5' \
+	  --out $(RUNS)/fedmeta_shakespeare_cpu.png
 
 # The mpich and mpi4py wheels that benchmarks/gpu.sh installs on a GPU machine without network
 # (its Python's version, x86-64 Linux) into wheels/ (ignored by git): make wheels, then carry

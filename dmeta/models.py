@@ -202,9 +202,13 @@ class LSTMLayer(nn.Module):
         h = sequence.new_zeros(batch, hidden)
         c = sequence.new_zeros(batch, hidden)
         projected = sequence @ self.weight_ih.T + self.bias  # all steps' input terms at once
+        # unbind, not projected[:, step]: the backward of `steps` selections would add `steps`
+        # zero-padded copies of the whole sequence's gradient (quadratic in steps); unbind's
+        # backward stacks the steps' gradients once.
+        inputs = projected.unbind(dim=1)
         outputs = []
         for step in range(steps):
-            gates = projected[:, step] + h @ self.weight_hh.T
+            gates = inputs[step] + h @ self.weight_hh.T
             i, f, g, o = gates.chunk(4, dim=-1)
             c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h_next = torch.sigmoid(o) * torch.tanh(c_next)

@@ -8,15 +8,23 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "analysis"))
 
 import fedmeta  # noqa: E402
 
 
-def write_federated_run(path: Path, strategy: str, accuracy: list[float], row_bytes: float):
+def write_federated_run(
+    path: Path,
+    strategy: str,
+    accuracy: list[float],
+    row_bytes: float,
+    test: tuple[float, ...] = (0.4, 0.6, 0.5),
+):
     """A run file with the datasets the analysis reads: rows every 10 rounds, `row_bytes`
-    each way per row, a test accuracy of 0.5 +- 0.1."""
+    each way per row, test clients 3, 5, 8 with 2, 1, 1 query examples and accuracies `test`
+    (the mean attribute 0.5 +- 0.1)."""
     config = {
         "strategy": strategy,
         "learner": {"name": "maml"},
@@ -29,8 +37,11 @@ def write_federated_run(path: Path, strategy: str, accuracy: list[float], row_by
         file["centroid/val_accuracy"] = np.array(accuracy)
         file["comm/bytes_up"] = np.full(rows, row_bytes)
         file["comm/bytes_down"] = np.full(rows, row_bytes)
-        final = file.create_dataset("final/test_accuracy", data=np.array([0.4, 0.6]))
+        final = file.create_dataset("final/test_accuracy", data=np.array(test))
         final.attrs.update(network_mean=0.5, network_ci95=0.1)
+        file["tasks/clients_test"] = np.array([3, 5, 8])
+        file["tasks/examples_test"] = np.array([4, 3, 2])
+        file["tasks/support_test"] = np.array([2, 2, 1])
     return path
 
 
@@ -43,10 +54,29 @@ def test_bytes_to_fedavgs_final_accuracy_and_the_ratio(tmp_path, capsys) -> None
     assert fedmeta.bytes_to_reach(runs[0], 0.6) == 800
     assert fedmeta.bytes_to_reach(runs[1], 0.6) == 400
     assert np.isnan(fedmeta.bytes_to_reach(runs[1], 0.9))
+    assert fedmeta.round_to_reach(runs[0], 0.6) == 30 and fedmeta.round_to_reach(runs[1], 0.6) == 10
     out = tmp_path / "fedmeta.png"
     assert fedmeta.main([str(tmp_path / "*.h5"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "FedMeta (maml), p = 0.2" in printed and "2.00" in printed and out.exists()
+
+
+def test_the_test_accuracy_is_compared_with_fedavgs_client_by_client(tmp_path) -> None:
+    paths = [
+        write_federated_run(tmp_path / "a.h5", "fedavg", [0.5], 1, (0.4, 0.6, 0.5)),
+        write_federated_run(tmp_path / "b.h5", "fedmeta", [0.5], 1, (0.5, 0.6, 0.8)),
+    ]
+    fedavg, meta = (fedmeta.read_run(str(path)) for path in paths)
+    # Differences 0.1, 0, 0.3 over query weights 2/4, 1/4, 1/4.
+    gain, half_width = fedmeta.paired_difference(meta, fedavg)
+    assert gain == pytest.approx(0.125)
+    deviations = np.array([-0.025, -0.125, 0.175])
+    weights = np.array([0.5, 0.25, 0.25])
+    expected = 1.96 * np.sqrt(1.5 * np.sum(weights**2 * deviations**2))
+    assert half_width == pytest.approx(expected)
+    assert fedmeta.paired_difference(fedavg, fedavg) == (0.0, 0.0)
+    fedavg.test_clients = np.array([3, 5, 9])  # other test clients: no paired difference
+    assert np.isnan(fedmeta.paired_difference(meta, fedavg)).all()
 
 
 def test_a_run_that_is_not_federated_gives_one_line(tmp_path, capsys) -> None:
@@ -68,3 +98,5 @@ def test_labels_tell_the_methods_and_fedavg_meta_fine_tuning_apart() -> None:
         "federated": federated | {"finetune_at_test": True},
     }
     assert fedmeta.label_of(tuned) == "FedAvg(Meta) (fine-tune 5 x 0.005), p = 0.2"
+    tuned["federated"]["finetune_lr"] = 0.01  # its own step, not the learner's
+    assert fedmeta.label_of(tuned) == "FedAvg(Meta) (fine-tune 5 x 0.01), p = 0.2"

@@ -121,6 +121,24 @@ def test_plain_fedavg_scores_the_server_model_unadapted(leaf, tmp_path) -> None:
     assert (runs["false"]["final/test_loss"] != runs["true"]["final/test_loss"]).all()
 
 
+def test_fedavg_meta_fine_tunes_with_finetune_lr_else_the_learners_step(leaf, tmp_path) -> None:
+    import h5py
+
+    runs = {}
+    for name, inner, finetune in (("own", 0.1, 0.02), ("learner", 0.02, 0)):
+        config = federated_config(
+            leaf, "strategy=fedavg", "iterations=2", "federated.finetune_at_test=true",
+            f"learner.inner_lr={inner}", f"federated.finetune_lr={finetune}",
+        )  # fmt: skip
+        runs[name] = run_local(config, tmp_path / f"{name}.h5")
+        with h5py.File(tmp_path / f"{name}.h5") as f:
+            assert json.loads(f.attrs["config"])["federated"]["finetune_lr"] == finetune
+    # 0.02 as finetune_lr fine-tunes exactly as 0.02 as the learner's step (FedAvg's training
+    # never takes the learner's step), on the validation clients and on the test clients.
+    for name in ("params/final", "metrics/val_loss", "final/test_loss"):
+        np.testing.assert_array_equal(runs["own"][name], runs["learner"][name])
+
+
 def test_the_leaf_reader_joins_a_users_files_and_infers_images(tmp_path) -> None:
     first = write_leaf(tmp_path / "train.json", [5, 7])
     second = write_leaf(tmp_path / "test.json", [3, 2])
@@ -268,6 +286,29 @@ def test_each_role_is_a_client_of_next_character_windows(tmp_path) -> None:
     window = data.text[data.x[kent] + np.arange(10)]
     assert "".join(shakespeare.VOCABULARY[i] for i in window) == text[:10]
     assert shakespeare.VOCABULARY[data.y[kent]] == text[10]
+
+
+def test_the_lstm_layer_and_its_gradient_equal_torchs_lstm() -> None:
+    from dmeta.models import LSTMLayer
+
+    torch.manual_seed(0)
+    layer = LSTMLayer(3, 5).double()
+    reference = torch.nn.LSTM(3, 5, batch_first=True).double()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_()
+        reference.weight_ih_l0.copy_(layer.weight_ih)
+        reference.weight_hh_l0.copy_(layer.weight_hh)
+        reference.bias_ih_l0.copy_(layer.bias)
+        reference.bias_hh_l0.zero_()
+    sequence = torch.randn(4, 7, 3, dtype=torch.float64, requires_grad=True)
+    mine, theirs = layer(sequence), reference(sequence)[0]
+    torch.testing.assert_close(mine, theirs)
+    weights = torch.randn_like(mine)  # a loss on every step's state
+    got = torch.autograd.grad((weights * mine).sum(), [sequence, layer.weight_ih])
+    expected = torch.autograd.grad((weights * theirs).sum(), [sequence, reference.weight_ih_l0])
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_the_character_lstm_vmaps_over_clients() -> None:

@@ -164,6 +164,9 @@ def test_federated_strategies_learn_linear_representations(tmp_path, strategy) -
         ("federated.local_steps=0", "federated.local_steps = 0 must be at least 1"),
         ("learner.local_steps=2", "set learner.local_steps = 1"),
         ("strategy=fedavg learner.name=metasgd", "'fedavg' trains no inner step sizes"),
+        ("federated.finetune_lr=-1", "federated.finetune_lr = -1.0 must be positive, or 0"),
+        ("federated.finetune_lr=0.1", "needs strategy = 'fedavg' with federated.finetune_at"),
+        ("strategy=fedavg federated.finetune_lr=0.1", "with federated.finetune_at_test = true"),
     ],
 )
 def test_bad_federated_settings_give_one_line(setting, message) -> None:

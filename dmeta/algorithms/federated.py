@@ -17,7 +17,8 @@ steps with theta - sum_u n_u w_u / sum_u n_u, so SGD with server_lr = 1 sets the
 weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. n_u is the task's
 `example_counts`: the client's examples of the round (equal for the synthetic task families),
 its whole data set's size for federated data. At evaluation FedAvg scores the server model
-unadapted, FedAvg(Meta) (`federated.finetune_at_test`) after fine-tuning on the support set.
+unadapted, FedAvg(Meta) (`federated.finetune_at_test`) after fine-tuning on the support set
+with the learner's inner steps of size `federated.finetune_lr` (0: learner.inner_lr).
 
 Every rank holds the server model and the server optimizer's state (one row) and applies the
 same reduced update, so they stay identical; the one reduction of a round is an all-reduce of
@@ -134,6 +135,17 @@ class Federated(Algorithm):
         for key in ("server_lr", "client_lr"):
             if not getattr(settings, key) > 0:
                 raise DmetaError(f"federated.{key} = {getattr(settings, key)} must be positive")
+        if not settings.finetune_lr >= 0:
+            raise DmetaError(
+                f"federated.finetune_lr = {settings.finetune_lr} must be positive, or 0 for "
+                "learner.inner_lr"
+            )
+        if settings.finetune_lr and not (config.strategy == "fedavg" and settings.finetune_at_test):
+            raise DmetaError(
+                f"federated.finetune_lr = {settings.finetune_lr} is FedAvg(Meta)'s fine-tuning "
+                "step: it needs strategy = 'fedavg' with federated.finetune_at_test = true "
+                "(FedMeta adapts with learner.inner_lr)"
+            )
         if settings.local_steps < 1:
             raise DmetaError(f"federated.local_steps = {settings.local_steps} must be at least 1")
         if config.learner.local_steps != 1:
@@ -318,6 +330,12 @@ class FedAvg(Federated):
         learner = context.learner
         # No inner step: the gradient of the plain (query-set) loss.
         self.plain = MAML(learner.forward, learner.loss, 0.0, 0, first_order=False)
+        # FedAvg trains without the learner's inner step; the learner only adapts the server
+        # model at evaluation (FedAvg(Meta)'s fine-tuning, and the stationarity estimate's
+        # meta-gradient): federated.finetune_lr > 0 sets its step there.
+        finetune_lr = context.config.federated.finetune_lr
+        if context.config.federated.finetune_at_test and finetune_lr > 0:
+            learner.inner_lr = finetune_lr
 
     def client_updates(
         self, t: int, clients: torch.Tensor, launch: torch.Tensor
@@ -343,7 +361,8 @@ class FedAvg(Federated):
 
     def evaluation_steps(self, steps: int) -> int:
         """FedAvg(Meta) fine-tunes on a held-out client's support set before scoring it
-        (`federated.finetune_at_test`); plain FedAvg scores the server model as it is (Sec. 4.1)."""
+        (`federated.finetune_at_test`, steps of `federated.finetune_lr`); plain FedAvg scores
+        the server model as it is (Sec. 4.1)."""
         return steps if self.context.config.federated.finetune_at_test else 0
 
     def steps_per_round(self) -> int:
