@@ -52,6 +52,14 @@ class MAML:
         # row is computed alone either way, so chunks change memory and speed, not numbers.
         self.agents_at_once = agents_at_once
 
+    def _chunk(self, count: int) -> int | None:
+        """vmap's chunk size for `count` agents: equal chunks of at most `agents_at_once` (a
+        short last chunk would cost a chunk's fixed overhead for few agents); None for one."""
+        if not self.agents_at_once or count <= self.agents_at_once:
+            return None
+        pieces = -(-count // self.agents_at_once)
+        return -(-count // pieces)
+
     def initial_state(self, launch_models: torch.Tensor) -> torch.Tensor:
         """The learner's launch rows from the models' [agents, M]: Meta-SGD appends its step
         sizes, all equal to inner_lr; every other learner uses the models as they are."""
@@ -112,7 +120,7 @@ class MAML:
         launch_models: [agents, P]; tasks: [agents, tasks, shots, ...].
         Returns gradients [agents, P] and losses [agents].
         """
-        chunk = self.agents_at_once or None
+        chunk = self._chunk(len(launch_models))
         return vmap(grad_and_value(self.agent_meta_loss), chunk_size=chunk)(launch_models, tasks)
 
     def evaluate(
@@ -145,7 +153,7 @@ class MAML:
                 theta, *tasks
             )
 
-        return vmap(one_agent, chunk_size=self.agents_at_once or None)(launch_models)
+        return vmap(one_agent, chunk_size=self._chunk(len(launch_models)))(launch_models)
 
     def evaluate_own(
         self,
@@ -161,7 +169,7 @@ class MAML:
         def one_agent(theta: torch.Tensor, own: TaskBatch) -> torch.Tensor:
             return self.evaluate(theta[None], own, steps, scores, tasks_at_once)[0]
 
-        return vmap(one_agent, chunk_size=self.agents_at_once or None)(launch_models, tasks)
+        return vmap(one_agent, chunk_size=self._chunk(len(launch_models)))(launch_models, tasks)
 
 
 class Reptile(MAML):
@@ -210,4 +218,4 @@ class Reptile(MAML):
             )
             return directions.mean(dim=0), losses.mean()
 
-        return vmap(one_agent)(launch_models, tasks)
+        return vmap(one_agent, chunk_size=self._chunk(len(launch_models)))(launch_models, tasks)
