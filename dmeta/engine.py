@@ -482,16 +482,24 @@ class Engine:
             evaluation = self._evaluate(centroid.expand(len(self.agents), -1))
         return evaluation.sum(dim=0).to(torch.float64)
 
-    def _rank0_scalars(self, centroid: torch.Tensor, began: float) -> dict[str, float]:
+    def _rank0_scalars(
+        self, centroid: torch.Tensor, began: float, evaluation: torch.Tensor
+    ) -> dict[str, float]:
         """The scalars only rank 0 computes: clocks and, with the shared validation tasks, the
-        centroid's validation (NaN on the other ranks, whose values the writer ignores)."""
+        centroid's validation (NaN on the other ranks, whose values the writer ignores). A
+        shared model is its own centroid: its row of `evaluation` is the centroid's."""
         names = ("time/wall", "time/comm", "time/compute", "time/log")
         if self.own_tasks is None:
             names += self._centroid_names()
         if self.rank != 0:
             return dict.fromkeys(names, math.nan)
         own = self.own_tasks is not None
-        evaluation = [] if own else self._evaluate(centroid[None])[0].tolist()
+        if own:
+            scores = []
+        elif self.algorithm.shared_model:
+            scores = evaluation[0].tolist()
+        else:
+            scores = self._evaluate(centroid[None])[0].tolist()
         wall = time.perf_counter() - self.start
         window = self.window
         values = [
@@ -499,7 +507,7 @@ class Engine:
             window.comm_seconds,
             began - window.started - window.comm_seconds,
             wall - began,
-            *evaluation,
+            *scores,
         ]
         return dict(zip(names, values, strict=True))
 
@@ -540,7 +548,7 @@ class Engine:
         if self.own_tasks is not None:
             own = sums[len(halves) * size : -3] / num_agents
             scalars |= dict(zip(self._centroid_names(), own.tolist(), strict=True))
-        scalars |= self._rank0_scalars(centroid, began)
+        scalars |= self._rank0_scalars(centroid, began, evaluation)
         progress.row(iteration, mean_train, mean_validation, scalars)
         task_rows, task_scalars = self.task.row_metrics(models, centroid)
         extra = self.algorithm.row_values()

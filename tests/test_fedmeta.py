@@ -152,6 +152,8 @@ def test_federated_strategies_learn_linear_representations(tmp_path, strategy) -
     distance = data["centroid/rep_distance"]
     assert distance[-1] < distance[0]
     assert np.isfinite(data["metrics/val_loss"]).all()
+    # The server model is its own centroid, scored once for both series.
+    np.testing.assert_array_equal(data["centroid/val_loss"], data["metrics/val_loss"][:, 0])
 
 
 @pytest.mark.parametrize(
