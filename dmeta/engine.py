@@ -156,7 +156,7 @@ class CompiledStep:
     and replayed ("reduce-overhead"): a small network's step is otherwise hundreds of kernel
     launches."""
 
-    def __init__(self, step: Any, device: torch.device) -> None:
+    def __init__(self, step: Any, device: torch.device, fallback: bool) -> None:
         mode = "reduce-overhead" if device.type == "cuda" else None
         with warnings.catch_warnings():
             # torch's inductor, imported here, uses its own deprecated torch.jit API.
@@ -164,13 +164,31 @@ class CompiledStep:
                 "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
             )
             self.step = torch.compile(step, mode=mode)
+        self.eager = step
+        # runtime.compile = auto: a compilation that fails (no working compiler toolchain)
+        # leaves the run eager, with a warning; an explicit true lets the failure through.
+        self.fallback = fallback
+        self.failed = False
         self.seconds: float | None = None
 
     def __call__(self, *args: Any) -> Any:
-        if self.seconds is not None:
+        if self.seconds is not None or self.failed:
             return self.step(*args)
         began = time.perf_counter()
-        result = self.step(*args)
+        try:
+            result = self.step(*args)
+        except Exception as error:
+            if not self.fallback:
+                raise
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            warnings.warn(
+                f"compiling the training step failed ({type(error).__name__}: {first_line}); "
+                "runtime.compile = auto runs it eagerly (set runtime.compile=false to skip "
+                "the attempt)",
+                stacklevel=2,
+            )
+            self.step, self.failed = self.eager, True
+            return self.step(*args)
         self.seconds = time.perf_counter() - began
         return result
 
@@ -261,7 +279,10 @@ class Engine:
         )
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients
-        self.compiled = CompiledStep(meta_gradients, plan.device) if plan.compile else None
+        self.compiled = None
+        if plan.compile:
+            auto = config.runtime.compile == "auto"
+            self.compiled = CompiledStep(meta_gradients, plan.device, fallback=auto)
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
             self.compiled or meta_gradients,
@@ -761,8 +782,10 @@ class Engine:
             self.final_evaluation()
         self._write_models("params/final", "launch models after the last iteration")
         if self.compiled is not None:
-            # All ranks synchronise here: the slowest rank's compilation (its first call).
-            seconds = max(s or 0.0 for s in self.exchange.allgather_object(self.compiled.seconds))
+            # All ranks synchronise here: the slowest rank's compilation (its first call); NaN
+            # where a rank's compilation failed and it ran eagerly.
+            times = self.exchange.allgather_object(self.compiled.seconds)
+            seconds = math.nan if None in times else max(times)
             self.writer.set_attributes("time", compile_seconds=seconds)
         self.writer.finish()
         if self.rank == 0:
