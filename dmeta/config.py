@@ -294,8 +294,14 @@ class NonIIDConfig:
 
     # A folder holding a data set's four IDX files (train/t10k images and labels, gzipped or
     # not: MNIST's layout), e.g. Fashion-MNIST as Debian's dataset-fashion-mnist installs it
-    # (`make fashion-mnist`).
+    # (`make fashion-mnist`); or an Omniglot folder or zip in the standard layout
+    # (<root>/<Alphabet>/<character>/<id>.png, e.g.
+    # ../shared/datasets/omniglot/images_background_small1.zip), read in place, 28 x 28, each
+    # character a class. The format is read from the path.
     paths: list[str] = field(default_factory=list)
+    # Classes used (0: all): the first M labels (Omniglot: characters in sorted
+    # <Alphabet>/<character> order).
+    classes: int = 0
     split: Literal["shards", "tasks"] = "shards"
     shards_per_class: int = 20
     classes_per_node: int = 2
@@ -305,6 +311,9 @@ class NonIIDConfig:
     # Minibatch of a local SGD step; an epoch is a node's training split in a new random order,
     # cut into floor(training examples / batch_size) batches.
     batch_size: int = 10
+    # IDX: the first t test images of each class (0: all). Omniglot (which has no test set):
+    # the last t of each character's drawings are its test images, the rest its training
+    # images (t must be set, 1..drawings - 1).
     test_images_per_class: int = 0
 
 
@@ -901,14 +910,15 @@ def _check_noniid(config: Config) -> None:
     if not settings.paths:
         raise DmetaError(
             "problem = 'noniid' needs noniid.paths: the folder of the data set's IDX files "
-            "(`make fashion-mnist` fetches Fashion-MNIST; see the README's L2C section)"
+            "(`make fashion-mnist` fetches Fashion-MNIST; see the README's L2C section) or an "
+            "Omniglot folder or zip"
         )
     if len(settings.paths) != 1:
-        raise DmetaError(f"noniid.paths = {settings.paths} must name one folder")
+        raise DmetaError(f"noniid.paths = {settings.paths} must name one folder or zip")
     for key in ("shards_per_class", "classes_per_node", "batch_size"):
         if getattr(settings, key) < 1:
             raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must be at least 1")
-    for key in ("images_per_class", "test_images_per_class"):
+    for key in ("classes", "images_per_class", "test_images_per_class"):
         if getattr(settings, key) < 0:
             raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must not be negative")
     if not 0 < settings.validation_fraction < 1:

@@ -1,8 +1,8 @@
 """Nodes holding their own non-IID classification data (Li et al., "Learning to Collaborate in
 Decentralized Learning of Personalized Models", CVPR 2022, Sec. 4, Fig. 2 and Fig. 4).
 
-A labelled image data set of M classes (Fashion-MNIST, read from its IDX files) is dealt to
-K nodes (the agents):
+A labelled image data set (`load_data`: Fashion-MNIST from its IDX files, or Omniglot, a
+character a class) of M classes (the first `classes`, 0: all) is dealt to K nodes (the agents):
 
 - Fig. 2 (`noniid.split = "shards"`): (a) every class's training examples, in a random order
   keyed by (seed, class), are cut into P = `shards_per_class` shards of one size s (the smallest
@@ -22,7 +22,8 @@ set (the first n - round(f n)) and a validation set (the last round(f n), f =
 `validation_fraction`, the paper's 20%: "we randomly select 80% of its local data as the
 training set and leave the rest as the validation set"). A node is tested on "all the available
 test data belonging to the classes in its local task": the first `test_images_per_class` (0:
-all) test images of each of its classes, one test task per class. Labels stay the data set's
+all) test images of each of its classes (Omniglot: the last t drawings of each character), one
+test task per class. Labels stay the data set's
 (0..M-1): every node's model has M outputs, so models and their updates can be mixed.
 
 Training is local SGD in epochs: epoch e of node k is its training set in a random order keyed
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ from dmeta.config import ModelConfig, NonIIDConfig, ValidationConfig
 from dmeta.errors import DmetaError
 from dmeta.fewshot import accuracy, expand_paths
 from dmeta.models import FlatModel, build_image_classifier
+from dmeta.omniglot import LAYOUT, alphabets_of, load_characters
 from dmeta.tasks import TaskBatch, TaskFamily
 
 # The IDX files of a data set folder (Fashion-MNIST's names, as Debian installs them), each
@@ -122,6 +125,43 @@ def load_idx_folder(folder: Path) -> LabelledImages:
         arrays["train_labels"].astype(np.int64),
         arrays["test_images"],
         arrays["test_labels"].astype(np.int64),
+    )
+
+
+def load_omniglot(source: Path, test_per_class: int) -> LabelledImages:
+    """Omniglot characters as classes (dmeta.omniglot.load_characters: 28 x 28, ink bright,
+    scaled to uint8; labels the characters' sorted <Alphabet>/<character> order): of each
+    character's drawings in file-name order, the last `test_per_class` are its test images and
+    the rest its training images."""
+    characters = load_characters([source])
+    images = np.round(characters.images * 255).astype(np.uint8)  # [classes, drawings, side, side]
+    classes, drawings = images.shape[:2]
+    if not 0 < test_per_class < drawings:
+        raise DmetaError(
+            f"noniid.test_images_per_class = {test_per_class}: Omniglot's characters have "
+            f"{drawings} drawings each; set 1..{drawings - 1} of them aside as test images"
+        )
+    parts = images[:, : drawings - test_per_class], images[:, drawings - test_per_class :]
+    train, test = (
+        (part.reshape(-1, *part.shape[2:]), np.repeat(np.arange(classes), part.shape[1]))
+        for part in parts
+    )
+    return LabelledImages(*train, *test)
+
+
+def load_data(source: Path, test_per_class: int) -> LabelledImages:
+    """The labelled images of `source`, its format read from the path: a folder with IDX files
+    (`load_idx_folder`), else an Omniglot folder or zip (`load_omniglot`); DmetaError if it is
+    neither."""
+    names = [f"{name}{suffix}" for name in IDX_FILES.values() for suffix in ("", ".gz")]
+    if source.is_dir() and any((source / name).is_file() for name in names):
+        return load_idx_folder(source)
+    if (source.is_dir() or zipfile.is_zipfile(source)) and alphabets_of(source):
+        return load_omniglot(source, test_per_class)
+    expected = ", ".join(f"{n}[.gz]" for n in IDX_FILES.values())
+    raise DmetaError(
+        f"noniid.paths: {source} is neither a folder of IDX files ({expected}; `make "
+        f"fashion-mnist` fetches them) nor {LAYOUT}"
     )
 
 
@@ -261,8 +301,12 @@ class NonIIDTask(TaskFamily):
     ) -> None:
         super().__init__(config, num_agents, seed, dtype, device)
         (folder,) = expand_paths(config.paths, "noniid.paths")
-        data = load_idx_folder(folder)
-        self.classes = data.classes
+        data = load_data(folder, config.test_images_per_class)
+        self.classes = config.classes or data.classes
+        if self.classes > data.classes:
+            raise DmetaError(
+                f"noniid.classes = {config.classes} exceeds the {data.classes} classes of {folder}"
+            )
         shards = class_shards(
             data.train_labels,
             self.classes,
@@ -397,7 +441,7 @@ class NonIIDTask(TaskFamily):
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """Each node's classes [K, N] and its training and validation examples (rows of the
-        training IDX files) [K, n]; its test images are the first of each class's."""
+        training set) [K, n]; its test images are the first of each class's."""
         return {
             "tasks/node_classes": self.node_classes,
             "tasks/train_examples": self.train_rows,

@@ -219,6 +219,25 @@ def write_images(folder: Path, gz: bool = True) -> Path:
     return folder
 
 
+def write_omniglot(root: Path, alphabets: int = 2, characters: int = 3, drawings: int = 4) -> Path:
+    """A tiny Omniglot-layout folder <root>/<Alphabet>/<character>/<id>.png of 10 x 10 PNGs
+    (white background, black ink): character c of alphabet a inks row c and column a, so each
+    character's drawings are alike and the characters differ."""
+    from PIL import Image
+
+    state = np.random.default_rng(0)
+    for a in range(alphabets):
+        for c in range(characters):
+            folder = root / f"Alphabet{a}" / f"character{c + 1:02d}"
+            folder.mkdir(parents=True)
+            for d in range(drawings):
+                pixels = np.full((10, 10), 255, dtype=np.uint8)
+                pixels[c, :] = pixels[:, a] = 0
+                pixels[state.integers(0, 10, 2)] = 0
+                Image.fromarray(pixels).save(folder / f"{a}{c}_{d + 1:02d}.png")
+    return root
+
+
 def noniid_config(folder: Path, *overrides: str):
     """4 nodes of two-class tasks (Fig. 4) on the tiny images, L2C, two rounds."""
     return load_config(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from conftest import (
     noniid_config,
     run_local,
     write_images,
+    write_omniglot,
 )
 
 from dmeta import noniid
@@ -56,6 +58,59 @@ def test_idx_files_read_gzipped_or_plain_and_bad_ones_give_one_line(tmp_path) ->
     assert "\n" not in str(error.value)
     with pytest.raises(DmetaError, match="has no train-images-idx3-ubyte"):
         noniid.load_idx_folder(tmp_path / "missing")
+
+
+def test_omniglot_folder_or_zip_reads_each_character_as_a_class(tmp_path) -> None:
+    """Six characters of 4 drawings at 28 x 28: the last test_images_per_class drawings of each
+    are its test images, the rest its training images; a zip reads the same; a path that is
+    neither IDX files nor Omniglot gives one line."""
+    root = write_omniglot(tmp_path / "images_background")
+    data = noniid.load_data(root, 1)
+    assert data.classes == 6 and data.train_images.shape == (6 * 3, 28, 28)
+    assert np.bincount(data.train_labels).tolist() == [3] * 6
+    assert np.bincount(data.test_labels).tolist() == [1] * 6
+    # Ink is bright; the drawings of a character share its row and column, not another's.
+    assert data.train_images[data.train_labels == 0].mean() > 30
+    zipped = shutil.make_archive(str(tmp_path / "omniglot"), "zip", tmp_path, root.name)
+    again = noniid.load_data(Path(zipped), 1)
+    np.testing.assert_array_equal(again.train_images, data.train_images)
+    np.testing.assert_array_equal(again.test_labels, data.test_labels)
+    with pytest.raises(DmetaError, match="test_images_per_class = 0: Omniglot's characters have"):
+        noniid.load_data(root, 0)
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", Path(zipped).with_suffix(".txt")):
+        with pytest.raises(DmetaError, match="is neither a folder of IDX files") as error:
+            noniid.load_data(path, 1)
+        assert "\n" not in str(error.value)
+
+
+def test_omniglot_fig4_nodes_take_the_first_classes_and_split_the_drawings(tmp_path) -> None:
+    """noniid.classes = 4 of the 6 characters, two-class tasks x 2 nodes: each node's training
+    and validation rows are drawings of its characters' training drawings, its test images
+    their last drawings; a subset of the nodes draws what they draw among all; the CNN takes
+    the 28 x 28 images; more classes than characters fail."""
+    root = write_omniglot(tmp_path / "omniglot", drawings=5)
+    overrides = ["noniid.classes=4", "noniid.test_images_per_class=1", "noniid.batch_size=2"]
+    config = noniid_config(root, *overrides)
+    task = build_task(config)
+    classes = task.node_classes
+    assert task.classes == 4 and (classes[::2] == classes[1::2]).all()
+    assert sorted(classes[::2].ravel().tolist()) == [0, 1, 2, 3]
+    # 4 training drawings a class in 2 shards: a node holds 2 x 2, 3 for training, 1 validation.
+    assert task.train_rows.shape == (4, 3) and task.validation_rows.shape == (4, 1)
+    held = torch.cat([task.train_rows, task.validation_rows], dim=1)
+    assert (task.train_labels[held][:, :, None] == classes[:, None]).any(-1).all()
+    assert len(held[::2].unique()) == held[::2].numel()  # task mates never share a drawing
+    test = task.own_test_set(torch.arange(4))
+    assert test.query_x.shape == (4, 2, 1, 1, 28, 28) and (test.query_y[:, :, 0] == classes).all()
+    everyone, some = task.sample(torch.arange(4), 2, 1), task.sample(torch.tensor([1, 2]), 2, 1)
+    for part, few in zip(everyone, some, strict=True):
+        torch.testing.assert_close(part[[1, 2]], few, rtol=0, atol=0)
+    model = build_model(task, config)
+    flat = model.initial_parameters(0, torch.arange(1), True, torch.float64)[0]
+    assert model.forward(flat, test.query_x[0, :, 0]).shape == (2, 4)
+    with pytest.raises(DmetaError, match="noniid.classes = 7 exceeds the 6 classes"):
+        build_task(noniid_config(root, *overrides, "noniid.classes=7"))
 
 
 def test_fig2_shards_give_each_node_distinct_random_classes_one_shard_each() -> None:
