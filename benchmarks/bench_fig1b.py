@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import command_line, machine, print_table
+from common import command_line, dmeta_run, machine, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("atc", "centralized", "noncooperative")
@@ -32,22 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"# bench_fig1b: {machine()}")
     print(command_line(__file__, argv))
-    bin_dir = Path(sys.executable).parent
     out = Path(args.out_dir)
+    job = ROOT / "jobs" / "sine_diffusion.toml"
     rows, total = [], 0.0
     for strategy in STRATEGIES:
-        command = [str(bin_dir / "dmeta"), "run", str(ROOT / "jobs" / "sine_diffusion.toml")]
-        command += ["--set", f"strategy={strategy}", "--out", str(out / f"{strategy}.h5")]
-        command += [item for override in args.set for item in ("--set", override)]
-        command += ["--quiet"]
-        if args.ranks > 1:
-            command = [str(bin_dir / "mpiexec"), "-n", str(args.ranks), *command]
         start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        settings = [f"strategy={strategy}", *args.set]
+        dmeta_run("bench_fig1b", job, out / f"{strategy}.h5", settings, args.ranks)
         seconds = time.perf_counter() - start
-        if result.returncode:
-            print(result.stderr, file=sys.stderr)
-            return 1
         total += seconds
         rows.append([strategy, str(args.ranks), f"{seconds:.1f}"])
     figure = [sys.executable, str(ROOT / "analysis" / "fig1b.py")]

@@ -14,14 +14,13 @@ median / max and the speed-up of the medians over P = 1.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
-from common import command_line, machine, print_table
+from common import command_line, dmeta_run, machine, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "sine_diffusion.toml"
@@ -29,8 +28,6 @@ JOB = ROOT / "jobs" / "sine_diffusion.toml"
 
 def seconds_per_iteration(agents: int, ranks: int, args: argparse.Namespace, out: Path) -> float:
     """One run: rank 0's seconds per iteration over iterations 2..N."""
-    bin_dir = Path(sys.executable).parent
-    command = [str(bin_dir / "dmeta"), "run", str(JOB), "--out", str(out), "--quiet"]
     settings = [
         f"agents={agents}",
         f"iterations={args.iterations}",
@@ -43,13 +40,7 @@ def seconds_per_iteration(agents: int, ranks: int, args: argparse.Namespace, out
         "validation.stationarity_tasks=2",
         *args.set,
     ]
-    for setting in settings:
-        command += ["--set", setting]
-    if ranks > 1:
-        command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise SystemExit(f"bench_ranks: {' '.join(command)} failed:\n{result.stderr.strip()}")
+    dmeta_run("bench_ranks", JOB, out, settings, ranks)
     with h5py.File(out) as run:
         spent = float(run["time/compute"][-1] + run["time/comm"][-1])
     out.unlink()

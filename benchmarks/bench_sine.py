@@ -23,9 +23,11 @@ from common import command_line, machine, print_table
 from reference_loop import ReferenceDifMAML
 from torch import nn
 
-from dmeta.config import load_config
+from dmeta.config import Config, load_config
 from dmeta.engine import execute
+from dmeta.meta import MAML
 from dmeta.runner import build_learner, build_task, plan_run
+from dmeta.tasks import TaskBatch
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sine_diffusion.toml"
 
@@ -44,15 +46,23 @@ def reference_modules(flat: torch.Tensor, hidden: list[int]) -> list[nn.Module]:
     return modules
 
 
-def check_gradients(overrides: list[str]) -> float:
-    """Largest |dmeta - reference| meta-gradient entry at the launch models, in float64."""
-    config = load_config(JOB, [*overrides, "runtime.dtype=float64"])
-    task = build_task(config, torch.float64, torch.device("cpu"))
+def workload(
+    overrides: list[str], dtype: torch.dtype
+) -> tuple[Config, MAML, torch.Tensor, TaskBatch]:
+    """The job's first iteration on the CPU: (config, dmeta's learner, the launch models
+    [K, M], the tasks of draw 1 [K, tasks, shots, 1])."""
+    config = load_config(JOB, overrides)
+    task = build_task(config, dtype, torch.device("cpu"))
     model = task.build_model(config.model)
     learner = build_learner(config.learner, model, task)
     agents = torch.arange(config.agents)
-    theta = model.initial_parameters(config.seed, agents, False, torch.float64)
-    tasks = task.sample(agents, 1, config.learner.tasks_per_agent)
+    theta = model.initial_parameters(config.seed, agents, False, dtype)
+    return config, learner, theta, task.sample(agents, 1, config.learner.tasks_per_agent)
+
+
+def check_gradients(overrides: list[str]) -> float:
+    """Largest |dmeta - reference| meta-gradient entry at the launch models, in float64."""
+    config, learner, theta, tasks = workload([*overrides, "runtime.dtype=float64"], torch.float64)
     ours, _ = learner.meta_gradients(theta, tasks)
     reference = ReferenceDifMAML(
         reference_modules(theta, config.model.hidden),

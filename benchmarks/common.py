@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +40,18 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths, strict=True)))
         if index == 0:
             print("  ".join("-" * width for width in widths))
+
+
+def dmeta_run(script: str, job: Path, out: Path, settings: list[str], ranks: int = 1) -> None:
+    """`dmeta run JOB --out OUT --quiet --set ...` of this Python's venv, under
+    `mpiexec -n RANKS` when RANKS > 1; a failed run ends `script` with the command and its
+    error output."""
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "dmeta"), "run", str(job), "--out", str(out), "--quiet"]
+    for setting in settings:
+        command += ["--set", setting]
+    if ranks > 1:
+        command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise SystemExit(f"{script}: {' '.join(command)} failed:\n{result.stderr.strip()}")

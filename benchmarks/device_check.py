@@ -12,14 +12,13 @@ a difference exceeds 1e-10 (float64 runs of the same draws agree to rounding).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
-from common import command_line, machine, print_table
+from common import command_line, dmeta_run, machine, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "sine_quick.toml"
@@ -35,21 +34,13 @@ TOLERANCE = 1e-10
 
 def run(device: str, ranks: int, out: Path, extra: list[str]) -> dict[str, np.ndarray]:
     """One run of the shortened job; its compared datasets."""
-    bin_dir = Path(sys.executable).parent
-    command = [str(bin_dir / "dmeta"), "run", str(JOB), "--out", str(out), "--quiet"]
     settings = [
         "iterations=30",
         "log_every=10",
         "runtime.dtype=float64",
         f"runtime.device={device}",
     ]
-    for setting in [*settings, *extra]:
-        command += ["--set", setting]
-    if ranks > 1:
-        command = [str(bin_dir / "mpiexec"), "-n", str(ranks), *command]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise SystemExit(f"device_check: {' '.join(command)} failed:\n{result.stderr.strip()}")
+    dmeta_run("device_check", JOB, out, [*settings, *extra], ranks)
     with h5py.File(out) as handle:
         return {name: handle[name][()] for name in COMPARED}
 

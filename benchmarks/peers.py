@@ -32,30 +32,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_sine
 import numpy as np
 import torch
-from bench_sine import JOB, reference_modules
+from bench_sine import reference_modules
 from common import command_line, machine, print_table
 from reference_loop import ReferenceDifMAML
 from torch.func import functional_call, grad, vmap
 
-from dmeta.config import load_config
-from dmeta.runner import build_learner, build_task
+from dmeta.meta import MAML
 
 WORKER = Path(__file__).with_name("peer_learn2learn.py")
 Gradients = Callable[[], torch.Tensor]
 
 
-def workload(agents: int, dtype: torch.dtype) -> tuple[object, torch.Tensor, tuple, float]:
+def workload(agents: int, dtype: torch.dtype) -> tuple[MAML, torch.Tensor, tuple, float]:
     """(dmeta learner, launch models [K, M], tasks [K, 5, 10, 1] x 4, inner step size)."""
-    config = load_config(JOB, [f"agents={agents}", "runtime.device=cpu"])
-    task = build_task(config, dtype, torch.device("cpu"))
-    model = task.build_model(config.model)
-    learner = build_learner(config.learner, model, task)
-    ids = torch.arange(agents)
-    theta = model.initial_parameters(config.seed, ids, False, dtype)
-    tasks = tuple(task.sample(ids, 1, config.learner.tasks_per_agent))
-    return learner, theta, tasks, config.learner.inner_lr
+    config, learner, theta, tasks = bench_sine.workload(
+        [f"agents={agents}", "runtime.device=cpu"], dtype
+    )
+    return learner, theta, tuple(tasks), config.learner.inner_lr
 
 
 def loop_gradients(theta: torch.Tensor, tasks: tuple, inner_lr: float) -> Gradients:
