@@ -39,13 +39,18 @@ def disagreement(launch_models: torch.Tensor, centroid: torch.Tensor) -> torch.T
     return ((launch_models - centroid) ** 2).sum(dim=1)
 
 
+def _units(name: str) -> str:
+    """The units of the loss or of a task's score `name`."""
+    return SERIES["metrics/val_loss"][1] if name == "loss" else "score units"
+
+
 def own_test_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
     """The series of each agent's own test tasks (`TaskFamily.own_test_set`): /metrics/test_loss
     and /metrics/test_<score> [T, K]."""
     return {
         f"metrics/test_{name}": (
             True,
-            SERIES["metrics/val_loss"][1] if name == "loss" else "score units",
+            _units(name),
             f"test {name} after adaptation on the agent's own fixed test tasks, mean over them",
         )
         for name in ("loss", *scores)
@@ -57,7 +62,7 @@ def own_task_series(scores: dict[str, Any]) -> dict[str, tuple[bool, str, str]]:
     scores) described as `validation.own_tasks` computes them."""
     series = {}
     for name in ("loss", *scores):
-        units = SERIES["metrics/val_loss"][1] if name == "loss" else "score units"
+        units = _units(name)
         series[f"metrics/val_{name}"] = (
             True,
             units,
@@ -469,14 +474,11 @@ class Engine:
         """[agents or 1, 1 + scores]: validation loss, then the task's scores, averaged over the
         tasks (weighted by the task's validation weights); a shared model is evaluated once.
         With own tasks, models [local agents, P]: row k on agent k's own tasks."""
+        if self.own_tasks is not None:
+            return self._evaluate_own(models, self.own_tasks)
         count = len(models)
         scores = tuple(self.task.scores.values())
         at_once = self.config.validation.tasks_at_once
-        if self.own_tasks is not None:
-            with torch.no_grad():
-                return self.learner.evaluate_own(
-                    models, self.own_tasks, self.validation_steps, scores, at_once
-                ).mean(dim=1)
         if self.algorithm.shared_model:
             models = models[:1]
         with torch.no_grad():
@@ -488,6 +490,18 @@ class Engine:
         else:
             means = torch.einsum("atj,t->aj", outcome, self.validation_weights.to(outcome))
         return means.expand(count, -1)
+
+    def _evaluate_own(self, models: torch.Tensor, tasks: TaskBatch) -> torch.Tensor:
+        """[local agents, 1 + scores]: row k scores agent k's model on its own `tasks`
+        [local agents, tasks, ...] (validation or test), the mean over them."""
+        with torch.no_grad():
+            return self.learner.evaluate_own(
+                models,
+                tasks,
+                self.validation_steps,
+                tuple(self.task.scores.values()),
+                self.config.validation.tasks_at_once,
+            ).mean(dim=1)
 
     def _centroid_names(self) -> tuple[str, ...]:
         return ("centroid/val_loss", *(f"centroid/val_{name}" for name in self.task.scores))
@@ -585,11 +599,7 @@ class Engine:
             "comm/bytes": self.window.comm_bytes,
         }
         if self.own_test is not None:
-            with torch.no_grad():
-                test = self.learner.evaluate_own(
-                    models, self.own_test, self.validation_steps, tuple(self.task.scores.values()),
-                    self.config.validation.tasks_at_once,
-                ).mean(dim=1)  # fmt: skip
+            test = self._evaluate_own(models, self.own_test)
             names = ("loss", *self.task.scores)
             per_agent |= {f"metrics/test_{n}": test[:, j] for j, n in enumerate(names)}
         self.writer.append(iteration, scalars, {k: v.cpu().numpy() for k, v in per_agent.items()})
