@@ -93,6 +93,12 @@ class CommTimer:
         self.seconds += time.perf_counter() - self._began
 
 
+def task_draw(t: int, steps: int, step: int) -> int:
+    """The task draw of local step `step` (0-based) of `steps` in round t: draws are numbered
+    by outer step, so one step a round draws round t's tasks (Algorithm 1)."""
+    return (t - 1) * steps + step + 1
+
+
 def build_optimizer(settings: OptimizerConfig) -> RowOptimizer:
     """The outer optimizer `optimizer.name` of eq. (6a), one state row per agent."""
     if settings.name == "sgd":

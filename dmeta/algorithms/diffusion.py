@@ -29,6 +29,7 @@ from dmeta.algorithms.base import (
     RoundReport,
     TopologyRecord,
     build_optimizer,
+    task_draw,
 )
 from dmeta.config import Config
 from dmeta.errors import DmetaError
@@ -126,7 +127,7 @@ class LocalTraining:
         loss_sum = torch.zeros(len(context.agents), dtype=torch.float64, device=context.device)
         norm = torch.full_like(loss_sum, float("nan"))
         for step in range(steps):
-            tasks = self._tasks(self._draw(t, steps, step))
+            tasks = self._tasks(task_draw(t, steps, step))
             gradients, losses = context.meta_gradients(self.launch_models, tasks)
             self.launch_models, self.optimizer_state = self.optimizer.step(
                 self.launch_models, gradients, self.optimizer_state
@@ -134,11 +135,6 @@ class LocalTraining:
             loss_sum += losses.detach().to(torch.float64)
             norm = torch.linalg.vector_norm(gradients, dim=1).to(torch.float64)
         return loss_sum, norm
-
-    @staticmethod
-    def _draw(t: int, steps: int, step: int) -> int:
-        # Task draws are numbered by outer step, so local_steps = 1 is Algorithm 1.
-        return (t - 1) * steps + step + 1
 
     def _tasks(self, draw: int) -> TaskBatch:
         """The tasks of one outer step: prefetched, or drawn now (the same draws either way)."""
@@ -156,7 +152,7 @@ class LocalTraining:
         """Draw round t's first tasks now: work for the CPU while rows travel between ranks."""
         if t > self.context.config.iterations:
             return
-        draw = self._draw(t, self.steps(), 0)
+        draw = task_draw(t, self.steps(), 0)
         self._prefetched = (draw, self._tasks(draw))
 
 

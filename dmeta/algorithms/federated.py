@@ -47,6 +47,7 @@ from dmeta.algorithms.base import (
     RoundReport,
     TopologyRecord,
     build_optimizer,
+    task_draw,
 )
 from dmeta.config import AsynchronyConfig, Config, OptimizerConfig
 from dmeta.errors import DmetaError
@@ -347,9 +348,8 @@ class FedAvg(Federated):
         steps = self.steps_per_round()
         for step in range(steps):
             # Task draws numbered by client step, as in the diffusion strategies' local steps.
-            draw = (t - 1) * steps + step + 1
             tasks = context.task.training_data(
-                clients, draw, context.config.learner.tasks_per_agent
+                clients, task_draw(t, steps, step), context.config.learner.tasks_per_agent
             )
             gradients, losses = self.plain.meta_gradients(models, tasks)
             models = models - settings.client_lr * gradients

@@ -62,6 +62,7 @@ from dmeta.algorithms.base import (
     RoundReport,
     TopologyRecord,
     build_optimizer,
+    task_draw,
 )
 from dmeta.config import AsynchronyConfig, Config
 from dmeta.errors import DmetaError
@@ -357,8 +358,7 @@ class PushSum(Algorithm):
         state = {name: value[rows] for name, value in self.optimizer_state.items()}
         loss_sum = torch.zeros(len(rows), dtype=F64, device=context.device)
         for step in range(steps):
-            draw = (t - 1) * steps + step + 1
-            tasks = context.task.sample(agents, draw, settings.tasks_per_agent)
+            tasks = context.task.sample(agents, task_draw(t, steps, step), settings.tasks_per_agent)
             gradients, losses = context.meta_gradients(models, tasks)
             models, state = self.optimizer.step(models, gradients, state)
             loss_sum += losses.detach().to(F64)
