@@ -746,6 +746,9 @@ def _check_ranges(config: Config) -> None:
         "model.blocks": config.model.blocks,
         "model.dense": config.model.dense,
         "runtime.compile_after": config.runtime.compile_after,
+        "noniid.shards_per_class": config.noniid.shards_per_class,
+        "noniid.classes_per_node": config.noniid.classes_per_node,
+        "noniid.batch_size": config.noniid.batch_size,
     }
     for key, value in positive.items():
         if value < 1:
@@ -761,6 +764,9 @@ def _check_ranges(config: Config) -> None:
         "validation.inner_steps": config.validation.inner_steps,
         "runtime.threads": config.runtime.threads,
         "runtime.agents_at_once": config.runtime.agents_at_once,
+        "noniid.classes": config.noniid.classes,
+        "noniid.images_per_class": config.noniid.images_per_class,
+        "noniid.test_images_per_class": config.noniid.test_images_per_class,
         "log_every_iteration_until": config.log_every_iteration_until,
         "checkpoint.every_iterations": config.checkpoint.every_iterations,
         "checkpoint.every_minutes": config.checkpoint.every_minutes,
@@ -852,12 +858,7 @@ def _check_fewshot(config: Config) -> None:
                 f"model.blocks = {config.model.blocks} max-pools halve a {size}x{size} image to "
                 "nothing; use fewer blocks or a larger fewshot.image_size"
             )
-        model = config.model
-        if model.norm == "group" and model.filters % min(8, model.filters):
-            raise DmetaError(
-                f"model.norm = 'group' uses 8 groups: model.filters = {model.filters} must be a "
-                "multiple of 8 (or at most 8)"
-            )
+        _check_group_norm(config.model)
     fractions = fewshot.validation_fraction + fewshot.test_fraction
     if min(fewshot.validation_fraction, fewshot.test_fraction) <= 0 or fractions >= 1:
         raise DmetaError(
@@ -915,17 +916,17 @@ def _check_noniid(config: Config) -> None:
         )
     if len(settings.paths) != 1:
         raise DmetaError(f"noniid.paths = {settings.paths} must name one folder or zip")
-    for key in ("shards_per_class", "classes_per_node", "batch_size"):
-        if getattr(settings, key) < 1:
-            raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must be at least 1")
-    for key in ("classes", "images_per_class", "test_images_per_class"):
-        if getattr(settings, key) < 0:
-            raise DmetaError(f"noniid.{key} = {getattr(settings, key)} must not be negative")
     if not 0 < settings.validation_fraction < 1:
         raise DmetaError(
             f"noniid.validation_fraction = {settings.validation_fraction} must lie in (0, 1)"
         )
-    if model.convnet == "maml" and model.norm == "group" and model.filters % min(8, model.filters):
+    if model.convnet == "maml":
+        _check_group_norm(model)
+
+
+def _check_group_norm(model: ModelConfig) -> None:
+    """GroupNorm's 8 groups must divide the conv net's filters (models.build_convnet)."""
+    if model.norm == "group" and model.filters % min(8, model.filters):
         raise DmetaError(
             f"model.norm = 'group' uses 8 groups: model.filters = {model.filters} must be a "
             "multiple of 8 (or at most 8)"
