@@ -137,6 +137,31 @@ class MAML:
         [agents, tasks, 1 + len(scores)]: the loss, then each score(prediction, target).
         `tasks_at_once` > 0 adapts that many tasks at a time, bounding memory.
         """
+        return self._scores(launch_models, tasks, False, steps, scores, tasks_at_once)
+
+    def evaluate_own(
+        self,
+        launch_models: torch.Tensor,
+        tasks: TaskBatch,
+        steps: int,
+        scores: tuple[Loss, ...] = (),
+        tasks_at_once: int = 0,
+    ) -> torch.Tensor:
+        """`evaluate` of each agent's model on its own tasks [agents, tasks, shots, ...]:
+        returns [agents, tasks, 1 + len(scores)]."""
+        return self._scores(launch_models, tasks, True, steps, scores, tasks_at_once)
+
+    def _scores(
+        self,
+        launch_models: torch.Tensor,
+        tasks: TaskBatch,
+        own: bool,
+        steps: int,
+        scores: tuple[Loss, ...],
+        tasks_at_once: int,
+    ) -> torch.Tensor:
+        """[agents, tasks, 1 + len(scores)] of `evaluate` (tasks shared by every agent) or of
+        `evaluate_own` (`own`: a leading agent dimension), the agents one vmapped batch."""
 
         def one_task(
             theta: torch.Tensor,
@@ -148,28 +173,14 @@ class MAML:
             prediction = self.forward(self.adapt(theta, sx, sy, steps), qx)
             return torch.stack([measure(prediction, qy) for measure in (self.loss, *scores)])
 
-        def one_agent(theta: torch.Tensor) -> torch.Tensor:
+        def one_agent(theta: torch.Tensor, agent_tasks: TaskBatch) -> torch.Tensor:
             return vmap(one_task, in_dims=(None, 0, 0, 0, 0), chunk_size=tasks_at_once or None)(
-                theta, *tasks
+                theta, *agent_tasks
             )
 
-        return vmap(one_agent, chunk_size=self._chunk(len(launch_models)))(launch_models)
-
-    def evaluate_own(
-        self,
-        launch_models: torch.Tensor,
-        tasks: TaskBatch,
-        steps: int,
-        scores: tuple[Loss, ...] = (),
-        tasks_at_once: int = 0,
-    ) -> torch.Tensor:
-        """`evaluate` of each agent's model on its own tasks [agents, tasks, shots, ...]:
-        returns [agents, tasks, 1 + len(scores)], the agents one vmapped batch."""
-
-        def one_agent(theta: torch.Tensor, own: TaskBatch) -> torch.Tensor:
-            return self.evaluate(theta[None], own, steps, scores, tasks_at_once)[0]
-
-        return vmap(one_agent, chunk_size=self._chunk(len(launch_models)))(launch_models, tasks)
+        chunk = self._chunk(len(launch_models))
+        in_dims = (0, 0 if own else None)
+        return vmap(one_agent, in_dims=in_dims, chunk_size=chunk)(launch_models, tasks)
 
 
 class Reptile(MAML):
