@@ -54,7 +54,10 @@ def workload(
     config = load_config(JOB, overrides)
     task = build_task(config, dtype, torch.device("cpu"))
     model = task.build_model(config.model)
-    learner = build_learner(config.learner, model, task)
+    runtime = config.runtime
+    learner = build_learner(
+        config.learner, model, task, runtime.agents_at_once, runtime.closed_form
+    )
     agents = torch.arange(config.agents)
     theta = model.initial_parameters(config.seed, agents, False, dtype)
     return config, learner, theta, task.sample(agents, 1, config.learner.tasks_per_agent)

@@ -279,8 +279,9 @@ class Engine:
         self.agents = torch.as_tensor(plan.layout.agents(self.rank), device=self.device)
         self.task = build_task(config, dtype, self.device)
         model = build_model(self.task, config)
+        runtime = config.runtime
         self.learner = build_learner(
-            config.learner, model, self.task, config.runtime.agents_at_once
+            config.learner, model, self.task, runtime.agents_at_once, runtime.closed_form
         )
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients

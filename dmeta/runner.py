@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import dmeta
-from dmeta import problems
+from dmeta import mlp_maml, problems
 from dmeta.algorithms import algorithm_class
 from dmeta.algorithms.base import Algorithm
 from dmeta.config import Config, LearnerConfig, build_options, is_import_path
@@ -184,15 +184,21 @@ def build_model(task: TaskFamily, config: Config) -> FlatModel:
 
 
 def build_learner(
-    settings: LearnerConfig, model: FlatModel, task: TaskFamily, agents_at_once: int = 0
+    settings: LearnerConfig,
+    model: FlatModel,
+    task: TaskFamily,
+    agents_at_once: int = 0,
+    closed_form: bool = False,
 ) -> MAML:
     """The meta-learner `learner.name` on `model` and `task` (see dmeta/meta.py), taking the
-    meta-gradients of `agents_at_once` agents at a time (0: all; runtime.agents_at_once)."""
+    meta-gradients of `agents_at_once` agents at a time (0: all; runtime.agents_at_once), in
+    closed form where dmeta/mlp_maml.py covers the learner and model and `closed_form` is set
+    (runtime.closed_form)."""
     name = settings.name
     forward, loss = task.learner_functions(model)
     if name == "reptile":
         return Reptile(forward, loss, settings.inner_lr, settings.inner_steps, agents_at_once)
-    return MAML(
+    learner = MAML(
         forward,
         loss,
         settings.inner_lr,
@@ -202,6 +208,7 @@ def build_learner(
         learned_inner_lr=name == "metasgd",
         agents_at_once=agents_at_once,
     )
+    return mlp_maml.closed_form(learner, model) if closed_form else learner
 
 
 def git_commit() -> str:
