@@ -13,8 +13,10 @@ implementation computes the K meta-gradients from the same launch models and tas
 - `learn2learn` (with `--learn2learn PYTHON`, a Python where learn2learn imports: see
   benchmarks/install_learn2learn.sh): `l2l.algorithms.MAML`, `clone()` and `adapt()` per task,
   run by benchmarks/peer_learn2learn.py in that interpreter;
-- `dmeta`: `MAML.meta_gradients`, all agents and tasks as one vmapped batch; and the same under
-  `torch.compile` (its compilation is excluded: it runs once before the timing).
+- `dmeta`: the learner a run builds, all agents and tasks as one batch: for this MLP the
+  closed form of dmeta/mlp_maml.py (`runtime.closed_form`, the default); `dmeta torch.func`:
+  `MAML.meta_gradients`, torch.func's vmapped transforms (`runtime.closed_form=false`); each
+  also under `torch.compile` (its compilation is excluded: it runs once before the timing).
 Each is first checked against dmeta's meta-gradients in float64. Then every implementation is
 timed once per round, rounds interleaved (`--repeats`), so a slow moment of the machine hits all
 of them; the table shows min / median / max ms per agent-task over the rounds and dmeta's
@@ -46,10 +48,13 @@ WORKER = Path(__file__).with_name("peer_learn2learn.py")
 Gradients = Callable[[], torch.Tensor]
 
 
-def workload(agents: int, dtype: torch.dtype) -> tuple[MAML, torch.Tensor, tuple, float]:
-    """(dmeta learner, launch models [K, M], tasks [K, 5, 10, 1] x 4, inner step size)."""
+def workload(
+    agents: int, dtype: torch.dtype, closed_form: bool = True
+) -> tuple[MAML, torch.Tensor, tuple, float]:
+    """(dmeta learner, launch models [K, M], tasks [K, 5, 10, 1] x 4, inner step size); the
+    learner in closed form (dmeta/mlp_maml.py) or torch.func's (`closed_form` False)."""
     config, learner, theta, tasks = bench_sine.workload(
-        [f"agents={agents}", "runtime.device=cpu"], dtype
+        [f"agents={agents}", "runtime.device=cpu", f"runtime.closed_form={closed_form}"], dtype
     )
     return learner, theta, tuple(tasks), config.learner.inner_lr
 
@@ -194,23 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.learn2learn:
         peer = Learn2Learn(args.learn2learn, theta, tasks, inner_lr, args.threads)
         timers["learn2learn MAML (clone/adapt)"] = peer.seconds
-    timers["dmeta eager"] = timed(dmeta_gradients(learner, theta, tasks, False))
-    if not args.no_compile:
-        timers["dmeta compiled"] = timed(dmeta_gradients(learner, theta, tasks, True))
+    plain = workload(args.agents, dtype, closed_form=False)[0]
+    for label, implementation in (("", learner), (" torch.func", plain)):
+        timers[f"dmeta{label} eager"] = timed(dmeta_gradients(implementation, theta, tasks, False))
+        if not args.no_compile:
+            compiled = dmeta_gradients(implementation, theta, tasks, True)
+            timers[f"dmeta{label} compiled"] = timed(compiled)
     samples: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(args.repeats):
         for name, timer in timers.items():
             samples[name].append(timer())
     per_task = 1e3 / (args.agents * tasks[0].shape[1])
     medians = {name: float(np.median(values)) for name, values in samples.items()}
-    ours = [name for name in timers if name.startswith("dmeta")]
+    ours = [name for name in ("dmeta eager", "dmeta compiled") if name in timers]
     rows = []
     for name, values in samples.items():
         low, mid, high = (per_task * v for v in (min(values), medians[name], max(values)))
-        ratios = [
-            f"{medians[name] / medians[o]:.1f}x" if not name.startswith("dmeta") else "-"
-            for o in ours
-        ]
+        ratios = [f"{medians[name] / medians[o]:.1f}x" if name not in ours else "-" for o in ours]
         rows.append([name, f"{low:.4f}", f"{mid:.4f}", f"{high:.4f}", *ratios])
     print_table(
         ["implementation", "min ms/agent-task", "median", "max", *(f"{o} speed-up" for o in ours)],

@@ -28,6 +28,7 @@ from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.federated_data import weighted_ci95
 from dmeta.fewshot import confidence_interval_95
+from dmeta.mlp_maml import ClosedFormMAML
 from dmeta.output import SERIES, RowSchema, RunWriter, open_writer
 from dmeta.problems import check_batch
 from dmeta.runner import DTYPES, RunPlan, build_learner, build_model, build_task, run_attributes
@@ -389,6 +390,9 @@ class Engine:
         attributes = exchange.allgather_object(
             run_attributes(self.plan, exchange.size, hosts, devices) if self.rank == 0 else None
         )[0]
+        # Which code took the training meta-gradients (runtime.closed_form).
+        closed = isinstance(self.learner, ClosedFormMAML)
+        attributes["meta_gradients"] = "closed_form" if closed else "torch.func"
         if resumed_rows is None and self.rank == 0:
             # A checkpoint of an earlier run must never be taken for one of this run.
             self.checkpoint.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -139,3 +140,6 @@ def test_a_run_in_closed_form_gives_the_torch_func_run(tmp_path) -> None:
     )
     for name in ("metrics/train_loss", "metrics/val_loss", "params/final"):
         np.testing.assert_allclose(fast[name], plain[name], rtol=1e-10, atol=1e-12)
+    for name, code in (("fast", "closed_form"), ("plain", "torch.func")):
+        with h5py.File(tmp_path / f"{name}.h5") as run:
+            assert run.attrs["meta_gradients"] == code
