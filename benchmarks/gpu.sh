@@ -12,7 +12,8 @@
 # under its own time limit, a failed step reported and the next one run:
 #   1. correctness: the sine job in float64 on the CPU, and on DEVICE in-process and under
 #      mpiexec -n 2 (benchmarks/device_check.py);
-#   2. sine agents K = 40, 2560, 10000: ms per iteration and peak memory per agent, eager;
+#   2. sine agents K = 40, 2560, 10000: ms per iteration and peak memory per agent, eager, all
+#      agents one batch (closed-form meta-gradients); then K = 40 and 2560 with torch.func's;
 #   3. K = 40 with runtime.compile=true (on CUDA: a CUDA graph of the compiled step);
 #   4. 100,000 linear-representation agents on a ring (benchmarks/bench_scale.py);
 #   5. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
@@ -68,7 +69,10 @@ if [ "$QUICK" = 1 ]; then
     SCALE=(--agents 20 --iterations 3)
 else
     CHECK=(--ranks 2)
-    AGENTS=(--agents 40 2560 10000 --iterations 30)
+    # All of a rank's agents in one batch: a GPU wants large batches, and has the memory.
+    AGENTS=(--agents 40 2560 10000 --iterations 30 --set runtime.agents_at_once=0)
+    PLAIN=(--agents 40 2560 --iterations 30 --set runtime.agents_at_once=0
+        --set runtime.closed_form=false)
     COMPILED=(--agents 40 --iterations 300 --set runtime.compile=true)
     SCALE=(--agents 100000 --iterations 10)
     RANKS=(--agents 2560 --ranks 1 8 --iterations 12 --repeats 1)
@@ -91,6 +95,7 @@ mkdir -p "$(dirname "$OUT")"
     step 120 benchmarks/device_check.py --device "$DEVICE" "${CHECK[@]}"
     step 150 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
     # --quick leaves out the steps that rerun a script of the steps before (the test's budget).
+    [ "$QUICK" = 1 ] || step 90 benchmarks/bench_agents.py --device "$DEVICE" "${PLAIN[@]}"
     [ "$QUICK" = 1 ] || step 150 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
     step 120 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
     [ "$QUICK" = 1 ] || step 120 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
