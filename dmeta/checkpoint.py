@@ -6,9 +6,10 @@ whatever the algorithm names; one row per agent, whatever rank held it) under `a
 state shared by all agents under `shared/`, what the metrics window has accumulated since the
 last logged row, the iteration counter and the number of rows the run file holds. Random
 numbers need nothing more: they are a function of (seed, agent, iteration), so the iteration
-counter is every agent's generator state. Ranks send their rows to rank 0, which writes
-`<checkpoint>.tmp` and renames it over the old checkpoint, so a checkpoint on disk is always
-whole. On resume every rank reads only its own agents' rows.
+counter is every agent's generator state. Ranks send their rows to rank 0 one rank at a time
+(it never holds every agent's rows), which writes `<checkpoint>.tmp` and renames it over the
+old checkpoint, so a checkpoint on disk is always whole. On resume every rank reads only its
+own agents' rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from dmeta import swmr
 from dmeta.config import Config, numbers_only
 from dmeta.errors import DmetaError, OutputError
-from dmeta.exchange import Exchange
+from dmeta.exchange import Exchange, RowWriter
 from dmeta.output import abandon_file, partial_path, write_failure
 
 FORMAT = 2
@@ -61,41 +62,77 @@ def _differences(left: dict[str, Any], right: dict[str, Any], prefix: str = "") 
 
 
 def save_checkpoint(path: Path, snapshot: Snapshot, exchange: Exchange, config: Config) -> None:
-    """Write the checkpoint (a collective call): gather every rank's rows, rank 0 writes."""
-    # All ranks synchronise here: one gather per per-agent array, in a fixed order.
-    gathered = {}
-    for name in sorted(snapshot.agent_rows):
-        gathered[f"agents/{name}"] = exchange.gather_rows(snapshot.agent_rows[name])
-    for name in sorted(snapshot.window_rows):
-        gathered[f"window/{name}"] = exchange.gather_rows(snapshot.window_rows[name])
-    if exchange.rank != 0:
-        return
-    temporary = path.with_name(path.name + ".tmp")
-    file = None
-    try:
-        file = h5py.File(temporary, "w")
-        file.attrs.update(
-            {
-                "format": FORMAT,
-                "config": config.to_json(),
-                "iteration": snapshot.iteration,
-                "rows": snapshot.rows,
-                "num_agents": config.agents,
-                "window_steps": snapshot.window_steps,
-            }
-        )
-        for name, data in gathered.items():
-            file.create_dataset(name, data=data)
-        for name, value in snapshot.shared.items():
-            file.create_dataset(f"shared/{name}", data=value)
-        file.close()
-        # The rename is the commit: a crash before it leaves the previous checkpoint intact.
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:
-        abandon_file(file, error)  # closing a file whose write failed crashes HDF5
-        temporary.unlink(missing_ok=True)
-        kept = f"; the checkpoint {path} of before is kept" if path.exists() else ""
-        raise OutputError(f"{write_failure(error, temporary)}{kept}") from None
+    """Write the checkpoint (a collective call): every rank's rows stream to rank 0, one rank's
+    at a time, into `<checkpoint>.tmp`, renamed over the old checkpoint once whole."""
+    staging = _Staging(path) if exchange.rank == 0 else None
+    # All ranks synchronise here: per-agent arrays pass to rank 0 in a fixed order; rank 0
+    # receives them all even after a failed write, so that no rank waits for ever.
+    for group, arrays in (("agents", snapshot.agent_rows), ("window", snapshot.window_rows)):
+        for name in sorted(arrays):
+            rows = np.ascontiguousarray(arrays[name])
+            write = staging.rows(f"{group}/{name}", config.agents, rows) if staging else None
+            exchange.rows_to_root(rows, write)
+    if staging is not None:
+        attributes = {
+            "format": FORMAT,
+            "config": config.to_json(),
+            "iteration": snapshot.iteration,
+            "rows": snapshot.rows,
+            "num_agents": config.agents,
+            "window_steps": snapshot.window_steps,
+        }
+        staging.commit(attributes, snapshot.shared)
+
+
+class _Staging:
+    """Rank 0's `<checkpoint>.tmp`. After a failed file operation the later ones are skipped,
+    so that rank 0 goes on receiving every rank's rows; `commit` raises the failure."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temporary = path.with_name(path.name + ".tmp")
+        self.file: h5py.File | None = None
+        self.error: OSError | RuntimeError | None = None
+        try:
+            self.file = h5py.File(self.temporary, "w")
+        except (OSError, RuntimeError) as error:
+            self.error = error
+
+    def rows(self, name: str, agents: int, rows: np.ndarray) -> RowWriter:
+        """The writer of dataset `name` [agents, ...] (rows_to_root's `write`)."""
+        dataset = None
+        if self.error is None:
+            try:
+                dataset = self.file.create_dataset(name, (agents, *rows.shape[1:]), rows.dtype)
+            except (OSError, RuntimeError) as error:
+                self.error = error
+
+        def write(first: int, block: np.ndarray) -> None:
+            if self.error is None:
+                try:
+                    dataset[first : first + len(block)] = block
+                except (OSError, RuntimeError) as error:
+                    self.error = error
+
+        return write
+
+    def commit(self, attributes: dict[str, object], shared: dict[str, np.ndarray]) -> None:
+        """The attributes and shared state, then the rename; OutputError on any failure."""
+        if self.error is None:
+            try:
+                self.file.attrs.update(attributes)
+                for name, value in shared.items():
+                    self.file.create_dataset(f"shared/{name}", data=value)
+                self.file.close()
+                # The rename is the commit: a crash before it keeps the previous checkpoint.
+                os.replace(self.temporary, self.path)
+                return
+            except (OSError, RuntimeError) as error:
+                self.error = error
+        abandon_file(self.file, self.error)  # closing a file whose write failed crashes HDF5
+        self.temporary.unlink(missing_ok=True)
+        kept = f"; the checkpoint {self.path} of before is kept" if self.path.exists() else ""
+        raise OutputError(f"{write_failure(self.error, self.temporary)}{kept}") from None
 
 
 def check_checkpoint(path: Path, config: Config) -> int:

@@ -34,6 +34,11 @@ import torch
 
 from dmeta.errors import DmetaError
 
+# write(first agent id, rows [agents, ...]): where rank 0 puts one rank's rows (rows_to_root).
+RowWriter = Callable[[int, np.ndarray], None]
+# The tag of rows_to_root's messages (the run's communicator carries no other tagged message).
+ROWS_TAG = 7
+
 
 class AgentLayout:
     """Agents 0..K-1 in contiguous blocks over ranks; block sizes differ by at most one."""
@@ -114,7 +119,7 @@ class Exchange(Protocol):
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
-    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None: ...
+    def rows_to_root(self, rows: np.ndarray, write: RowWriter | None) -> None: ...
 
     def allgather_object(self, value: Any) -> list[Any]: ...
 
@@ -229,8 +234,8 @@ class LocalExchange:
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
-        return rows
+    def rows_to_root(self, rows: np.ndarray, write: RowWriter | None) -> None:
+        write(0, rows)
 
     def allgather_object(self, value: Any) -> list[Any]:
         return [value]
@@ -353,18 +358,32 @@ class MPIExchange:
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
         return torch.from_numpy(buffer).to(tensor.device)
 
-    def gather_rows(self, rows: np.ndarray) -> np.ndarray | None:
-        """Concatenate each rank's rows (one per local agent) on rank 0, in agent order."""
+    def rows_to_root(self, rows: np.ndarray, write: RowWriter | None) -> None:
+        """Rank 0 calls `write(first agent id, rows)` with each rank's rows (one per local
+        agent), rank by rank; the other ranks send theirs (`write` is unused there). Rank 0
+        holds one rank's rows at a time, never every agent's: a checkpoint or the final models
+        of 10^6 agents are never gathered whole. When a write raises, rank 0 still receives
+        the remaining ranks' rows (their sends must not hang) and raises the first error once
+        all are in."""
         rows = np.ascontiguousarray(rows)
-        row_shape = rows.shape[1:]
-        row_size = int(np.prod(row_shape, dtype=np.int64))
-        gathered = None
-        if self.rank == 0:
-            gathered = np.empty((self.layout.num_agents, *row_shape), dtype=rows.dtype)
-        counts = self.layout.counts * row_size
-        offsets = self.layout.offsets * row_size
-        self.comm.Gatherv(rows, [gathered, (counts, offsets)] if self.rank == 0 else None, root=0)
-        return gathered
+        # All ranks synchronise here: every rank's rows pass through rank 0, in rank order.
+        if self.rank != 0:
+            self.comm.Send(rows, dest=0, tag=ROWS_TAG)
+            return
+        failure = None
+        for source in range(self.size):
+            block = rows
+            if source:
+                count = int(self.layout.counts[source])
+                block = np.empty((count, *rows.shape[1:]), dtype=rows.dtype)
+                self.comm.Recv(block, source=source, tag=ROWS_TAG)
+            if failure is None:
+                try:
+                    write(int(self.layout.offsets[source]), block)
+                except Exception as error:  # raised below, once every rank's rows are in
+                    failure = error
+        if failure is not None:
+            raise failure
 
     def allgather_object(self, value: Any) -> list[Any]:
         return self.comm.allgather(value)

@@ -30,7 +30,7 @@ import ctypes
 import errno
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -465,7 +465,8 @@ def _extend(
 
 
 class SerialWriter(_BufferedRows):
-    """Rank 0 writes with serial h5py; the other ranks send it their agents' rows."""
+    """Rank 0 writes with serial h5py; the other ranks send it their agents' rows, one rank at
+    a time (rank 0 never holds every agent's rows)."""
 
     def __init__(
         self,
@@ -481,6 +482,7 @@ class SerialWriter(_BufferedRows):
         super().__init__(num_local, flush_every, schema)
         self.path = Path(path)
         self.exchange = exchange
+        self.num_agents = num_agents
         self.file: h5py.File | None = None
         self.partial = partial_path(self.path)
         self.swmr_format = True  # whether the file's format allows SWMR mode
@@ -516,16 +518,38 @@ class SerialWriter(_BufferedRows):
             raise
 
     def _write_rows(self, start: int) -> None:
-        # All ranks synchronise here: one gather of every buffered per-agent value.
-        block = self.exchange.gather_rows(self.buffer.agent_block())
+        scalars = np.array(self.buffer.scalars)
+        failure = self._attempt(
+            lambda: _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
+        )
+
+        def write(first: int, block: np.ndarray) -> None:
+            if self.file is not None:
+                agents = slice(first, first + len(block))
+                with self._guard():
+                    for name in self.schema.per_agent:
+                        columns = self.schema.span(name, agents)
+                        self.file[name][start:, columns] = self.schema.stored(name, block, agents)
+
+        # All ranks synchronise here: every rank's buffered per-agent values pass to rank 0.
+        self.exchange.rows_to_root(self.buffer.agent_block(), write)
+        if failure is not None:
+            raise failure
         if self.file is not None:
-            scalars = np.array(self.buffer.scalars)
             with self._guard():
-                _extend(self.file, self.schema, start, self.buffer.iterations, scalars)
-                everyone = slice(0, len(block))
-                for name in self.schema.per_agent:
-                    self.file[name][start:] = self.schema.stored(name, block, everyone)
                 self.file.flush()
+
+    def _attempt(self, operation: Callable[[], object]) -> OutputError | None:
+        """`operation` on rank 0's file under `_guard`, its OutputError returned, not raised:
+        rank 0 must still take the other ranks' rows (rows_to_root) before it raises."""
+        if self.file is None:
+            return None
+        try:
+            with self._guard():
+                operation()
+        except OutputError as error:
+            return error
+        return None
 
     def live(self) -> None:
         """Switch the file to SWMR mode (readers open it with `swmr=True`), unless its format
@@ -548,8 +572,24 @@ class SerialWriter(_BufferedRows):
                 dataset.attrs.update(attributes)
 
     def write_agents(self, name: str, rows: np.ndarray, **attributes: Any) -> None:
-        gathered = self.exchange.gather_rows(np.ascontiguousarray(rows))
-        self.write_global(name, gathered, **attributes)
+        rows = np.ascontiguousarray(rows)
+
+        def create() -> None:
+            shape = (self.num_agents, *rows.shape[1:])
+            dataset = self._structural().create_dataset(name, shape, rows.dtype)
+            dataset.attrs.update(attributes)
+
+        failure = self._attempt(create)
+
+        def write(first: int, block: np.ndarray) -> None:
+            if self.file is not None:
+                with self._guard():
+                    self.file[name][first : first + len(block)] = block
+
+        # All ranks synchronise here: every rank's rows pass to rank 0, one rank at a time.
+        self.exchange.rows_to_root(rows, write)
+        if failure is not None:
+            raise failure
 
     def set_attributes(self, name: str, **attributes: Any) -> None:
         """Attributes of the group or dataset `name` (created as a group when missing)."""

@@ -91,6 +91,39 @@ def test_allreduce(comm) -> None:
     exchange.close()
 
 
+def test_rows_reach_rank_zero_one_rank_at_a_time_even_when_a_write_fails(comm) -> None:
+    """rows_to_root hands rank 0 each rank's rows in agent order; a write that raises does
+    not leave the other ranks waiting: rank 0 takes every rank's rows, then raises."""
+    num_agents = 9
+    table = np.arange(num_agents * 3, dtype=np.float64).reshape(num_agents, 3)
+    layout = AgentLayout(num_agents, comm.Get_size())
+    exchange = MPIExchange(comm, layout)
+    mine = table[layout.agents(comm.Get_rank())]
+    received = np.full_like(table, np.nan)
+
+    def write(first: int, rows: np.ndarray) -> None:
+        received[first : first + len(rows)] = rows
+
+    exchange.rows_to_root(mine, write)
+    if comm.Get_rank() == 0:
+        np.testing.assert_array_equal(received, table)
+    blocks = []
+
+    def failing(first: int, rows: np.ndarray) -> None:
+        blocks.append(first)
+        if first:
+            raise OSError("disk full")
+
+    if comm.Get_rank() == 0:
+        with pytest.raises(OSError, match="disk full"):
+            exchange.rows_to_root(mine, failing)
+        assert blocks == [0, int(layout.offsets[1])]  # later writes skipped, rows received
+    else:
+        exchange.rows_to_root(mine, None)
+    comm.Barrier()  # every rank got here: no send was left waiting
+    exchange.close()
+
+
 def _run_here_and_locally(comm, config, *extra: str):
     """Run `config` on these ranks; rank 0 also runs it in-process. Returns rank 0's files."""
     rank, size = comm.Get_rank(), comm.Get_size()
