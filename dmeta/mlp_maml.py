@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.func import vmap
 
 from dmeta.meta import MAML
 from dmeta.models import FlatModel
@@ -256,17 +257,7 @@ class ClosedFormMAML(MAML):
         """meta_gradients for one chunk of agents."""
         agents, count = tasks.support_x.shape[:2]
         sx, sy, qx, qy = (part.reshape(agents * count, *part.shape[2:]) for part in tasks)
-        layers = [self._layers(theta)]
-        runs = []
-        for _ in range(self.inner_steps):  # w_{s+1} = w_s - alpha grad Q(w_s; X_in)
-            run = forward(layers[-1], sx, self.activation)
-            squared_error(run, sy)
-            grads = backward(layers[-1], run)
-            runs.append(run)
-            stepped = zip(layers[-1], grads, self.adapted, strict=True)
-            layers.append(
-                [layer.stepped(g, -self.inner_lr) if on else layer for layer, g, on in stepped]
-            )
+        layers, runs = self._adapted(theta, sx, sy, self.inner_steps)
         query = forward(layers[-1], qx, self.activation)
         losses = squared_error(query, qy)
         meta = backward(layers[-1], query)
@@ -281,6 +272,61 @@ class ClosedFormMAML(MAML):
                 meta = [g.plus(h, -self.inner_lr) for g, h in zip(meta, products, strict=True)]
         pieces = [piece.reshape(agents, -1) for g in meta for piece in g.agent_means(agents)]
         return torch.cat(pieces, dim=1), losses.view(agents, count).mean(dim=1)
+
+    def _adapted(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, steps: int):
+        """(The layers after `steps` inner steps on (x, y) [B, n, .], each step's pass)."""
+        layers = [self._layers(theta)]
+        runs = []
+        for _ in range(steps):  # w_{s+1} = w_s - alpha grad Q(w_s; X_in)
+            run = forward(layers[-1], x, self.activation)
+            squared_error(run, y)
+            grads = backward(layers[-1], run)
+            runs.append(run)
+            stepped = zip(layers[-1], grads, self.adapted, strict=True)
+            layers.append(
+                [layer.stepped(g, -self.inner_lr) if on else layer for layer, g, on in stepped]
+            )
+        return layers, runs
+
+    def _scores(
+        self,
+        launch_models: torch.Tensor,
+        tasks: TaskBatch,
+        own: bool,
+        steps: int,
+        scores: tuple,
+        tasks_at_once: int,
+    ) -> torch.Tensor:
+        """MAML's evaluations in closed form: [agents, tasks, 1 + len(scores)]."""
+        agents = len(launch_models)
+        if not own:  # the same tasks for every agent
+            tasks = TaskBatch(*(part.expand(agents, *part.shape) for part in tasks))
+        count = tasks.support_x.shape[1]
+        by_tasks = tasks_at_once or count
+        chunk = self._chunk(agents) or agents
+        rows = []
+        for first in range(0, agents, chunk):
+            theta = launch_models[first : first + chunk]
+            pieces = [
+                self._score_chunk(
+                    theta, TaskBatch(*(p[first : first + chunk, t : t + by_tasks] for p in tasks)),
+                    steps, scores,
+                )
+                for t in range(0, count, by_tasks)
+            ]  # fmt: skip
+            rows.append(torch.cat(pieces, dim=1))
+        return torch.cat(rows)
+
+    def _score_chunk(
+        self, theta: torch.Tensor, tasks: TaskBatch, steps: int, scores: tuple
+    ) -> torch.Tensor:
+        agents, count = tasks.support_x.shape[:2]
+        sx, sy, qx, qy = (part.reshape(agents * count, *part.shape[2:]) for part in tasks)
+        layers, _ = self._adapted(theta, sx, sy, steps)
+        query = forward(layers[-1], qx, self.activation)
+        columns = [squared_error(query, qy)]
+        columns += [vmap(score)(query.output, qy) for score in scores]
+        return torch.stack(columns, dim=-1).view(agents, count, -1)
 
     def meta_gradients(
         self, launch_models: torch.Tensor, tasks: TaskBatch

@@ -143,3 +143,30 @@ def test_a_run_in_closed_form_gives_the_torch_func_run(tmp_path) -> None:
     for name, code in (("fast", "closed_form"), ("plain", "torch.func")):
         with h5py.File(tmp_path / f"{name}.h5") as run:
             assert run.attrs["meta_gradients"] == code
+
+
+@pytest.mark.parametrize(
+    ("steps", "at_once", "tasks_at_once", "anil"),
+    [(1, 0, 0, False), (2, 2, 3, False), (0, 0, 2, False), (2, 0, 0, True)],
+)
+def test_closed_form_evaluations_equal_torch_func(steps, at_once, tasks_at_once, anil) -> None:
+    """evaluate (tasks shared by every agent) and evaluate_own (each agent's own tasks), with
+    a score beside the loss, in chunks of agents and of tasks or not: MAML's numbers."""
+    generator = torch.Generator().manual_seed(11)
+    model = build_mlp(ModelConfig(hidden=[6, 5], activation="tanh"), 1, 1)
+    theta = 0.5 * torch.randn(5, model.num_parameters, generator=generator, dtype=torch.float64)
+    mask = model.head_mask().to(torch.float64) if anil else None
+    reference = MAML(model.forward, mse_loss, 0.3, 1, False, mask, agents_at_once=at_once)
+    fast = closed_form(reference, model)
+
+    def error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (prediction - target).abs().max()
+
+    own = _tasks(5, 7, 4, generator)
+    shared = TaskBatch(*(part[0] for part in own))
+    for method in ("evaluate", "evaluate_own"):
+        tasks = shared if method == "evaluate" else own
+        ours = getattr(fast, method)(theta, tasks, steps, (error,), tasks_at_once)
+        theirs = getattr(reference, method)(theta, tasks, steps, (error,), tasks_at_once)
+        assert ours.shape == theirs.shape == (5, 7, 2)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
