@@ -139,7 +139,7 @@ class Pass:
         """sigma'(a_l) * x for hidden layer l."""
         if self.activation == "relu":
             # ReLU's derivative, as torch's own: x where h_l = relu(a_l) > 0, else 0.
-            return torch.ops.aten.threshold_backward(x, self.inputs[l + 1], 0)
+            return torch.ops.aten.threshold_backward(x, self.inputs[l + 1], 0.0)
         return self.slopes[l] * x
 
 
