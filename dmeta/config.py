@@ -466,9 +466,11 @@ class RuntimeConfig:
     compile_after: int = 5000
     # The meta-gradients and evaluations take this many of a rank's agents at a time (0: all
     # at once). Each agent's row is computed alone either way: chunks bound the memory of the
-    # second-order graphs, and keep them in the caches (10,000 sine agents on one CPU rank:
-    # about 2x faster per agent with chunks of 256 than all at once; BENCHMARKS.md).
-    agents_at_once: int = 256
+    # second-order graphs and keep a chunk's work in the CPU's caches (10,000 sine agents on
+    # one CPU rank: 14% faster per agent in chunks of 64 than of 256, 2x faster with chunks
+    # than all at once; BENCHMARKS.md). On a GPU, which wants large batches and has the
+    # memory, set 0 or thousands.
+    agents_at_once: int = 64
     # MAML, FO-MAML and ARM on an MLP under the squared error (the sine experiments) take their
     # meta-gradients in closed form (dmeta/mlp_maml.py: batched matrix products, the Hessian
     # products by the R-operator), 2-4x faster than torch.func's nested transforms on the CPU;
