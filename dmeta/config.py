@@ -222,6 +222,9 @@ class OptimizerConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    # L2 penalty lambda: the step takes g + lambda w (torch.optim's coupled weight_decay, for SGD
+    # and Adam alike). L2C's paper trains its local models with SGD and 5e-4 (Sec. 4).
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -769,6 +772,7 @@ def _check_ranges(config: Config) -> None:
     non_negative = {
         "learner.inner_steps": config.learner.inner_steps,
         "learner.inner_lr": config.learner.inner_lr,
+        "optimizer.weight_decay": config.optimizer.weight_decay,
         "validation.inner_steps": config.validation.inner_steps,
         "runtime.threads": config.runtime.threads,
         "runtime.agents_at_once": config.runtime.agents_at_once,

@@ -39,11 +39,18 @@ def _masked(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> 
     return torch.where(mask.reshape(shape), new, old)
 
 
-class SGD:
-    """w <- w - lr g: eq. (6a) as the theory states it; no state."""
+def _decayed(gradients: torch.Tensor, params: torch.Tensor, weight_decay: float) -> torch.Tensor:
+    """g + lambda w: an L2 penalty (lambda/2)|w|^2 on the loss, as torch.optim's `weight_decay`
+    (coupled: Adam normalises it with the gradient); g itself when lambda is 0."""
+    return gradients.add(params, alpha=weight_decay) if weight_decay else gradients
 
-    def __init__(self, lr: float) -> None:
+
+class SGD:
+    """w <- w - lr (g + lambda w): eq. (6a) as the theory states it (lambda = 0); no state."""
+
+    def __init__(self, lr: float, weight_decay: float = 0.0) -> None:
         self.lr = lr
+        self.weight_decay = weight_decay
 
     def init_state(self, params: torch.Tensor) -> State:
         return {}
@@ -55,17 +62,21 @@ class SGD:
         state: State,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State]:
+        gradients = _decayed(gradients, params, self.weight_decay)
         return _masked(mask, params - self.lr * gradients, params), state
 
 
 class Adam:
     """Adam with moments `exp_avg`, `exp_avg_sq` [agents, M] and a step count `step` [agents]."""
 
-    def __init__(self, lr: float, beta1: float, beta2: float, eps: float) -> None:
+    def __init__(
+        self, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float = 0.0
+    ) -> None:
         self.lr = lr
         self.beta1 = beta1
         self.beta2 = beta2
         self.eps = eps
+        self.weight_decay = weight_decay
 
     def init_state(self, params: torch.Tensor) -> State:
         return {
@@ -83,6 +94,7 @@ class Adam:
     ) -> tuple[torch.Tensor, State]:
         """One Adam step of the rows in `mask` (all rows when None: then the moments and step
         counts are updated in place, as torch.optim.Adam does, to spare temporaries)."""
+        gradients = _decayed(gradients, params, self.weight_decay)
         new_state = self._advanced(state, gradients, out=None if mask is not None else state)
         # Bias corrections per row, in float64 as torch computes them from a Python step.
         count = new_state["step"].to(torch.float64)[:, None]

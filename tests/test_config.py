@@ -41,6 +41,7 @@ def test_job_file_and_overrides(tmp_path) -> None:
         ("model.same_init=maybe", "must be true or false"),
         ("seed=1180591620717411303424", "seed = 1180591620717411303424 must lie in"),
         ("seed=-1", "seed = -1 must lie in"),
+        ("optimizer.weight_decay=-0.1", "optimizer.weight_decay = -0.1 must not be negative"),
     ],
 )
 def test_bad_overrides_name_the_problem(override: str, message: str) -> None:

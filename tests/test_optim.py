@@ -24,7 +24,8 @@ def _torch_adam_rows(params, gradients_per_step, masks, **settings) -> torch.Ten
     return torch.stack(rows)
 
 
-def test_adam_rows_equal_torch_adam_with_per_agent_step_counts() -> None:
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_rows_equal_torch_adam_with_per_agent_step_counts(weight_decay) -> None:
     generator = torch.Generator().manual_seed(0)
     params = torch.randn(4, 6, dtype=F64, generator=generator)
     steps = [torch.randn(4, 6, dtype=F64, generator=generator) for _ in range(5)]
@@ -36,8 +37,8 @@ def test_adam_rows_equal_torch_adam_with_per_agent_step_counts() -> None:
         torch.tensor([True, True, True, True]),
         torch.tensor([True, True, True, True]),
     ]
-    settings = {"lr": 0.1, "betas": (0.8, 0.95), "eps": 1e-6}
-    adam = Adam(0.1, 0.8, 0.95, 1e-6)
+    settings = {"lr": 0.1, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": weight_decay}
+    adam = Adam(0.1, 0.8, 0.95, 1e-6, weight_decay)
     rows, state = params.clone(), adam.init_state(params)
     for gradients, mask in zip(steps, masks, strict=True):
         rows, state = adam.step(rows, gradients, state, mask)
@@ -68,3 +69,14 @@ def test_sgd_is_eq_6a(masked) -> None:
         expected[1] = params[1]
     torch.testing.assert_close(updated, expected, rtol=0, atol=0)
     assert state == {}
+
+
+def test_sgd_weight_decay_is_torch_sgds() -> None:
+    """optimizer.weight_decay: w - lr (g + lambda w), torch.optim.SGD's coupled L2 term."""
+    params, gradients = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
+    updated, _ = SGD(0.5, weight_decay=0.01).step(params, gradients, {})
+    row = params.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([row], lr=0.5, weight_decay=0.01)
+    row.grad = gradients.clone()
+    optimizer.step()
+    torch.testing.assert_close(updated, row.detach(), rtol=1e-15, atol=1e-15)

@@ -102,8 +102,8 @@ def task_draw(t: int, steps: int, step: int) -> int:
 def build_optimizer(settings: OptimizerConfig) -> RowOptimizer:
     """The outer optimizer `optimizer.name` of eq. (6a), one state row per agent."""
     if settings.name == "sgd":
-        return SGD(settings.lr)
-    return Adam(settings.lr, settings.beta1, settings.beta2, settings.eps)
+        return SGD(settings.lr, settings.weight_decay)
+    return Adam(settings.lr, settings.beta1, settings.beta2, settings.eps, settings.weight_decay)
 
 
 class Algorithm(ABC):
