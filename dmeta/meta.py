@@ -60,6 +60,11 @@ class MAML:
         pieces = -(-count // self.agents_at_once)
         return -(-count // pieces)
 
+    def plain(self) -> MAML:
+        """The gradient of the plain loss, grad Q(w; X_o) (ARM: no inner step), on this
+        learner's network and loss, e.g. for FedAvg's client steps."""
+        return MAML(self.forward, self.loss, 0.0, 0, False, agents_at_once=self.agents_at_once)
+
     def initial_state(self, launch_models: torch.Tensor) -> torch.Tensor:
         """The learner's launch rows from the models' [agents, M]: Meta-SGD appends its step
         sizes, all equal to inner_lr; every other learner uses the models as they are."""

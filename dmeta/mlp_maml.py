@@ -255,6 +255,10 @@ class ClosedFormMAML(MAML):
             pieces = torch.split(learner.inner_mask, self.sizes)
             self.adapted = [bool(pieces[2 * i].any()) for i in range(len(self.adapted))]
 
+    def plain(self) -> MAML:
+        """MAML.plain, in closed form."""
+        return ClosedFormMAML(super().plain(), self.shapes, self.activation)
+
     def _layers(self, theta: torch.Tensor) -> list[Layer]:
         """The launch models [agents, M] as layers (views, no copy)."""
         pieces = torch.split(theta, self.sizes, dim=1)

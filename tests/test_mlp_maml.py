@@ -170,3 +170,21 @@ def test_closed_form_evaluations_equal_torch_func(steps, at_once, tasks_at_once,
         theirs = getattr(reference, method)(theta, tasks, steps, (error,), tasks_at_once)
         assert ours.shape == theirs.shape == (5, 7, 2)
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
+
+
+def test_the_plain_gradient_stays_in_closed_form() -> None:
+    """learner.plain() (FedAvg's client steps: no inner step) keeps the closed form and
+    equals MAML's plain gradient."""
+    generator = torch.Generator().manual_seed(2)
+    model = build_mlp(ModelConfig(hidden=[6]), 1, 1)
+    theta = torch.randn(3, model.num_parameters, generator=generator, dtype=torch.float64)
+    tasks = _tasks(3, 2, 4, generator)
+    reference = MAML(model.forward, mse_loss, 0.3, 2, False)
+    plain = closed_form(reference, model).plain()
+    assert isinstance(plain, ClosedFormMAML) and plain.inner_steps == 0
+    for ours, theirs in zip(
+        plain.meta_gradients(theta, tasks),
+        reference.plain().meta_gradients(theta, tasks),
+        strict=True,
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)

@@ -52,7 +52,6 @@ from dmeta.algorithms.base import (
 from dmeta.config import AsynchronyConfig, Config, OptimizerConfig
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
-from dmeta.meta import MAML
 from dmeta.tasks import TaskBatch
 
 
@@ -330,7 +329,7 @@ class FedAvg(Federated):
         super().__init__(context, plan, initial_models)
         learner = context.learner
         # No inner step: the gradient of the plain (query-set) loss.
-        self.plain = MAML(learner.forward, learner.loss, 0.0, 0, first_order=False)
+        self.plain = learner.plain()
         # FedAvg trains without the learner's inner step; the learner only adapts the server
         # model at evaluation (FedAvg(Meta)'s fine-tuning, and the stationarity estimate's
         # meta-gradient): federated.finetune_lr > 0 sets its step there.
