@@ -123,6 +123,11 @@ def substream(stream: int, part: int) -> int:
     return stream + 256 * part
 
 
+# Elements whose Philox blocks are computed together on the CPU (2^17: about 1 MiB per int64
+# word, so a round's temporaries stay in the caches).
+_ELEMENTS_AT_ONCE = 2**17
+
+
 def _mulhilo(value: Word, multiplier: int) -> tuple[Word, Word]:
     """High and low 32-bit words of multiplier * value for 0 <= value < 2^32.
 
@@ -190,15 +195,26 @@ def blocks(
     count = math.prod(shape)
     _check_ranges(seed, agents, stream, iteration, count)
     index = torch.arange(count, device=agents.device, dtype=torch.int64)[None, :]
-    counter = (
-        index,
-        agents.to(torch.int64)[:, None],
-        iteration & _MASK32,
-        (iteration >> 32) | (stream << 16),
-    )
-    words = philox4x32_10(counter, (seed & _MASK32, seed >> 32))
-    size = (len(agents), count)
-    return tuple(torch.broadcast_to(word, size).reshape(len(agents), *shape) for word in words)
+    rows = len(agents)
+    if agents.device.type == "cpu":
+        # A slice of agents at a time keeps the rounds' int64 temporaries in the CPU's caches
+        # (10,000 sine agents' task draw: 2x faster); every element is its own block either way.
+        rows = max(1, _ELEMENTS_AT_ONCE // max(count, 1))
+    parts = []
+    for first in range(0, len(agents), rows):
+        counter = (
+            index,
+            agents[first : first + rows].to(torch.int64)[:, None],
+            iteration & _MASK32,
+            (iteration >> 32) | (stream << 16),
+        )
+        words = philox4x32_10(counter, (seed & _MASK32, seed >> 32))
+        size = (min(rows, len(agents) - first), count)
+        parts.append([torch.broadcast_to(word, size) for word in words])
+    if len(parts) == 1:
+        return tuple(word.reshape(len(agents), *shape) for word in parts[0])
+    stacked = zip(*parts, strict=True)
+    return tuple(torch.cat(words).reshape(len(agents), *shape) for words in stacked)
 
 
 def _unit53(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,15 @@ def test_draws_do_not_depend_on_the_other_agents_or_on_repetition(draw) -> None:
     torch.testing.assert_close(draw(11, torch.arange(12), rng.STREAM_TASKS, 9, (3, 5)), everyone)
 
 
+def test_draws_in_slices_of_agents_are_the_draws_at_once(monkeypatch) -> None:
+    """The CPU computes the blocks a slice of agents at a time (cache-sized): same numbers."""
+    whole = rng.blocks(5, torch.arange(9), rng.STREAM_TASKS, 3, (2, 7))
+    monkeypatch.setattr(rng, "_ELEMENTS_AT_ONCE", 30)  # 2 agents (28 elements) a slice
+    sliced = rng.blocks(5, torch.arange(9), rng.STREAM_TASKS, 3, (2, 7))
+    for ours, theirs in zip(sliced, whole, strict=True):
+        assert ours.shape == (9, 2, 7) and torch.equal(ours, theirs)
+
+
 def test_random_bits_are_32_bit_words() -> None:
     bits = rng.random_bits(0, torch.arange(50), rng.STREAM_TASKS, 0, (2000,))
     assert bits.dtype == torch.int64
