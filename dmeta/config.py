@@ -474,10 +474,11 @@ class RuntimeConfig:
     # than all at once; BENCHMARKS.md). On a GPU, which wants large batches and has the
     # memory, set 0 or thousands.
     agents_at_once: int = 64
-    # MAML, FO-MAML and ARM on an MLP under the squared error (the sine experiments) take their
-    # meta-gradients in closed form (dmeta/mlp_maml.py: batched matrix products, the Hessian
-    # products by the R-operator), 2-4x faster than torch.func's nested transforms on the CPU;
-    # false: torch.func for every model. Same numbers up to rounding.
+    # MAML, FO-MAML, ANIL, FO-ANIL and ARM on an MLP under the squared error (the sine runs)
+    # take their meta-gradients and evaluations in closed form (dmeta/mlp_maml.py: batched
+    # matrix products, the Hessian products by the R-operator), 2-3x faster eager than
+    # torch.func's nested transforms on the CPU; false: torch.func for every model. Same
+    # numbers up to rounding.
     closed_form: bool = True
 
 

@@ -28,21 +28,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import vmap
+from torch.nn.utils import parametrize
 
 from dmeta.meta import MAML
 from dmeta.models import FlatModel
 from dmeta.tasks import TaskBatch, mse_loss
 
 
+def _as_its_type(layer: nn.Module) -> bool:
+    """Whether `layer` computes what its type's forward says: no hooks, no parametrization."""
+    hooked = layer._forward_hooks or layer._forward_pre_hooks
+    return not hooked and not parametrize.is_parametrized(layer)
+
+
 def mlp_activation(module: nn.Module) -> str | None:
-    """ "relu" or "tanh" for nn.Sequential(Linear, act, Linear, act, ..., Linear) with one
-    activation throughout (dmeta.models.build_mlp's networks); None for any other module."""
-    if not isinstance(module, nn.Sequential) or len(module) % 2 == 0:
+    """ "relu" or "tanh" for exactly nn.Sequential(Linear, act, Linear, act, ..., Linear) with
+    one activation throughout (dmeta.models.build_mlp's networks; no subclass, hook or
+    parametrization); None for any other module."""
+    if type(module) is not nn.Sequential or len(module) % 2 == 0:
         return None
     kinds = {nn.ReLU: "relu", nn.Tanh: "tanh"}
-    linear = all(isinstance(layer, nn.Linear) and layer.bias is not None for layer in module[::2])
+    linear = all(type(layer) is nn.Linear and layer.bias is not None for layer in module[::2])
     activations = {kinds.get(type(layer)) for layer in module[1::2]}
-    if not linear or None in activations or len(activations) > 1:
+    plain = all(_as_its_type(layer) for layer in (module, *module))
+    if not (linear and plain) or None in activations or len(activations) > 1:
         return None
     return activations.pop() if activations else "relu"
 
@@ -259,6 +268,16 @@ class ClosedFormMAML(MAML):
         """MAML.plain, in closed form."""
         return ClosedFormMAML(super().plain(), self.shapes, self.activation)
 
+    def _computes(self, tasks: TaskBatch, dims: int) -> bool:
+        """Whether `tasks` have the layout this class computes: every part `dims`-dimensional,
+        [..., examples, features] with the network's input and output widths. Other layouts
+        (a sequence dimension, targets without a feature axis) go to torch.func, which
+        broadcasts as the network's modules do."""
+        widths = (self.shapes[0][1], self.shapes[-1][0])
+        features = [part.shape[-1] for part in tasks]
+        expected = [widths[0], widths[1], widths[0], widths[1]]
+        return all(part.dim() == dims for part in tasks) and features == expected
+
     def _layers(self, theta: torch.Tensor) -> list[Layer]:
         """The launch models [agents, M] as layers (views, no copy)."""
         pieces = torch.split(theta, self.sizes, dim=1)
@@ -312,6 +331,8 @@ class ClosedFormMAML(MAML):
         tasks_at_once: int,
     ) -> torch.Tensor:
         """MAML's evaluations in closed form: [agents, tasks, 1 + len(scores)]."""
+        if not self._computes(tasks, 4 if own else 3):
+            return super()._scores(launch_models, tasks, own, steps, scores, tasks_at_once)
         agents = len(launch_models)
         if not own:  # the same tasks for every agent
             tasks = TaskBatch(*(part.expand(agents, *part.shape) for part in tasks))
@@ -334,6 +355,8 @@ class ClosedFormMAML(MAML):
     def _score_chunk(
         self, theta: torch.Tensor, tasks: TaskBatch, steps: int, scores: tuple
     ) -> torch.Tensor:
+        """[agents, tasks, 1 + len(scores)] for one chunk of agents and tasks [agents, tasks,
+        ...]: the query loss and scores after `steps` inner steps on each support set."""
         agents, count = tasks.support_x.shape[:2]
         sx, sy, qx, qy = (part.reshape(agents * count, *part.shape[2:]) for part in tasks)
         layers, _ = self._adapted(theta, sx, sy, steps)
@@ -346,6 +369,8 @@ class ClosedFormMAML(MAML):
         self, launch_models: torch.Tensor, tasks: TaskBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """MAML.meta_gradients in closed form: gradients [agents, M], losses [agents]."""
+        if not self._computes(tasks, 4):
+            return super().meta_gradients(launch_models, tasks)
         chunk = self._chunk(len(launch_models)) or len(launch_models)
         parts = [
             self._one_chunk(theta, TaskBatch(*(part[start : start + chunk] for part in tasks)))
@@ -366,6 +391,7 @@ def closed_form(learner: MAML, model: FlatModel) -> MAML:
     covered = (
         type(learner) is MAML
         and activation is not None
+        and type(model).forward is FlatModel.forward
         and learner.forward == model.forward
         and learner.loss is mse_loss
         and not learner.learned_inner_lr

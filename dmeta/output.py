@@ -464,6 +464,14 @@ def _extend(
             file[name][start:] = scalars[:, column]
 
 
+# The serial writer's h5py.File options. Each rank's rows arrive as a column slice of every
+# per-agent series, whose chunks span all K columns (8 MB at K = 10^6): a chunk cache that holds
+# the series' current chunks (HDF5's default is 1 MiB) writes them once per flush instead of
+# once per rank (one series at K = 10^6, three flushes of 10 rows in 64 rank slices: 0.17 s,
+# against 5.1 s with the default cache).
+SERIAL_OPTIONS = {"libver": swmr.LIBVER, "rdcc_nbytes": 128 * 2**20}
+
+
 class SerialWriter(_BufferedRows):
     """Rank 0 writes with serial h5py; the other ranks send it their agents' rows, one rank at
     a time (rank 0 never holds every agent's rows)."""
@@ -493,7 +501,7 @@ class SerialWriter(_BufferedRows):
             _prepare_path(self.path)
             quiet_hdf5_write_noise()
             try:
-                self.file = h5py.File(self.partial, "w", libver=swmr.LIBVER)
+                self.file = h5py.File(self.partial, "w", **SERIAL_OPTIONS)
             except OSError as error:
                 raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
             with self._guard():
@@ -502,9 +510,7 @@ class SerialWriter(_BufferedRows):
             _recover(self.partial)
             # A run begun by the parallel writer has a format without SWMR: it stays so.
             self.swmr_format = swmr.superblock(self.partial)[0] >= 3
-            self.file = _reopen(
-                self.partial, resume_rows, attributes, schema, {"libver": swmr.LIBVER}
-            )
+            self.file = _reopen(self.partial, resume_rows, attributes, schema, SERIAL_OPTIONS)
             self.rows = resume_rows
 
     @contextlib.contextmanager
@@ -562,7 +568,7 @@ class SerialWriter(_BufferedRows):
         """The file, out of SWMR mode (closed and reopened) so that objects can be created."""
         if self.file.swmr_mode:
             self.file.close()
-            self.file = h5py.File(self.partial, "a", libver=swmr.LIBVER, locking=False)
+            self.file = h5py.File(self.partial, "a", locking=False, **SERIAL_OPTIONS)
         return self.file
 
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:

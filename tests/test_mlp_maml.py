@@ -117,6 +117,44 @@ def test_closed_form_covers_only_what_it_computes() -> None:
     learner = MAML(odd.forward, mse_loss, 0.1, 1, False)
     assert closed_form(learner, odd) is learner
 
+    class Scaled(FlatModel):  # a forward of its own
+        def forward(self, flat, inputs):
+            return super().forward(flat, 3 * inputs)
+
+    class Linear(nn.Linear):  # a layer that is not what its type says
+        def forward(self, inputs):
+            return super().forward(2 * inputs)
+
+    hooked = nn.Linear(3, 1)
+    hooked.register_forward_pre_hook(lambda module, args: (2 * args[0],))
+    scaled = Scaled(nn.Sequential(nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 1)))
+    networks = [
+        nn.Sequential(Linear(1, 3), nn.ReLU(), nn.Linear(3, 1)),
+        nn.Sequential(nn.Linear(1, 3), nn.ReLU(), hooked),
+        nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(1, 3)), nn.Linear(3, 1)),
+    ]
+    for model in [scaled, *(FlatModel(network) for network in networks)]:
+        learner = MAML(model.forward, mse_loss, 0.1, 1, False)
+        assert closed_form(learner, model) is learner
+
+
+def test_other_layouts_of_the_data_go_to_torch_func() -> None:
+    """Inputs with a sequence axis ([tasks, shots, steps, in]: the Linear layers act on the
+    last axis) are not the closed form's layout: its learner hands them to torch.func."""
+    generator = torch.Generator().manual_seed(4)
+    model = build_mlp(ModelConfig(hidden=[5]), 2, 1)
+    theta = torch.randn(3, model.num_parameters, generator=generator, dtype=torch.float64)
+    x = torch.randn(3, 2, 4, 6, 2, generator=generator, dtype=torch.float64)
+    y = torch.randn(3, 2, 4, 6, 1, generator=generator, dtype=torch.float64)
+    tasks = TaskBatch(x, y, x, y)
+    reference = MAML(model.forward, mse_loss, 0.3, 1, False)
+    fast = closed_form(reference, model)
+    assert isinstance(fast, ClosedFormMAML)
+    for ours, theirs in zip(
+        fast.meta_gradients(theta, tasks), reference.meta_gradients(theta, tasks), strict=True
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
 
 @pytest.mark.parametrize("name", ["maml", "fomaml", "arm", "anil", "metasgd"])
 def test_runtime_closed_form_chooses_the_learner(name: str) -> None:
