@@ -7,9 +7,9 @@ is written out here as batched matrix products: each inner step's forward and ba
 the query pass, and the Hessian-vector products of the support loss by Pearlmutter's
 R-operator (forward-mode derivative of the backward pass). All agents and tasks of a rank are
 one batch. torch.func's nested vmap(grad(vmap(grad))) in dmeta.meta.MAML computes the same
-numbers through about four times as many operator calls, many on strided layouts where the CPU
-kernels do not vectorise; this module is the fast path for those models, and MAML stays the
-definition: the tests hold the two together in float64.
+numbers through many more operator calls, several on strided layouts where the CPU kernels do
+not vectorise; this module is the fast path for those models (2-3x faster eager on the CPU,
+BENCHMARKS.md), and MAML stays the definition: the tests hold the two together in float64.
 
 Layout: K agents x T tasks = B task rows of n examples; activations are [B, n, width],
 contiguous, so [K, T n, width] is the same memory. A layer's weight is the launch model's
@@ -17,8 +17,8 @@ contiguous, so [K, T n, width] is the same memory. A layer's weight is the launc
 -alpha dQ/dW = -alpha delta^T h, a matrix of rank n (the support examples). Such changes, and
 the gradients, Hessian products and meta-gradients, are kept factored as left^T right (left
 [B, r, out], right [B, r, in]) and never formed as [B, out, in]: products with them cost
-n r (in + out) instead of n in out, sums are concatenations, and each agent's meta-gradient is
-one matrix product over all its tasks' factors at the end.
+n r (in + out) instead of n in out, sums are lists of terms, and each agent's meta-gradient is
+one matrix product per term over all its tasks' factors at the end.
 """
 
 from __future__ import annotations
@@ -242,8 +242,8 @@ def hessian_product(layers: list[Layer], run: Pass, direction: list[Change]) -> 
 
 class ClosedFormMAML(MAML):
     """MAML (second order), FO-MAML, ANIL, FO-ANIL and ARM on an MLP under the mean squared
-    error, with the meta-gradients in closed form (module docstring); everything else
-    (evaluation, Meta-SGD's state) is MAML's."""
+    error, with the meta-gradients and evaluations in closed form (module docstring) for data
+    laid out [..., examples, features]; anything else is MAML's."""
 
     def __init__(self, learner: MAML, shapes: list[tuple[int, ...]], activation: str) -> None:
         super().__init__(
