@@ -464,12 +464,17 @@ def _extend(
             file[name][start:] = scalars[:, column]
 
 
-# The serial writer's h5py.File options. Each rank's rows arrive as a column slice of every
-# per-agent series, whose chunks span all K columns (8 MB at K = 10^6): a chunk cache that holds
-# the series' current chunks (HDF5's default is 1 MiB) writes them once per flush instead of
-# once per rank (one series at K = 10^6, three flushes of 10 rows in 64 rank slices: 0.17 s,
-# against 5.1 s with the default cache).
-SERIAL_OPTIONS = {"libver": swmr.LIBVER, "rdcc_nbytes": 128 * 2**20}
+# The serial writer's chunk cache. Each rank's rows arrive as a column slice of every per-agent
+# series, whose chunks span all K columns (8 MB at K = 10^6): a cache that holds the series'
+# current chunks (HDF5's default is 1 MiB) writes them once per flush instead of once per rank
+# (one series at K = 10^6, three flushes of 10 rows in 64 rank slices: 0.17 s, against 5.1 s
+# with the default cache).
+CHUNK_CACHE_BYTES = 128 * 2**20
+
+
+def _serial_options() -> dict[str, Any]:
+    """The serial writer's h5py.File options, read when a file opens (swmr.LIBVER may vary)."""
+    return {"libver": swmr.LIBVER, "rdcc_nbytes": CHUNK_CACHE_BYTES}
 
 
 class SerialWriter(_BufferedRows):
@@ -501,7 +506,7 @@ class SerialWriter(_BufferedRows):
             _prepare_path(self.path)
             quiet_hdf5_write_noise()
             try:
-                self.file = h5py.File(self.partial, "w", **SERIAL_OPTIONS)
+                self.file = h5py.File(self.partial, "w", **_serial_options())
             except OSError as error:
                 raise DmetaError(f"cannot create output file {self.partial}: {error}") from None
             with self._guard():
@@ -510,7 +515,7 @@ class SerialWriter(_BufferedRows):
             _recover(self.partial)
             # A run begun by the parallel writer has a format without SWMR: it stays so.
             self.swmr_format = swmr.superblock(self.partial)[0] >= 3
-            self.file = _reopen(self.partial, resume_rows, attributes, schema, SERIAL_OPTIONS)
+            self.file = _reopen(self.partial, resume_rows, attributes, schema, _serial_options())
             self.rows = resume_rows
 
     @contextlib.contextmanager
@@ -568,7 +573,7 @@ class SerialWriter(_BufferedRows):
         """The file, out of SWMR mode (closed and reopened) so that objects can be created."""
         if self.file.swmr_mode:
             self.file.close()
-            self.file = h5py.File(self.partial, "a", locking=False, **SERIAL_OPTIONS)
+            self.file = h5py.File(self.partial, "a", locking=False, **_serial_options())
         return self.file
 
     def write_global(self, name: str, data: np.ndarray, **attributes: Any) -> None:
