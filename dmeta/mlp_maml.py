@@ -115,14 +115,13 @@ class Layer:
         agents, rows = self.shared.shape[0], h.shape[0]
         grouped = h.reshape(agents, -1, h.shape[-1])
         shared = self.shared.mT if transpose else self.shared
-        if grouped.shape[-1] == 1:
-            out = grouped * shared
-            if bias and self.bias.shape[0] == agents:
-                out += self.bias.unsqueeze(1)
-        elif bias and self.bias.shape[0] == agents:
+        per_agent_bias = bias and self.bias.shape[0] == agents
+        if per_agent_bias and grouped.shape[-1] > 1:
             out = torch.baddbmm(self.bias.unsqueeze(1), grouped, shared)
         else:
-            out = torch.bmm(grouped, shared)
+            out = _product(grouped, shared)
+            if per_agent_bias:
+                out += self.bias.unsqueeze(1)
         out = _low_rank(out.view(rows, h.shape[1], -1), h, self.change, transpose)
         if bias and self.bias.shape[0] != agents:
             out += self.bias.unsqueeze(1)
