@@ -235,9 +235,9 @@ class FederatedConfig:
     function of the seed and the round) and steps its own optimizer: `server_optimizer` with
     `server_lr`, Adam's betas and eps from [optimizer] (whose name and lr these strategies do not
     use). FedMeta (Chen et al., Algorithm 1) averages the clients' meta-gradients of the learner;
-    FedAvg averages the models after `local_steps` SGD steps of size `client_lr` on each client's
-    loss, and its server step takes the average delta server - average as its gradient, so
-    server_optimizer = "sgd" with server_lr = 1 is plain FedAvg (McMahan et al.).
+    FedAvg averages the models after `local_epochs` epochs of SGD steps of size `client_lr` on
+    each client's loss, and its server step takes the average delta server - average as its
+    gradient, so server_optimizer = "sgd" with server_lr = 1 is plain FedAvg (McMahan et al.).
     """
 
     clients_per_round: int = 10
@@ -245,7 +245,11 @@ class FederatedConfig:
     server_lr: float = 0.001
     client_lr: float = 0.01
     # FedAvg's client epochs (steps_per_epoch steps each, as learner.local_steps).
-    local_steps: int = 1
+    local_epochs: int = 1
+    # FedAvg on federated data (problem = "federated"): 0 takes an epoch as one step on all of
+    # a client's data; B > 0 cuts it into ceil(n_u / B) mini-batches of B examples in a fresh
+    # random order per (client, round, epoch): LEAF's FedAvg, bigger clients taking more steps.
+    batch_size: int = 0
     # FedAvg(Meta) (Chen et al., Sec. 4.1): fine-tune the server model on each held-out client's
     # support set before scoring its query set; plain FedAvg (false) scores it unadapted. The
     # fine-tuning takes the learner's inner steps of size `finetune_lr` (0: learner.inner_lr);
@@ -664,12 +668,20 @@ def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
     raise TypeError(f"config field {key} has an unsupported type {annotation!r}")
 
 
+# Keys that were renamed (old dotted key -> new one): refused with a line naming the new key.
+RENAMED_KEYS = {"federated.local_steps": "federated.local_epochs"}
+
+
 def _apply(target: Any, key: str, value: Any, prefix: str = "", text: bool = False) -> None:
     """Set the dotted `key` of the dataclass `target` to `value`, checking name and type;
     `text`: the value is command-line text (`--set`), converted to the key's type."""
     name, _, rest = key.partition(".")
     types = _field_types(type(target))
     full = prefix + name
+    if full in RENAMED_KEYS:
+        raise DmetaError(
+            f"config key '{full}' is now '{RENAMED_KEYS[full]}' (the same count): rename it"
+        )
     if name not in types:
         valid = ", ".join(prefix + n for n in types)
         raise DmetaError(f"unknown config key '{full}'; valid keys here: {valid}")

@@ -15,9 +15,14 @@ Accuracy is "with respect to all data points" (App. A.2): a client's query accur
 its query examples, and the server weighs a client's update by its example count n_u.
 
 Clients have different sizes; a batch of clients is padded to the largest of their split, the
-padded examples carrying the label IGNORE, which the loss (torch's cross entropy) and the
+padded examples carrying the label IGNORE, which the loss (`masked_cross_entropy`) and the
 accuracy skip. Every model here treats examples independently (group norm, an LSTM per
 sequence), so padding changes no number.
+
+FedAvg with `federated.batch_size` B > 0 (`minibatches`): local epoch e of round t of client u
+is its n_u examples (support and query) in a random order keyed by (seed, u,
+STREAM_CLIENT_BATCHES, the epoch's draw number), cut into ceil(n_u / B) mini-batches, the last
+one short (LEAF's FedAvg: a client with more data takes more steps).
 
 Sources: LEAF's JSON files (FEMNIST, Shakespeare, Sent140, LEAF's synthetic set), Omniglot's
 writers (each (alphabet, drawer) a client, FEMNIST-like) and the plays of dmeta.shakespeare.
@@ -49,6 +54,7 @@ from dmeta.models import (
     build_mlp,
     build_word_lstm,
 )
+from dmeta.noniid import epoch_batches
 from dmeta.tasks import TaskBatch, TaskFamily
 
 IGNORE = -100  # torch's cross-entropy ignore_index: the label of a padded example
@@ -138,6 +144,14 @@ def masked_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     real = labels != IGNORE
     correct = (logits.argmax(dim=-1) == labels) & real
     return correct.sum().to(logits.dtype) / real.sum().clamp(min=1).to(logits.dtype)
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross entropy over the real (not padded) examples: torch's summed cross entropy
+    (padding, label IGNORE, adds 0) over their count, at least 1, so that a batch of padding
+    alone has loss 0 and gradient 0, where torch's mean would give 0 / 0."""
+    real = (labels != IGNORE).sum().clamp(min=1).to(logits.dtype)
+    return F.cross_entropy(logits, labels, reduction="sum") / real
 
 
 def weighted_ci95(values: np.ndarray, weights: np.ndarray) -> float:
@@ -474,6 +488,11 @@ class FederatedDataTask(TaskFamily):
             )
             for name, part in self.splits.items()
         }
+        # A training client's examples, support then query, padded with -1 at the end.
+        train = self.splits["train"]
+        own = zip(train.support, train.query, strict=True)
+        rows = padded([np.concatenate([s[s >= 0], q[q >= 0]]) for s, q in own])
+        self.training_rows = torch.as_tensor(rows, device=device)
 
     def _inputs(self, rows: torch.Tensor) -> torch.Tensor:
         """The inputs of example rows (any shape; -1 padding reads row 0)."""
@@ -507,6 +526,32 @@ class FederatedDataTask(TaskFamily):
         rows = torch.cat([support[agents], query[agents]], dim=1)
         batch = self._batch(rows, rows)
         return TaskBatch(*(part[:, None] for part in batch))
+
+    def minibatches(
+        self, agents: torch.Tensor, iteration: int, batch_size: int
+    ) -> Iterator[TaskBatch]:
+        """One local epoch of FedAvg's mini-batch SGD (McMahan et al., Algorithm 1) for the
+        training clients `agents`: client u's n_u examples (support then query) in the random
+        order of `noniid.epoch_batches` keyed by (seed, u, STREAM_CLIENT_BATCHES, `iteration`),
+        cut into ceil(n_u / batch_size) batches, the last one short. Batch b of every client at
+        once, [agents, 1, batch_size, ...] with support set = query set = the batch, for b = 0
+        up to the most any client of `agents` needs; a client's batches after its last are
+        padding alone (label IGNORE). The order of position j depends on (seed, u, iteration,
+        n_u) only: the same on any rank layout."""
+        rows = self.training_rows[agents]
+        counts = (rows >= 0).sum(dim=1, keepdim=True)
+        width = rows.shape[1]
+        order = epoch_batches(
+            self.seed, agents, rng.STREAM_CLIENT_BATCHES, iteration, width, width, 0
+        )
+        # The client's positions 0..n_u-1 first, in their drawn order, then its padding.
+        last = torch.argsort((order >= counts).to(torch.uint8), dim=1, stable=True)
+        shuffled = torch.gather(rows, 1, torch.gather(order, 1, last))
+        steps = -(-int(counts.max()) // batch_size)
+        shuffled = F.pad(shuffled, (0, max(0, steps * batch_size - width)), value=-1)
+        for step in range(steps):
+            batch = shuffled[:, step * batch_size : (step + 1) * batch_size]
+            yield TaskBatch(*(part[:, None] for part in self._batch(batch, batch)))
 
     def example_counts(self, agents: torch.Tensor, tasks: TaskBatch) -> torch.Tensor:
         """n_u: the training clients' kept examples (App. A.2: weights proportional to them)."""
@@ -584,7 +629,7 @@ class FederatedDataTask(TaskFamily):
         return theta
 
     def learner_functions(self, model: FlatModel):
-        return model.forward, F.cross_entropy
+        return model.forward, masked_cross_entropy
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """Each split's clients (indices into the source's sorted client names), their example

@@ -58,6 +58,9 @@ Streams: independent families of random numbers, one per use. A new use gets a n
                                which deals them to nodes (key: group id, iteration 0)
     23 STREAM_NODE_SPLIT       non-IID data: the order of a node's examples, which cuts its
                                training and validation splits (per node, iteration 0)
+    24 STREAM_CLIENT_BATCHES   federated data: the order of a FedAvg client's examples in a
+                               local epoch, cut into mini-batches (per client, iteration =
+                               the epoch's draw number: round and epoch)
 
 A family of tasks (TASKS, VALIDATION, STATIONARITY, TEST, OWN_VALIDATION) that draws its tasks
 in several parts draws part p from `substream(family, p)` = family + 256 p, so that no two
@@ -108,6 +111,7 @@ STREAM_OWN_VALIDATION = 20
 STREAM_CLASS_SHARDS = 21
 STREAM_GROUP_CLASSES = 22
 STREAM_NODE_SPLIT = 23
+STREAM_CLIENT_BATCHES = 24
 
 PART_HEADS = 1
 PART_PICKS = 2

@@ -176,7 +176,7 @@ class TaskFamily(ABC):
     def steps_per_epoch(self) -> int:
         """Draws of `sample` that make one pass over an agent's training data: what one local
         step (`learner.local_steps` of the diffusion family and push-sum, `l2c.local_epochs`,
-        `federated.local_steps` of FedAvg) takes. 1 (the default) for families that draw fresh
+        `federated.local_epochs` of FedAvg) takes. 1 (the default) for families that draw fresh
         tasks or hold an agent's data as one batch."""
         return 1
 

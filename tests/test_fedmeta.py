@@ -163,7 +163,10 @@ def test_federated_strategies_learn_linear_representations(tmp_path, strategy) -
         ("federated.clients_per_round=8", "clients_per_round = 8 must lie in [1, agents = 7]"),
         ("federated.server_lr=0", "federated.server_lr = 0.0 must be positive"),
         ("federated.client_lr=-1", "federated.client_lr = -1.0 must be positive"),
-        ("federated.local_steps=0", "federated.local_steps = 0 must be at least 1"),
+        ("federated.local_epochs=0", "federated.local_epochs = 0 must be at least 1"),
+        ("federated.batch_size=-1", "federated.batch_size = -1 must be 0 (a client's data as"),
+        ("strategy=fedavg federated.batch_size=4", "it needs strategy = 'fedavg' with problem"),
+        ("federated.batch_size=4", "it needs strategy = 'fedavg' with problem = 'federated'"),
         ("learner.local_steps=2", "set learner.local_steps = 1"),
         ("strategy=fedavg learner.name=metasgd", "'fedavg' trains no inner step sizes"),
         ("federated.finetune_lr=-1", "federated.finetune_lr = -1.0 must be positive, or 0"),
@@ -176,6 +179,14 @@ def test_bad_federated_settings_give_one_line(setting, message) -> None:
     with pytest.raises(DmetaError) as error:
         plan_run(config, 1, 0, 0, 1)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_renamed_local_steps_key_names_its_new_name() -> None:
+    with pytest.raises(DmetaError) as error:
+        small_config("strategy=fedavg", "federated.local_steps=2")
+    message = str(error.value)
+    assert "'federated.local_steps' is now 'federated.local_epochs'" in message
+    assert "\n" not in message
 
 
 def test_the_example_job_runs(tmp_path) -> None:

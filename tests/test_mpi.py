@@ -250,7 +250,7 @@ def test_every_learner_runs_the_same_under_mpi(comm, learner) -> None:
         "strategy=fedmeta runtime.dtype=float32",
         "strategy=fedmeta",
         "strategy=fedmeta learner.name=metasgd",
-        "strategy=fedavg federated.local_steps=2 federated.server_optimizer=sgd",
+        "strategy=fedavg federated.local_epochs=2 federated.server_optimizer=sgd",
         "strategy=fedmeta " + " ".join(LINEAR),
     ],
 )

@@ -283,7 +283,7 @@ def test_the_config_section_defaults_are_the_papers() -> None:
             "federated.clients_per_round=2",
             "federated.server_optimizer=sgd",
             "federated.server_lr=1",
-            "federated.local_steps=2",
+            "federated.local_epochs=2",
         ],
     ],
 )

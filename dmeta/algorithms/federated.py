@@ -10,11 +10,15 @@ The agents are the clients. Round t of the server (Algorithm 1, lines 4-10):
 FedMeta: g_u is the learner's meta-gradient on the client's tasks of the round (its inner
 steps on the support sets, the query loss; `maml` keeps the graph through the inner steps,
 `metasgd` sends its step sizes down with theta and gets their gradient back; lines 12-18).
-FedAvg: the client runs `federated.local_steps` SGD steps of size `client_lr` on its plain
-loss (the learner with no inner step on the task's `training_data`: the query sets' loss, or all
-of a client's data for federated data) and returns its model w_u; the server
+FedAvg: the client runs `federated.local_epochs` epochs of SGD steps of size `client_lr` on
+its plain loss (the learner with no inner step on the task's `training_data`: the query sets'
+loss, or all of a client's data for federated data) and returns its model w_u; the server
 steps with theta - sum_u n_u w_u / sum_u n_u, so SGD with server_lr = 1 sets theta to the
-weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. n_u is the task's
+weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. An epoch is the task
+family's `steps_per_epoch` steps; on federated data `federated.batch_size` B > 0 makes it a pass
+over the client's data in mini-batches of B (McMahan et al., Algorithm 1, ClientUpdate: "for
+each local epoch i from 1 to E, for batch b in B: w <- w - eta grad l(w; b)"), so a client
+takes ceil(n_u / B) steps an epoch. n_u is the task's
 `example_counts`: the client's examples of the round (equal for the synthetic task families),
 its whole data set's size for federated data. At evaluation FedAvg scores the server model
 unadapted, FedAvg(Meta) (`federated.finetune_at_test`) after fine-tuning on the support set
@@ -146,12 +150,25 @@ class Federated(Algorithm):
                 "step: it needs strategy = 'fedavg' with federated.finetune_at_test = true "
                 "(FedMeta adapts with learner.inner_lr)"
             )
-        if settings.local_steps < 1:
-            raise DmetaError(f"federated.local_steps = {settings.local_steps} must be at least 1")
+        if settings.local_epochs < 1:
+            raise DmetaError(f"federated.local_epochs = {settings.local_epochs} must be at least 1")
+        if settings.batch_size < 0:
+            raise DmetaError(
+                f"federated.batch_size = {settings.batch_size} must be 0 (a client's data as "
+                "one batch) or a positive mini-batch size"
+            )
+        if settings.batch_size and not (
+            config.strategy == "fedavg" and config.problem == "federated"
+        ):
+            raise DmetaError(
+                f"federated.batch_size = {settings.batch_size} cuts FedAvg's client epochs on "
+                "federated data into mini-batches: it needs strategy = 'fedavg' with problem "
+                "= 'federated' (set it to 0; problem = 'noniid' has noniid.batch_size)"
+            )
         if config.learner.local_steps != 1:
             raise DmetaError(
                 f"strategy = {config.strategy!r} takes one server step per round: set "
-                "learner.local_steps = 1 (FedAvg's client steps are federated.local_steps)"
+                "learner.local_steps = 1 (FedAvg's client epochs are federated.local_epochs)"
             )
         return FederatedPlan(config.agents, settings.clients_per_round)
 
@@ -313,8 +330,9 @@ class FedMeta(Federated):
 
 
 class FedAvg(Federated):
-    """Clients return their model after `local_steps` SGD steps on the plain loss; the server
-    steps with theta minus the clients' weighted average model."""
+    """Clients return their model after `local_epochs` epochs of SGD on the plain loss (in
+    mini-batches with `federated.batch_size`); the server steps with theta minus the clients'
+    weighted average model."""
 
     @classmethod
     def plan(cls, config: Config, layout: AgentLayout) -> FederatedPlan:
@@ -340,8 +358,13 @@ class FedAvg(Federated):
     def client_updates(
         self, t: int, clients: torch.Tensor, launch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """McMahan et al.'s ClientUpdate (Algorithm 1) of the sampled `clients` from `launch`:
+        `steps_per_round` SGD steps of size client_lr on the task's `training_data`, or with
+        federated.batch_size > 0 `minibatch_updates`."""
         context = self.context
         settings = context.config.federated
+        if settings.batch_size:
+            return self.minibatch_updates(t, clients, launch)
         models = launch.clone()
         loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
         steps = self.steps_per_round()
@@ -355,6 +378,30 @@ class FedAvg(Federated):
             loss_sum += losses.detach().to(torch.float64)
         return models, loss_sum, context.task.example_counts(clients, tasks)
 
+    def minibatch_updates(
+        self, t: int, clients: torch.Tensor, launch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ClientUpdate with mini-batches of B = federated.batch_size on federated data: in each
+        of the `local_epochs` epochs client u takes one SGD step of size client_lr on each of
+        its ceil(n_u / B) batches, in the order the task's `minibatches` draws for (round t,
+        epoch). The clients step together, as many steps as the largest needs; a client's later
+        batches are padding alone, whose loss and gradient are 0, so it stays where it is.
+        Returns the models, each client's mean batch loss of an epoch summed over the epochs
+        (an epoch is one reported step, as without mini-batches) and n_u."""
+        context = self.context
+        settings = context.config.federated
+        models = launch.clone()
+        loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
+        epochs = settings.local_epochs
+        for epoch in range(epochs):
+            draw = task_draw(t, epochs, epoch)
+            for batch in context.task.minibatches(clients, draw, settings.batch_size):
+                gradients, losses = self.plain.meta_gradients(models, batch)
+                models = models - settings.client_lr * gradients
+                loss_sum += losses.detach().to(torch.float64)
+        counts = context.task.example_counts(clients, batch)
+        return models, loss_sum / torch.ceil(counts / settings.batch_size), counts
+
     def server_gradient(self, average: torch.Tensor) -> torch.Tensor:
         return self.server[0] - average
 
@@ -365,5 +412,6 @@ class FedAvg(Federated):
         return steps if self.context.config.federated.finetune_at_test else 0
 
     def steps_per_round(self) -> int:
-        """`federated.local_steps` local epochs, each the task family's `steps_per_epoch`."""
-        return self.context.config.federated.local_steps * self.context.task.steps_per_epoch()
+        """`federated.local_epochs` local epochs, each the task family's `steps_per_epoch`
+        (with mini-batches each client's epoch reports its mean batch loss as one step)."""
+        return self.context.config.federated.local_epochs * self.context.task.steps_per_epoch()
