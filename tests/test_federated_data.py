@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own convention
 from conftest import LEAF_SIZES, federated_config, run_local, write_leaf
 from torch.func import vmap
 
 from dmeta import federated_data as fd
-from dmeta import shakespeare
+from dmeta import rng, shakespeare
 from dmeta.algorithms.federated import sample_clients
 from dmeta.config import FederatedConfig
 from dmeta.engine import Engine
@@ -137,6 +138,139 @@ def test_fedavg_meta_fine_tunes_with_finetune_lr_else_the_learners_step(leaf, tm
     # never takes the learner's step), on the validation clients and on the test clients.
     for name in ("params/final", "metrics/val_loss", "final/test_loss"):
         np.testing.assert_array_equal(runs["own"][name], runs["learner"][name])
+
+
+FEDAVG = ["strategy=fedavg", "federated.server_optimizer=sgd", "federated.server_lr=1"]
+
+
+def client_rows(task: fd.FederatedDataTask, agent: int) -> torch.Tensor:
+    """A training client's example rows, support then query, without padding."""
+    support, query = task.tables["train"]
+    return torch.cat([support[agent][support[agent] >= 0], query[agent][query[agent] >= 0]])
+
+
+def hand_written_fedavg(engine, theta, t, batch_size):
+    """McMahan et al.'s Algorithm 1 for round t by torch.autograd, one sampled client at a time:
+    each local epoch steps on the client's batch_size mini-batches (0: all its data) in the order
+    drawn for (seed, client, stream 24, the epoch's draw), torch's mean cross entropy on each.
+    Returns the example-weighted average model and mean client loss (mean batch loss of an epoch,
+    summed over the epochs)."""
+    config, task = engine.config, engine.task
+    settings = config.federated
+    sampled = sample_clients(config.seed, t, config.agents, settings.clients_per_round)
+    width = task.training_rows.shape[1]
+    models, losses, sizes = [], [], []
+    for agent in sampled.tolist():
+        rows = client_rows(task, agent)
+        w = theta.clone()
+        loss = 0.0
+        for epoch in range(settings.local_epochs):
+            draw = (t - 1) * settings.local_epochs + epoch + 1
+            if batch_size:
+                keys = rng.uniform(
+                    config.seed, torch.tensor([agent]), rng.STREAM_CLIENT_BATCHES, draw, (width,),
+                    dtype=torch.float64,
+                )[0, : len(rows)]  # fmt: skip
+                batches = rows[torch.argsort(keys, stable=True)].split(batch_size)
+            else:
+                batches = (rows,)
+            batch_losses = []
+            for batch in batches:
+                w = w.detach().requires_grad_()
+                value = F.cross_entropy(
+                    engine.learner.forward(w, task._inputs(batch)), task.y[batch]
+                )
+                (gradient,) = torch.autograd.grad(value, w)
+                w = w - settings.client_lr * gradient
+                batch_losses.append(float(value.detach()))
+            loss += sum(batch_losses) / len(batch_losses)
+        models.append(w.detach())
+        losses.append(loss)
+        sizes.append(float(len(rows)))
+    weights = torch.tensor(sizes, dtype=torch.float64)
+    average = (weights[:, None] * torch.stack(models)).sum(0) / weights.sum()
+    return average, float(weights @ torch.tensor(losses, dtype=torch.float64) / weights.sum())
+
+
+@pytest.mark.parametrize("batch_size", [0, 3])
+def test_a_fedavg_round_equals_a_hand_written_loop_over_the_sampled_clients(
+    leaf, tmp_path, batch_size
+) -> None:
+    """Full batch (0) and mini-batches of 3: the clients' 8 to 15 examples take 3 to 5 steps an
+    epoch, each client its own number, in its own drawn order; two local epochs."""
+    config = federated_config(
+        leaf, *FEDAVG, "federated.client_lr=0.3", "federated.local_epochs=2",
+        f"federated.batch_size={batch_size}",
+    )  # fmt: skip
+    engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(9), tmp_path / "r.h5")
+    for t in (1, 2):
+        theta = engine.algorithm.server[0].clone()
+        report = engine.algorithm.round(t)
+        expected, loss = hand_written_fedavg(engine, theta, t, batch_size)
+        torch.testing.assert_close(engine.algorithm.server[0], expected, rtol=1e-12, atol=1e-14)
+        assert report.steps == 2
+        np.testing.assert_allclose(float(report.loss_sum[0]), loss, rtol=1e-12)
+    sampled = sample_clients(config.seed, 2, 9, 4)
+    steps = [-(-len(client_rows(engine.task, u)) // 3) for u in sampled.tolist()]
+    assert len(set(steps)) > 1, "the test needs clients with different numbers of batches"
+
+
+def test_fedavg_batches_of_a_clients_size_or_more_are_its_full_batch(leaf, tmp_path) -> None:
+    servers = {}
+    for batch_size in (0, 15, 40):  # the largest client holds 15 examples
+        config = federated_config(leaf, *FEDAVG, f"federated.batch_size={batch_size}")
+        engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(9), tmp_path / "r.h5")
+        engine.algorithm.round(1)
+        servers[batch_size] = engine.algorithm.server[0]
+    # The same examples in another order: the sums of the mean differ in the last bits only.
+    for batch_size in (15, 40):
+        torch.testing.assert_close(servers[batch_size], servers[0], rtol=1e-12, atol=1e-14)
+    assert not torch.equal(servers[0], engine.algorithm.server[0].new_zeros(1))
+
+
+def test_the_default_batch_size_is_todays_full_batch_bit_for_bit(leaf, tmp_path) -> None:
+    """batch_size = 0 (the default) steps on all of a client's data with torch's mean cross
+    entropy: the masked loss equals it to the bit, and is 0 with gradient 0 on padding alone."""
+    runs = {}
+    for name, extra in (("default", []), ("zero", ["federated.batch_size=0"])):
+        config = federated_config(leaf, *FEDAVG, "iterations=2", *extra)
+        runs[name] = run_local(config, tmp_path / f"{name}.h5")
+    np.testing.assert_array_equal(runs["zero"]["params/final"], runs["default"]["params/final"])
+    logits = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([2, fd.IGNORE, 0, 1, fd.IGNORE, 0])
+    for dtype in (torch.float64, torch.float32):
+        x = logits.detach().to(dtype).requires_grad_()
+        mine = fd.masked_cross_entropy(x, labels)
+        torchs = F.cross_entropy(x, labels)
+        assert torch.equal(mine, torchs)
+        assert torch.equal(torch.autograd.grad(mine, x)[0], torch.autograd.grad(torchs, x)[0])
+    padding = torch.full((6,), fd.IGNORE)
+    value = fd.masked_cross_entropy(logits, padding)
+    assert float(value.detach()) == 0.0
+    assert torch.equal(torch.autograd.grad(value, logits)[0], torch.zeros_like(logits))
+
+
+def test_fedavg_batches_are_the_same_for_any_group_of_clients(leaf, tmp_path) -> None:
+    """A client's mini-batches depend on (seed, client, round, epoch) alone: drawn with any other
+    clients (another rank layout), the same rows, then padding alone."""
+    config = federated_config(leaf, "strategy=fedavg", "federated.batch_size=4")
+    engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(9), tmp_path / "r.h5")
+    task = engine.task
+    together = list(task.minibatches(torch.arange(9), 5, 4))
+    for group in (torch.tensor([3]), torch.tensor([0, 7]), torch.tensor([8, 2, 5])):
+        apart = list(task.minibatches(group, 5, 4))
+        for row, agent in enumerate(group.tolist()):
+            count = len(client_rows(task, agent))
+            for step, batch in enumerate(together):
+                labels = batch.query_y[agent, 0]
+                if step < len(apart):
+                    assert torch.equal(apart[step].query_x[row, 0], batch.query_x[agent, 0])
+                    assert torch.equal(apart[step].query_y[row, 0], labels)
+                real = min(4, max(0, count - 4 * step))
+                assert (labels[:real] != fd.IGNORE).all() and (labels[real:] == fd.IGNORE).all()
+    # Another epoch draws another order.
+    again = next(task.minibatches(torch.arange(9), 6, 4))
+    assert not torch.equal(again.query_x, together[0].query_x)
 
 
 def test_the_leaf_reader_joins_a_users_files_and_infers_images(tmp_path) -> None:

@@ -280,7 +280,13 @@ def test_federated_runs_are_the_same_under_mpi(comm, setting) -> None:
 
 
 @pytest.mark.parametrize(
-    "setting", ["strategy=fedmeta", "strategy=fedavg federated.finetune_at_test=true"]
+    "setting",
+    [
+        "strategy=fedmeta",
+        "strategy=fedavg federated.finetune_at_test=true",
+        # Mini-batches: each rank's clients take as many steps as its largest needs.
+        "strategy=fedavg federated.batch_size=3 federated.local_epochs=2",
+    ],
 )
 def test_federated_data_runs_are_the_same_under_mpi(comm, setting) -> None:
     """Clients of unequal sizes (a LEAF file): the example-weighted rounds, the validation
