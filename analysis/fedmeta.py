@@ -50,8 +50,8 @@ class FederatedRun:
 
 
 def label_of(config: dict) -> str:
-    """FedMeta (learner), FedAvg or FedAvg(Meta) (with its fine-tuning steps x step size), with
-    the support fraction."""
+    """FedMeta (learner), FedAvg or FedAvg(Meta) (with its fine-tuning steps x step size; with
+    its clients' mini-batch size where federated.batch_size > 0), with the support fraction."""
     federated = config["federated"]
     if config["strategy"] == "fedavg":
         name = "FedAvg"
@@ -61,6 +61,8 @@ def label_of(config: dict) -> str:
             steps = learner.get("inner_steps")
             lr = federated.get("finetune_lr") or learner.get("inner_lr")
             name = f"FedAvg(Meta) (fine-tune {steps} x {lr})"
+        if federated.get("batch_size"):  # 0 or absent (older run files): full batch
+            name += f" (mini-batches of {federated['batch_size']})"
     else:
         name = f"FedMeta ({config['learner']['name']})"
     return f"{name}, p = {federated.get('support_fraction')}"

@@ -100,3 +100,5 @@ def test_labels_tell_the_methods_and_fedavg_meta_fine_tuning_apart() -> None:
     assert fedmeta.label_of(tuned) == "FedAvg(Meta) (fine-tune 5 x 0.005), p = 0.2"
     tuned["federated"]["finetune_lr"] = 0.01  # its own step, not the learner's
     assert fedmeta.label_of(tuned) == "FedAvg(Meta) (fine-tune 5 x 0.01), p = 0.2"
+    batches = fedavg | {"federated": federated | {"batch_size": 10}}
+    assert fedmeta.label_of(batches) == "FedAvg (mini-batches of 10), p = 0.2"
