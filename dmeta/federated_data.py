@@ -550,8 +550,9 @@ class FederatedDataTask(TaskFamily):
         steps = -(-int(counts.max()) // batch_size)
         shuffled = F.pad(shuffled, (0, max(0, steps * batch_size - width)), value=-1)
         for step in range(steps):
-            batch = shuffled[:, step * batch_size : (step + 1) * batch_size]
-            yield TaskBatch(*(part[:, None] for part in self._batch(batch, batch)))
+            batch = shuffled[:, None, step * batch_size : (step + 1) * batch_size]
+            x, y = self._inputs(batch), self._labels(batch)
+            yield TaskBatch(x, y, x, y)
 
     def example_counts(self, agents: torch.Tensor, tasks: TaskBatch) -> torch.Tensor:
         """n_u: the training clients' kept examples (App. A.2: weights proportional to them)."""
