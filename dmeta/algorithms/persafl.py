@@ -170,6 +170,11 @@ class PersAFL(FedMeta):
             raise DmetaError(
                 "strategy = 'persafl' takes one server step per round: set learner.local_steps = 1"
             )
+        if config.federated.batch_size:
+            raise DmetaError(
+                f"federated.batch_size = {config.federated.batch_size} cuts FedAvg's client "
+                "epochs into mini-batches: strategy = 'persafl' does not read it, set it to 0"
+            )
         return PersAFLPlan(config.agents, settings.concurrency, settings)
 
     @classmethod
