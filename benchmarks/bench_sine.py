@@ -25,6 +25,7 @@ from torch import nn
 
 from dmeta.config import Config, load_config
 from dmeta.engine import execute
+from dmeta.hostmemory import keep_freed_memory
 from dmeta.meta import MAML
 from dmeta.runner import build_learner, build_task, plan_run
 from dmeta.tasks import TaskBatch
@@ -50,8 +51,11 @@ def workload(
     overrides: list[str], dtype: torch.dtype
 ) -> tuple[Config, MAML, torch.Tensor, TaskBatch]:
     """The job's first iteration on the CPU: (config, dmeta's learner, the launch models
-    [K, M], the tasks of draw 1 [K, tasks, shots, 1])."""
+    [K, M], the tasks of draw 1 [K, tasks, shots, 1]). The process keeps its freed memory as
+    a run does (`runtime.keep_freed_memory`)."""
     config = load_config(JOB, overrides)
+    if config.runtime.keep_freed_memory:
+        keep_freed_memory()
     task = build_task(config, dtype, torch.device("cpu"))
     model = task.build_model(config.model)
     runtime = config.runtime

@@ -484,6 +484,10 @@ class RuntimeConfig:
     # torch.func's nested transforms on the CPU; false: torch.func for every model. Same
     # numbers up to rounding.
     closed_form: bool = True
+    # Keep the memory the CPU frees in the process for the next iteration instead of returning
+    # it to the OS (glibc's mallopt, dmeta/hostmemory.py): an eager 40-agent sine iteration
+    # otherwise re-touches ~620 fresh pages; the process then holds its peak heap until it exits.
+    keep_freed_memory: bool = True
 
 
 @dataclass
@@ -558,7 +562,7 @@ def problem_sections(problem: str) -> tuple[str, ...]:
 FREE_SECTIONS = ("output", "checkpoint")
 FREE_RUNTIME_KEYS = (
     "backend", "device", "threads", "compile", "compile_after", "agents_at_once",
-    "closed_form",
+    "closed_form", "keep_freed_memory",
 )  # fmt: skip
 # How many evaluation tasks are adapted at once changes memory, not numbers.
 FREE_VALIDATION_KEYS = ("tasks_at_once",)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmeta import rng
+from dmeta import hostmemory, rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
 from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
 from dmeta.config import config_digest, is_import_path
@@ -824,6 +824,8 @@ def execute(
     the run completed, or the iteration after which it stopped with a checkpoint.
     """
     torch.set_num_threads(plan.threads)
+    if plan.config.runtime.keep_freed_memory:
+        hostmemory.keep_freed_memory()
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
     exchange = build_exchange(plan, comm)
