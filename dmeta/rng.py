@@ -78,9 +78,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-Word = int | torch.Tensor
+Word = int | torch.Tensor | np.ndarray
 
 _MASK32 = 0xFFFFFFFF
 # Philox4x32's multipliers and Weyl key increments (Random123, philox.h).
@@ -198,21 +199,28 @@ def blocks(
     iteration, flat index j). The draws below are built from these words."""
     count = math.prod(shape)
     _check_ranges(seed, agents, stream, iteration, count)
-    index = torch.arange(count, device=agents.device, dtype=torch.int64)[None, :]
-    rows = len(agents)
-    if agents.device.type == "cpu":
+    cpu = agents.device.type == "cpu"
+    if cpu:
+        # numpy's operators on the CPU: the same integers, at a fraction of torch's cost per
+        # call on small draws (a draw is about 60 of them; the 40-agent task draw 3x faster).
+        index, ids = np.arange(count, dtype=np.int64)[None, :], agents.numpy().astype(np.int64)
         # A slice of agents at a time keeps the rounds' int64 temporaries in the CPU's caches
         # (10,000 sine agents' task draw: 2x faster); every element is its own block either way.
         rows = max(1, _ELEMENTS_AT_ONCE // max(count, 1))
+    else:
+        index, ids = torch.arange(count, device=agents.device)[None, :], agents.to(torch.int64)
+        rows = len(agents)
     parts = []
     for first in range(0, len(agents), rows):
         counter = (
             index,
-            agents[first : first + rows].to(torch.int64)[:, None],
+            ids[first : first + rows, None],
             iteration & _MASK32,
             (iteration >> 32) | (stream << 16),
         )
         words = philox4x32_10(counter, (seed & _MASK32, seed >> 32))
+        if cpu:
+            words = tuple(torch.from_numpy(word) for word in words)
         size = (min(rows, len(agents) - first), count)
         parts.append([torch.broadcast_to(word, size) for word in words])
     if len(parts) == 1:

@@ -47,6 +47,31 @@ def test_philox_gives_random123_known_answers_in_int64_tensors(
         assert torch.all(word == expected)
 
 
+@pytest.mark.parametrize(("counter", "key", "block"), KNOWN_ANSWERS)
+def test_philox_gives_random123_known_answers_in_int64_arrays(counter, key, block) -> None:
+    """numpy's int64 arrays, the CPU's path (`rng.blocks`)."""
+    row = tuple(np.array([[word, word]], dtype=np.int64) for word in counter)
+    words = rng.philox4x32_10((row[0], row[1].T, row[2], row[3].T), key)
+    for word, expected in zip(words, block, strict=True):
+        assert word.shape == (2, 2) and np.all(word == expected)
+
+
+def test_cpu_blocks_equal_the_blocks_of_torch_tensors() -> None:
+    """The CPU computes `blocks` with numpy; a GPU with torch: the same words."""
+    agents = torch.arange(6) * 7919 + 2**31
+    seed, stream, iteration = 2**63 + 11, rng.STREAM_TASKS, 2**40 + 3
+    counter = (
+        torch.arange(15)[None, :],
+        agents[:, None],
+        iteration & MAX,
+        (iteration >> 32) | (stream << 16),
+    )
+    expected = rng.philox4x32_10(counter, (seed & MAX, seed >> 32))
+    words = rng.blocks(seed, agents, stream, iteration, (3, 5))
+    for word, theirs in zip(words, expected, strict=True):
+        assert word.dtype == torch.int64 and torch.equal(word.reshape(6, 15), theirs)
+
+
 def first_two_words(seed: int, agents: torch.Tensor, stream: int, iteration: int) -> np.ndarray:
     """Words 0 and 1 of each agent's first block as one 64-bit integer per agent."""
     words = rng.blocks(seed, agents, stream, iteration, (1,))
