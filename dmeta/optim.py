@@ -16,6 +16,10 @@ import torch
 
 State = dict[str, torch.Tensor]
 
+# Elements of a row slice that Adam updates together on the CPU (2^17: 512 KiB a float32 array,
+# so a slice's parameters, gradients and moments stay in the caches together).
+_ELEMENTS_AT_ONCE = 2**17
+
 
 class RowOptimizer(Protocol):
     """An element-wise optimizer over rows [agents, M] with per-row state."""
@@ -92,37 +96,73 @@ class Adam:
         state: State,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, State]:
-        """One Adam step of the rows in `mask` (all rows when None: then the moments and step
-        counts are updated in place, as torch.optim.Adam does, to spare temporaries)."""
-        gradients = _decayed(gradients, params, self.weight_decay)
-        new_state = self._advanced(state, gradients, out=None if mask is not None else state)
-        # Bias corrections per row, in float64 as torch computes them from a Python step.
-        count = new_state["step"].to(torch.float64)[:, None]
-        correction1 = (1 - torch.pow(self.beta1, count)).to(params.dtype)
-        correction2 = (1 - torch.pow(self.beta2, count)).sqrt().to(params.dtype)
-        denominator = (new_state["exp_avg_sq"].sqrt() / correction2).add_(self.eps)
-        step_size = self.lr / correction1
-        updated = params - (new_state["exp_avg"] / denominator).mul_(step_size)
+        """One Adam step of the rows in `mask`; all rows when None, then the moments and step
+        counts are updated in place, as torch.optim.Adam does (`_step_all`)."""
         if mask is None:
-            return updated, new_state
+            return self._step_all(params, gradients, state)
+        gradients = _decayed(gradients, params, self.weight_decay)
+        step = state["step"] + 1
+        moments = self._moments(state["exp_avg"], state["exp_avg_sq"], gradients, in_place=False)
+        updated = self._update(params, *moments, *self._corrections(step, params.dtype))
+        new_state = {"step": step, "exp_avg": moments[0], "exp_avg_sq": moments[1]}
         masked = {name: _masked(mask, new_state[name], state[name]) for name in state}
         return _masked(mask, updated, params), masked
 
-    def _advanced(self, state: State, gradients: torch.Tensor, out: State | None) -> State:
-        """The moments and step counts after one more gradient: into `out`'s tensors (in
-        place) or new tensors."""
-        if out is None:
-            return {
-                "step": state["step"] + 1,
-                "exp_avg": torch.lerp(state["exp_avg"], gradients, 1 - self.beta1),
-                "exp_avg_sq": torch.addcmul(
-                    state["exp_avg_sq"] * self.beta2, gradients, gradients, value=1 - self.beta2
-                ),
-            }
-        return {
-            "step": out["step"].add_(1),
-            "exp_avg": out["exp_avg"].lerp_(gradients, 1 - self.beta1),
-            "exp_avg_sq": out["exp_avg_sq"]
-            .mul_(self.beta2)
-            .addcmul_(gradients, gradients, value=1 - self.beta2),
-        }
+    def _step_all(
+        self, params: torch.Tensor, gradients: torch.Tensor, state: State
+    ) -> tuple[torch.Tensor, State]:
+        """Every row's step, the state in place. On the CPU a slice of rows at a time, so that
+        the dozen passes over a slice find it in the caches: one pass over [K, M] from memory
+        instead of a dozen (10,000 sine agents: Adam took 55 of an agent's 140 us an
+        iteration). Each element gets the same operations either way."""
+        corrections = self._corrections(state["step"].add_(1), params.dtype)
+        updated = torch.empty_like(params)
+        rows = len(params)
+        if params.device.type == "cpu":
+            rows = max(1, _ELEMENTS_AT_ONCE // max(1, params[0].numel()))
+        for first in range(0, len(params), rows):
+            part = slice(first, first + rows)
+            gradient = _decayed(gradients[part], params[part], self.weight_decay)
+            moments = self._moments(
+                state["exp_avg"][part], state["exp_avg_sq"][part], gradient, in_place=True
+            )
+            corrections_part = (correction[part] for correction in corrections)
+            self._update(params[part], *moments, *corrections_part, out=updated[part])
+        return updated, state
+
+    def _corrections(self, step: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """Bias corrections [agents, 1] 1 - beta1^t and sqrt(1 - beta2^t) of each row's step
+        count t, in float64 as torch computes them from a Python step."""
+        count = step.to(torch.float64)[:, None]
+        correction1 = (1 - torch.pow(self.beta1, count)).to(dtype)
+        return correction1, (1 - torch.pow(self.beta2, count)).sqrt().to(dtype)
+
+    def _moments(
+        self,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        gradients: torch.Tensor,
+        in_place: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """m <- beta1 m + (1 - beta1) g and v <- beta2 v + (1 - beta2) g^2, in place or new."""
+        if in_place:
+            exp_avg.lerp_(gradients, 1 - self.beta1)
+            exp_avg_sq.mul_(self.beta2).addcmul_(gradients, gradients, value=1 - self.beta2)
+            return exp_avg, exp_avg_sq
+        return (
+            torch.lerp(exp_avg, gradients, 1 - self.beta1),
+            torch.addcmul(exp_avg_sq * self.beta2, gradients, gradients, value=1 - self.beta2),
+        )
+
+    def _update(
+        self,
+        params: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        correction1: torch.Tensor,
+        correction2: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """w - lr / c1 * m / (sqrt(v) / c2 + eps), torch.optim.Adam's order of operations."""
+        denominator = (exp_avg_sq.sqrt() / correction2).add_(self.eps)
+        return torch.sub(params, (exp_avg / denominator).mul_(self.lr / correction1), out=out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dmeta import optim
 from dmeta.optim import SGD, Adam
 
 F64 = torch.float64
@@ -44,6 +45,33 @@ def test_adam_rows_equal_torch_adam_with_per_agent_step_counts(weight_decay) -> 
         rows, state = adam.step(rows, gradients, state, mask)
     torch.testing.assert_close(state["step"], torch.tensor([5, 3, 5, 4]))
     expected = _torch_adam_rows(params, steps, masks, **settings)
+    torch.testing.assert_close(rows, expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_without_mask_steps_every_row_in_slices_as_torch_adam(
+    monkeypatch, weight_decay
+) -> None:
+    """The unmasked step updates its state in place, a slice of rows at a time on the CPU
+    (here 2 rows of 6 elements, then the last row alone): the masked step's bits, and torch's."""
+    monkeypatch.setattr(optim, "_ELEMENTS_AT_ONCE", 12)
+    generator = torch.Generator().manual_seed(1)
+    params = torch.randn(5, 6, dtype=F64, generator=generator)
+    steps = [torch.randn(5, 6, dtype=F64, generator=generator) for _ in range(4)]
+    adam = Adam(0.1, 0.8, 0.95, 1e-6, weight_decay)
+    rows, state = params.clone(), adam.init_state(params)
+    masked_rows, masked_state = params.clone(), adam.init_state(params)
+    everyone = torch.ones(5, dtype=torch.bool)
+    for gradients in steps:
+        moment = state["exp_avg"]
+        rows, state = adam.step(rows, gradients, state)
+        assert state["exp_avg"] is moment  # in place
+        masked_rows, masked_state = adam.step(masked_rows, gradients, masked_state, everyone)
+        torch.testing.assert_close(rows, masked_rows, rtol=0, atol=0)
+    for name in state:
+        torch.testing.assert_close(state[name], masked_state[name], rtol=0, atol=0)
+    settings = {"lr": 0.1, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": weight_decay}
+    expected = _torch_adam_rows(params, steps, [everyone] * len(steps), **settings)
     torch.testing.assert_close(rows, expected, rtol=1e-14, atol=1e-14)
 
 
