@@ -42,7 +42,7 @@ terms of that round's Adam step: the norms of the mean gradient g of eq. (6) and
 d = `alpha_weight_decay` * alpha (/l2c/gradient_norm, /l2c/decay_norm), and the share of the
 parameters where |g| > |d| (/l2c/gradient_share). Adam moves each parameter by about
 `alpha_lr` whatever the size of g + d, so a parameter where |g| < |d| shrinks however small g
-is: with g far below d the encoder collapses and the weights stay uniform.
+is: with g far below d the decay steers the encoder and the weights stay uniform.
 """
 
 from __future__ import annotations
