@@ -7,6 +7,7 @@ Usage (from the repository root), one table (and figure with --out) per command:
     python analysis/l2c.py weights RUN.h5 [...] [--rounds 1 5 10 20] [--out FIG.png]
     python analysis/l2c.py compare RUN.h5 [...] [--out FIG.png]
     python analysis/l2c.py shared RUN.h5 [...] [--round R] [--out FIG.png]
+    python analysis/l2c.py encoder RUN.h5 [...]
 
 - weights (l2c or meta_l2c runs of problem = "noniid"): W[t] with W[i, j] = w_ij of
   /mixing/weights against the edges j -> i of /topology/edges. A node's task mates are the
@@ -26,6 +27,12 @@ Usage (from the repository root), one table (and figure with --out) per command:
 - shared (l2c or meta_l2c): w_ij against the number of classes nodes i and j share (Fig. 7),
   mean and standard deviation over the pairs i != j, at the row of round --round (default: the
   last row before pruning, else the last).
+- encoder (meta_l2c, any problem): per logged round, the encoder's norm after it (/l2c/encoder),
+  the terms of its Adam step (eq. 6): the norms of the nodes' mean validation gradient |g| and
+  of the weight decay |d|, the share of the parameters with |g| > |d| (/l2c/gradient_norm,
+  /l2c/decay_norm, /l2c/gradient_share), and how far the weights are from uniform: w_ij times
+  node i's in-degree (1 for uniform weights; self included), its standard deviation and maximum
+  over the edges.
 Reads HDF5 only: no torch, no mpi4py.
 """
 
@@ -67,6 +74,8 @@ class NodeRun:
     weights: np.ndarray | None  # [T, E]: w_ij after the row's round
     row_bytes: int  # bytes of one model row
     federated_bytes: float  # FedAvg's recorded bytes up and down (0 for the others)
+    encoder: np.ndarray | None = None  # [T, N]: meta-L2C's encoder after the row's round
+    encoder_steps: np.ndarray | None = None  # [T, 3]: |g|, |d|, share |g| > |d| of its step
 
     @property
     def agents(self) -> int:
@@ -111,10 +120,16 @@ def read_run(path: str) -> NodeRun:
                 _dataset(file, "mixing/weights"),
                 int(params.shape[1] * params.dtype.itemsize),
                 sent,
+                _dataset(file, "l2c/encoder"),
+                np.stack([file[name][()] for name in STEP_TERMS], axis=1)
+                if all(name in file for name in STEP_TERMS)
+                else None,
             )
     except (OSError, KeyError, json.JSONDecodeError) as error:
         raise RunFileError(f"{path}: not a dmeta run file ({error})") from None
 
+
+STEP_TERMS = ("l2c/gradient_norm", "l2c/decay_norm", "l2c/gradient_share")
 
 DATASETS = {
     "test_accuracy": "/metrics/test_accuracy",
@@ -350,6 +365,29 @@ def plot_shared(runs: list[NodeRun], wanted: int | None, out: str) -> None:
     FigureCanvasAgg(figure).print_figure(out, dpi=110)
 
 
+def encoder_table(run: NodeRun) -> list[str]:
+    """Per logged round of a meta_l2c run: the encoder's norm, its step's terms |g|, |d| and
+    the share |g| > |d|, and the standard deviation and maximum of w_ij x in-degree(i)."""
+    if run.encoder is None or run.encoder_steps is None:
+        raise RunFileError(
+            f"{run.path}: holds no /l2c/encoder with /l2c/gradient_norm, /l2c/decay_norm and "
+            f"/l2c/gradient_share (strategy {run.strategy!r}; a strategy = 'meta_l2c' run has "
+            "them)"
+        )
+    require(run, "weights", "edges")
+    scaled = run.weights * np.bincount(run.edges[:, 1], minlength=run.agents)[run.edges[:, 1]]
+    norms = np.linalg.norm(run.encoder, axis=1)
+    lines = [
+        [str(t), f"{n:.3g}", f"{g:.3g}", f"{d:.3g}", f"{share:.4f}", f"{s:.4f}", f"{m:.3f}"]
+        for t, n, (g, d, share), s, m in zip(
+            run.iteration, norms, run.encoder_steps, scaled.std(axis=1), scaled.max(axis=1),
+            strict=True,
+        )
+    ]  # fmt: skip
+    header = ["round", "|alpha|", "|g|", "|d|", "|g| > |d|", "std w x deg", "max w x deg"]
+    return [f"{run.label}: {run.path}", *table_lines(header, lines)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table (and draw the figure with --out); 2 on a bad input file."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
@@ -365,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     shared.add_argument("runs", nargs="+")
     shared.add_argument("--round", type=int, default=None)
     shared.add_argument("--out", default=None)
+    encoder = commands.add_parser("encoder", help="meta-L2C's encoder steps against uniform")
+    encoder.add_argument("runs", nargs="+")
     args = parser.parse_args(argv)
     try:
         runs = [read_run(path) for path in expand_paths(args.runs)]
@@ -374,11 +414,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             lines = compare_table(runs)
             draw = partial(plot_compare, runs)
-        else:
+        elif args.command == "shared":
             lines = [line for run in runs for line in [*shared_table(run, args.round), ""]]
             draw = partial(plot_shared, runs, args.round)
+        else:
+            lines = [line for run in runs for line in [*encoder_table(run), ""]]
+            draw = None
         print("\n".join(lines).rstrip())
-        if args.out:
+        if draw is not None and args.out:
             draw(args.out)
             print(f"figure: {args.out}")
     except RunFileError as error:

@@ -107,3 +107,20 @@ def test_a_file_without_weights_is_one_error_line(tmp_path, capsys) -> None:
         file["params/final"] = np.zeros((4, 10), dtype=np.float32)
     assert l2c.main(["weights", str(path)]) == 2
     assert "holds no /tasks/node_classes" in capsys.readouterr().err
+
+
+def test_encoder_steps_against_uniform_weights(tmp_path, capsys) -> None:
+    """Per row: the encoder's norm, the logged step terms, and w_ij x in-degree (4): 1 on
+    every edge when uniform; 1.6 on the mates and 0.4 elsewhere (std 0.6) when learned."""
+    path = write_run(tmp_path / "m.h5", "meta_l2c", [UNIFORM, LEARNED])
+    with h5py.File(path, "a") as file:
+        file["l2c/encoder"] = np.array([[3.0, 4.0], [0.6, 0.8]])
+        file["l2c/gradient_norm"] = np.array([np.nan, 2e-3])
+        file["l2c/decay_norm"] = np.array([np.nan, 5e-2])
+        file["l2c/gradient_share"] = np.array([np.nan, 0.0125])
+    lines = l2c.encoder_table(l2c.read_run(str(path)))
+    assert lines[3].split() == ["0", "5", "nan", "nan", "nan", "0.0000", "1.000"]
+    assert lines[4].split() == ["1", "1", "0.002", "0.05", "0.0125", "0.6000", "1.600"]
+    plain = write_run(tmp_path / "l.h5", "l2c", [UNIFORM, LEARNED])
+    assert l2c.main(["encoder", str(plain)]) == 2
+    assert "a strategy = 'meta_l2c' run has them" in capsys.readouterr().err

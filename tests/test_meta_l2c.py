@@ -136,7 +136,8 @@ def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path) -> None:
     """Two local SGD steps of MAML per node, the attention of the changes since theta^0
     (eq. 4-5), eq. (2) on the updates, torch.optim.Adam with weight decay on the shared
     encoder over the nodes' mean validation loss (eq. 6), and pruning of the weakest
-    neighbour by the round's weights after round 2 of the ring: every node, one at a time."""
+    neighbour by the round's weights after round 2 of the ring: every node, one at a time;
+    the logged terms of each encoder step (gradient and decay norms, the share |g| > |d|)."""
     engine = build(
         tmp_path, "optimizer.name=sgd", "optimizer.lr=0.05", "l2c.local_epochs=2",
         "l2c.prune_round=2", "l2c.prune_count=1", "l2c.alpha_lr=0.05",
@@ -169,9 +170,16 @@ def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path) -> None:
             weights.append(w.detach())
         adam.zero_grad()
         (sum(losses) / 7).backward()
+        gradient, decay = encoder.grad.clone(), 0.01 * encoder.detach().clone()
         adam.step()
         theta = torch.stack(aggregated)
         algorithm.round(t)
+        # The logged terms of the step: |g| of eq. (6), |d| of the decay, the share |g| > |d|.
+        terms = algorithm.row_values()
+        assert terms["l2c/gradient_norm"] == pytest.approx(float(gradient.norm()), rel=1e-10)
+        assert terms["l2c/decay_norm"] == pytest.approx(float(decay.norm()), rel=1e-12)
+        share = float((gradient.abs() > decay.abs()).double().mean())
+        assert 0 < share < 1 and terms["l2c/gradient_share"] == share
         torch.testing.assert_close(algorithm.models(), theta, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(
             algorithm.shared["encoder"][0], encoder.detach(), rtol=1e-10, atol=1e-12
@@ -233,7 +241,8 @@ def trained(tmp_path_factory) -> Path:
 def test_a_pretrained_encoder_is_loaded_and_applied_to_new_nodes(tmp_path, trained) -> None:
     """Another seed, 5 new nodes on a complete graph: every row of /l2c/encoder is the last
     row of the trained run's (not trained further), unless l2c.train_pretrained, where only
-    row 0 is."""
+    row 0 is; the step terms are NaN untrained, and trained the decay is 0.01 times the
+    previous row's encoder norm."""
     last = read_datasets(trained)["l2c/encoder"][-1]
     new = [*TINY, "agents=5", "seed=9", "graph.topology=complete", "iterations=2",
            "log_every=1", f"l2c.pretrained={trained}"]  # fmt: skip
@@ -241,6 +250,8 @@ def test_a_pretrained_encoder_is_loaded_and_applied_to_new_nodes(tmp_path, train
     assert applied["l2c/encoder"].shape == (3, len(last))
     np.testing.assert_array_equal(applied["l2c/encoder"], np.broadcast_to(last, (3, len(last))))
     assert not np.allclose(applied["mixing/weights"][1], applied["mixing/weights"][0])
+    for name in ("l2c/gradient_norm", "l2c/decay_norm", "l2c/gradient_share"):
+        assert np.isnan(applied[name]).all(), f"{name}: the encoder takes no step"
     with h5py.File(tmp_path / "applied.h5") as f:
         assert f["topology"].attrs["encoder_pretrained"] == str(trained)
         assert f["topology"].attrs["encoder_pretrained_iteration"] == 4
@@ -249,6 +260,13 @@ def test_a_pretrained_encoder_is_loaded_and_applied_to_new_nodes(tmp_path, train
     )
     np.testing.assert_array_equal(trained_further["l2c/encoder"][0], last)
     assert not np.allclose(trained_further["l2c/encoder"][-1], last)
+    # Row t's decay term is alpha_weight_decay (0.01) times the encoder before round t's step.
+    assert np.isnan(trained_further["l2c/decay_norm"][0])
+    np.testing.assert_allclose(
+        trained_further["l2c/decay_norm"][1:],
+        0.01 * np.linalg.norm(trained_further["l2c/encoder"][:-1], axis=1),
+        rtol=1e-12,
+    )
 
 
 def test_load_run_leaves_the_per_edge_and_encoder_series_to_h5py(trained) -> None:

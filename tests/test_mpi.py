@@ -559,7 +559,7 @@ def test_meta_l2c_runs_are_the_same_under_mpi(comm) -> None:
     def check() -> None:
         names = (
             "metrics/train_loss", "metrics/val_loss", "mixing/weights", "params/final",
-            "l2c/encoder",
+            "l2c/encoder", "l2c/gradient_norm", "l2c/decay_norm", "l2c/gradient_share",
         )  # fmt: skip
         for name in names:
             scale = np.nanmax(np.abs(local_run[name]))

@@ -37,7 +37,12 @@ The run file logs the encoder after each logged round as /l2c/encoder [T, N] (N 
 parameters, flat: per layer and map, the weight [out, in] row-major then the bias; the layers'
 input widths, the dims and the sharing are attributes `encoder_*` of /topology). Its last row
 is what `l2c.pretrained` loads in another run: for new nodes, a new seed or another task, from
-round 1 on, and not trained there unless `l2c.train_pretrained`.
+round 1 on, and not trained there unless `l2c.train_pretrained`. Beside it, per row, the two
+terms of that round's Adam step: the norms of the mean gradient g of eq. (6) and of the decay
+d = `alpha_weight_decay` * alpha (/l2c/gradient_norm, /l2c/decay_norm), and the share of the
+parameters where |g| > |d| (/l2c/gradient_share). Adam moves each parameter by about
+`alpha_lr` whatever the size of g + d, so a parameter where |g| < |d| shrinks however small g
+is: with g far below d the decay steers the encoder and the weights stay uniform.
 """
 
 from __future__ import annotations
@@ -301,6 +306,16 @@ class MetaL2CPlan(L2CPlan):
         return base + (np.arange(count) < extra).astype(np.int64)
 
 
+# The terms of the encoder's step (eq. 6) the run file logs: the validation loss's pull against
+# the weight decay's.
+ENCODER_STEP_SERIES = {
+    "l2c/gradient_norm": "|g|, the norm of the nodes' mean validation-loss gradient (eq. 6)",
+    "l2c/decay_norm": "|d|, the norm of the weight decay term alpha_weight_decay * alpha",
+    "l2c/gradient_share": "the share of the encoder's parameters where |g| > |d|, whose step "
+    "the validation loss leads",
+}
+
+
 def model_slots(context: Context) -> tuple[ParameterSlot, ...]:
     """The parameter tensors of the run's model (built anew on the meta device)."""
     config = context.config
@@ -366,6 +381,10 @@ class MetaL2C(LearnedMixing):
             check_pretrained(plan.pretrained, layout)
             encoder = torch.as_tensor(plan.pretrained.values, device=device, dtype=dtype)[None]
         self.train_encoder = plan.pretrained is None or settings.train_pretrained
+        # The latest encoder step's terms, 0-d (`_step_encoder`); NaN before any step and when
+        # the encoder is not trained.
+        nan = torch.tensor(float("nan"), device=device, dtype=dtype)
+        self.step_terms = dict.fromkeys(ENCODER_STEP_SERIES, nan)
         self.adam = Adam(settings.alpha_lr, *ADAM_BETAS, ADAM_EPS)
         # Shared state [1, N], the same on every rank: the encoder and its Adam moments.
         self.shared = {"encoder": encoder}
@@ -464,36 +483,58 @@ class MetaL2C(LearnedMixing):
         return aggregated.detach(), torch.autograd.grad(loss, encoder)[0]
 
     def _step_encoder(self, gradient: torch.Tensor, timer: CommTimer) -> None:
-        """One Adam step of the shared encoder on the nodes' mean gradient plus the L2 weight
-        decay: the same numbers on every rank."""
+        """One Adam step of the shared encoder on the nodes' mean gradient g (eq. 6) plus the
+        L2 weight decay d = `alpha_weight_decay` * alpha: the same numbers on every rank. Adam
+        scales each parameter's step to about `alpha_lr` whatever the size of g + d, so where
+        |g| < |d| the step shrinks the parameter, however small g is: `step_terms` keeps
+        |g|, |d| and the share of parameters with |g| > |d| for the run file."""
         with timer:
             # All ranks synchronise here: the sum of every node's gradient.
             total = self.context.exchange.allreduce_sum(gradient)
         shared = self.shared
         encoder = shared["encoder"]
         mean = total[None] / self.context.config.agents
-        mean = mean + self.plan_.settings.alpha_weight_decay * encoder
+        decay = self.plan_.settings.alpha_weight_decay * encoder
+        self.step_terms = {
+            "l2c/gradient_norm": torch.linalg.vector_norm(mean),
+            "l2c/decay_norm": torch.linalg.vector_norm(decay),
+            "l2c/gradient_share": (mean.abs() > decay.abs()).to(mean.dtype).mean(),
+        }
         state = {k: shared[f"adam/{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
-        shared["encoder"], state = self.adam.step(encoder, mean, state)
+        shared["encoder"], state = self.adam.step(encoder, mean + decay, state)
         shared |= {f"adam/{k}": v for k, v in state.items()}
 
     def row_values(self) -> dict[str, torch.Tensor | float]:
         encoder = self.shared["encoder"][0].detach()
         padded = torch.cat([encoder, encoder.new_zeros(1)])
-        return super().row_values() | {"l2c/encoder": padded[self.encoder_index]}
+        steps = {name: float(value) for name, value in self.step_terms.items()}
+        return super().row_values() | {"l2c/encoder": padded[self.encoder_index]} | steps
 
     @classmethod
     def row_series(cls, plan: MetaL2CPlan) -> dict[str, tuple[bool | Columns, str, str]]:
-        return super().row_series(plan) | {
-            "l2c/encoder": (
-                Columns(plan.encoder_columns(), label="encoder parameter"),
+        steps = {
+            name: (
+                False,
                 "1",
-                "the shared meta-L2C encoder after the row's round, flat (per layer and linear "
-                "map: the weight [out, in] row-major, then the bias; the layers' input widths, "
-                "the dims and the sharing are the /topology attributes encoder_*); the last "
-                "row is what l2c.pretrained loads",
+                f"{meaning}, of the encoder's Adam step in the row's round (NaN in row 0 and "
+                "when the encoder is not trained)",
             )
+            for name, meaning in ENCODER_STEP_SERIES.items()
         }
+        return (
+            super().row_series(plan)
+            | {
+                "l2c/encoder": (
+                    Columns(plan.encoder_columns(), label="encoder parameter"),
+                    "1",
+                    "the shared meta-L2C encoder after the row's round, flat (per layer and "
+                    "linear map: the weight [out, in] row-major, then the bias; the layers' input "
+                    "widths, the dims and the sharing are the /topology attributes encoder_*); "
+                    "the last row is what l2c.pretrained loads",
+                )
+            }
+            | steps
+        )
 
     @classmethod
     def topology(cls, plan: MetaL2CPlan) -> TopologyRecord:
