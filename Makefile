@@ -41,6 +41,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check dmeta analysis tests benchmarks examples
+	$(BIN)/ruff format --check dmeta analysis tests benchmarks examples README.md
 
 # About 7-9 minutes on 2 cores: the serial tests, then tests/test_mpi.py under 2 and 4 ranks (one
 # report per run: tests/mpi_pytest.sh keeps ranks other than 0 quiet unless they fail).
