@@ -276,11 +276,14 @@ class FederatedConfig:
     sequence_length: int = 80
     # LEAF Sent140 (text records, labels 0/1): a tweet's first `words` words (LEAF: 25), over
     # the `vocabulary_size` most frequent words of the training clients (others: unknown).
-    # `embeddings`, a GloVe text file ("word v1 ... vd"), initializes (does not freeze) the
-    # rows of its words in the learned embedding; "" draws every row at random.
+    # `embeddings`, a GloVe text file ("word v1 ... vd"), initializes the rows of its words in
+    # the embedding; "" draws every row at random. `freeze_embeddings` keeps the whole embedding
+    # as initialized (the paper's frozen GloVe, App. A.2, as LEAF's Sent140 model): it takes no
+    # step anywhere (inner steps, client and server steps, fine-tuning).
     words: int = 25
     vocabulary_size: int = 10000
     embeddings: str = ""
+    freeze_embeddings: bool = False
 
 
 @dataclass

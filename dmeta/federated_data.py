@@ -476,6 +476,12 @@ class FederatedDataTask(TaskFamily):
                 "federated.embeddings initializes a word embedding: it applies to LEAF Sent140 "
                 "data only"
             )
+        if config.freeze_embeddings and self.pretrained is None:
+            raise DmetaError(
+                "federated.freeze_embeddings keeps the GloVe vectors of federated.embeddings "
+                "fixed: set federated.embeddings (LEAF Sent140 data) or leave it false"
+            )
+        self.freeze_embeddings = config.freeze_embeddings
         self.kind, self.classes, self.window = data.kind, data.classes, data.window
         self.names, self.vocabulary = data.names, data.vocabulary
         self.x = torch.as_tensor(data.x, device=device)
@@ -603,6 +609,7 @@ class FederatedDataTask(TaskFamily):
                 config.embedding,
                 config.lstm_hidden,
                 config.lstm_layers,
+                self.freeze_embeddings,
             )
         if self.kind == "vector":
             return build_mlp(config, self.x.shape[1], self.classes)

@@ -253,20 +253,40 @@ def build_char_lstm(vocabulary: int, embedding: int, hidden: int, layers: int) -
 class WordLSTM(CharLSTM):
     """LEAF's Sent140 classifier (Chen et al., App. A.2): a word embedding, stacked LSTMs and a
     linear head on the state after the last word. Index 0 is padding, at the front of a
-    sequence: padded steps keep the (zero) state, so the logits do not depend on the padding."""
+    sequence: padded steps keep the (zero) state, so the logits do not depend on the padding.
+    A frozen embedding (the paper's fixed GloVe vectors) is read detached, so every gradient of
+    every learner is zero on it and no step moves it."""
+
+    def __init__(
+        self,
+        vocabulary: int,
+        embedding: int,
+        hidden: int,
+        layers: int,
+        outputs: int,
+        frozen_embedding: bool = False,
+    ) -> None:
+        super().__init__(vocabulary, embedding, hidden, layers, outputs)
+        self.frozen_embedding = frozen_embedding
 
     def forward(self, words: torch.Tensor) -> torch.Tensor:
         """Logits [batch, outputs] of word sequences [batch, steps] (indices, 0 padding)."""
         real = words != 0
-        states = self.embedding(words)
+        table = self.embedding.weight
+        states = nn.functional.embedding(words, table.detach() if self.frozen_embedding else table)
         for layer in self.layers:
             states = layer(states, real)
         return self.head(states[:, -1])
 
 
 def build_word_lstm(
-    vocabulary: int, classes: int, embedding: int, hidden: int, layers: int
+    vocabulary: int,
+    classes: int,
+    embedding: int,
+    hidden: int,
+    layers: int,
+    frozen_embedding: bool = False,
 ) -> FlatModel:
     """The word LSTM classifier over `vocabulary` indices (padding and unknown included) as a
-    flat model, vmappable over clients."""
-    return FlatModel(WordLSTM(vocabulary, embedding, hidden, layers, classes))
+    flat model, vmappable over clients; `frozen_embedding` keeps the embedding fixed."""
+    return FlatModel(WordLSTM(vocabulary, embedding, hidden, layers, classes, frozen_embedding))

@@ -687,6 +687,52 @@ def test_glove_vectors_initialize_the_embedding_rows_of_their_words(tmp_path) ->
 
 
 @pytest.mark.parametrize(
+    "strategy",
+    [
+        ("strategy=fedmeta", "learner.name=maml"),
+        ("strategy=fedmeta", "learner.name=metasgd"),
+        ("strategy=fedavg", "federated.finetune_at_test=true", "learner.name=maml"),
+    ],
+)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_glove_embeddings_take_no_step(tmp_path, strategy, frozen) -> None:
+    """federated.freeze_embeddings (the paper's fixed GloVe): after two rounds the server's
+    embedding is its initial one, bit for bit, while the rest of the model moved; unfrozen it
+    moves too."""
+    root = write_sent140(tmp_path / "sent140")
+    glove = tmp_path / "glove.txt"
+    glove.write_text("sun 1 2 3\nlove -1 -2 -3.5\n")
+    config = federated_config(
+        root,
+        *SENT140,
+        *strategy,
+        "iterations=2",
+        "log_every=1",
+        "runtime.dtype=float64",
+        f"federated.embeddings={glove}",
+        f"federated.freeze_embeddings={str(frozen).lower()}",
+    )
+    data = run_local(config, tmp_path / "r.h5")
+    engine = Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(3), tmp_path / "m.h5")
+    model = engine.task.build_model(config.model)
+    (slot,) = (slot for slot in model.slots if slot.name == "embedding.weight")
+    table = slice(slot.offset, slot.offset + slot.size)
+    before, after = data["params/initial"][0], data["params/final"][0]
+    assert np.array_equal(after[table], before[table]) == frozen
+    rest = np.ones(len(before), dtype=bool)
+    rest[table] = False
+    assert not np.array_equal(after[rest], before[rest])
+
+
+def test_freezing_embeddings_without_glove_gives_one_line(tmp_path) -> None:
+    root = write_sent140(tmp_path / "sent140")
+    config = federated_config(root, *SENT140, "federated.freeze_embeddings=true")
+    with pytest.raises(DmetaError, match="set federated.embeddings") as error:
+        Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(3), tmp_path / "r.h5")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
     "content, data, message",
     [
         (None, "sent140", "is not a file"),

@@ -12,9 +12,12 @@ steps on the support sets, the query loss; `maml` keeps the graph through the in
 `metasgd` sends its step sizes down with theta and gets their gradient back; lines 12-18).
 FedAvg: the client runs `federated.local_epochs` epochs of SGD steps of size `client_lr` on
 its plain loss (the learner with no inner step on the task's `training_data`: the query sets'
-loss, or all of a client's data for federated data) and returns its model w_u; the server
-steps with theta - sum_u n_u w_u / sum_u n_u, so SGD with server_lr = 1 sets theta to the
-weighted average (McMahan et al.'s FedAvg) and Adam gives FedAdam. An epoch is the task
+loss, or all of a client's data for federated data) and returns its change g_u = theta - w_u;
+the server steps with sum_u n_u (theta - w_u) / sum_u n_u = theta - the weighted average model,
+so SGD with server_lr = 1 sets theta to the weighted average (McMahan et al.'s FedAvg) and Adam
+gives FedAdam. Averaging the changes, not the models, keeps a parameter that no client moved
+(a frozen embedding) at exactly 0, where Adam would scale the rounding of an average of equal
+models up to a full step. An epoch is the task
 family's `steps_per_epoch` steps; on federated data `federated.batch_size` B > 0 makes it a pass
 over the client's data in mini-batches of B (McMahan et al., Algorithm 1, ClientUpdate: "for
 each local epoch i from 1 to E, for batch b in B: w <- w - eta grad l(w; b)"), so a client
@@ -237,10 +240,6 @@ class Federated(Algorithm):
         """What the sampled `clients` (global ids) of this rank return from `launch` [n, P]:
         (rows to average [n, P], loss summed over their steps [n], example counts n_u [n])."""
 
-    def server_gradient(self, average: torch.Tensor) -> torch.Tensor:
-        """The gradient the server optimizer steps with, from the clients' weighted average."""
-        return average
-
     def round(self, t: int) -> RoundReport:
         """Algorithm 1, lines 5-9: sample, let this rank's sampled clients compute, reduce once,
         step the server optimizer."""
@@ -267,8 +266,8 @@ class Federated(Algorithm):
         with timer, torch.no_grad():
             # All ranks synchronise here: one all-reduce of the ranks' weighted sums.
             total = context.exchange.allreduce_sum(sums.detach())
-        average, count, loss = total[:size] / total[size], total[size], total[size + 1]
-        gradient = self.server_gradient(average)
+        # The server's gradient: the clients' weighted average update (line 9).
+        gradient, count, loss = total[:size] / total[size], total[size], total[size + 1]
         self.server, self.optimizer_state = self.optimizer.step(
             self.server, gradient[None], self.optimizer_state
         )
@@ -330,9 +329,9 @@ class FedMeta(Federated):
 
 
 class FedAvg(Federated):
-    """Clients return their model after `local_epochs` epochs of SGD on the plain loss (in
-    mini-batches with `federated.batch_size`); the server steps with theta minus the clients'
-    weighted average model."""
+    """Clients return their change theta - w_u after `local_epochs` epochs of SGD on the plain
+    loss (in mini-batches with `federated.batch_size`); the server steps with the weighted
+    average change, theta minus the clients' weighted average model."""
 
     @classmethod
     def plan(cls, config: Config, layout: AgentLayout) -> FederatedPlan:
@@ -360,12 +359,12 @@ class FedAvg(Federated):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """McMahan et al.'s ClientUpdate (Algorithm 1) of the sampled `clients` from `launch`:
         `steps_per_round` SGD steps of size client_lr on the task's `training_data`, or with
-        federated.batch_size > 0 `minibatch_updates`."""
+        federated.batch_size > 0 `minibatch_updates`; returns the changes launch - w_u."""
         context = self.context
         settings = context.config.federated
         if settings.batch_size:
             return self.minibatch_updates(t, clients, launch)
-        models = launch.clone()
+        models = launch
         loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
         steps = self.steps_per_round()
         for step in range(steps):
@@ -376,7 +375,7 @@ class FedAvg(Federated):
             gradients, losses = self.plain.meta_gradients(models, tasks)
             models = models - settings.client_lr * gradients
             loss_sum += losses.detach().to(torch.float64)
-        return models, loss_sum, context.task.example_counts(clients, tasks)
+        return launch - models, loss_sum, context.task.example_counts(clients, tasks)
 
     def minibatch_updates(
         self, t: int, clients: torch.Tensor, launch: torch.Tensor
@@ -386,11 +385,11 @@ class FedAvg(Federated):
         its ceil(n_u / B) batches, in the order the task's `minibatches` draws for (round t,
         epoch). The clients step together, as many steps as the largest needs; a client's later
         batches are padding alone, whose loss and gradient are 0, so it stays where it is.
-        Returns the models, each client's mean batch loss of an epoch summed over the epochs
-        (an epoch is one reported step, as without mini-batches) and n_u."""
+        Returns the changes launch - w_u, each client's mean batch loss of an epoch summed over
+        the epochs (an epoch is one reported step, as without mini-batches) and n_u."""
         context = self.context
         settings = context.config.federated
-        models = launch.clone()
+        models = launch
         loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
         epochs = settings.local_epochs
         for epoch in range(epochs):
@@ -400,10 +399,7 @@ class FedAvg(Federated):
                 models = models - settings.client_lr * gradients
                 loss_sum += losses.detach().to(torch.float64)
         counts = context.task.example_counts(clients, batch)
-        return models, loss_sum / torch.ceil(counts / settings.batch_size), counts
-
-    def server_gradient(self, average: torch.Tensor) -> torch.Tensor:
-        return self.server[0] - average
+        return launch - models, loss_sum / torch.ceil(counts / settings.batch_size), counts
 
     def evaluation_steps(self, steps: int) -> int:
         """FedAvg(Meta) fine-tunes on a held-out client's support set before scoring it
