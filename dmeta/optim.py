@@ -119,7 +119,7 @@ class Adam:
         updated = torch.empty_like(params)
         rows = len(params)
         if params.device.type == "cpu":
-            rows = max(1, _ELEMENTS_AT_ONCE // max(1, params[0].numel()))
+            rows = max(1, _ELEMENTS_AT_ONCE // max(1, params.shape[1:].numel()))
         for first in range(0, len(params), rows):
             part = slice(first, first + rows)
             gradient = _decayed(gradients[part], params[part], self.weight_decay)
