@@ -199,6 +199,9 @@ def blocks(
     iteration, flat index j). The draws below are built from these words."""
     count = math.prod(shape)
     _check_ranges(seed, agents, stream, iteration, count)
+    if not len(agents):  # e.g. a rank none of whose agents is sampled
+        empty = torch.zeros((0, *shape), dtype=torch.int64, device=agents.device)
+        return empty, empty, empty, empty
     cpu = agents.device.type == "cpu"
     if cpu:
         # numpy's operators on the CPU: the same integers, at a fraction of torch's cost per

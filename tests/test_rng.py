@@ -166,6 +166,12 @@ def test_draws_in_slices_of_agents_are_the_draws_at_once(monkeypatch) -> None:
         assert ours.shape == (9, 2, 7) and torch.equal(ours, theirs)
 
 
+def test_draws_for_no_agents_are_empty() -> None:
+    none = torch.arange(0)
+    assert rng.uniform(0, none, rng.STREAM_TASKS, 1, (2, 3)).shape == (0, 2, 3)
+    assert rng.normal(0, none, rng.STREAM_TASKS, 1, (4,), F64).shape == (0, 4)
+
+
 def test_random_bits_are_32_bit_words() -> None:
     bits = rng.random_bits(0, torch.arange(50), rng.STREAM_TASKS, 0, (2000,))
     assert bits.dtype == torch.int64
