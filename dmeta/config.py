@@ -385,6 +385,11 @@ class L2CConfig:
     local_epochs: int = 1
     alpha_lr: float = 0.1
     alpha_weight_decay: float = 0.01
+    # false: the decay is an L2 term added to the gradient, which Adam normalises with it (the
+    # paper's "Adam with weight decay", torch.optim.Adam's weight_decay); true: decoupled, the
+    # logits or encoder shrink by (1 - alpha_lr * alpha_weight_decay) before the step (AdamW,
+    # torch.optim.Adam's decoupled_weight_decay).
+    alpha_decoupled_decay: bool = False
     validation_tasks: int = 5
     prune_round: int = 10
     prune_count: int = 0

@@ -31,19 +31,24 @@ def build(tmp_path: Path, *settings: str) -> Engine:
     return Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(config.agents), tmp_path / "r.h5")
 
 
-def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path) -> None:
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path, decoupled) -> None:
     """Two local SGD steps of MAML per node, eq. (2) on the updates, torch.optim.Adam with
     weight decay on each node's alpha (eq. 3), and pruning of the weakest neighbour after
     round 2 of the ring: every node, one at a time."""
     engine = build(
         tmp_path, "optimizer.name=sgd", "optimizer.lr=0.05", "l2c.local_epochs=2",
         "l2c.prune_round=2", "l2c.prune_count=1", "l2c.alpha_lr=0.3",
+        f"l2c.alpha_decoupled_decay={str(decoupled).lower()}",
     )  # fmt: skip
     algorithm, learner, lr = engine.algorithm, engine.learner, 0.05
     neighbours = in_neighbours(engine)
     theta = algorithm.models().clone()
     alpha = [torch.zeros(len(n), dtype=torch.float64, requires_grad=True) for n in neighbours]
-    adams = [torch.optim.Adam([a], lr=0.3, weight_decay=0.01) for a in alpha]
+    adams = [
+        torch.optim.Adam([a], lr=0.3, weight_decay=0.01, decoupled_weight_decay=decoupled)
+        for a in alpha
+    ]
     active = [torch.ones(len(n), dtype=torch.bool) for n in neighbours]
     for t in range(1, 4):
         half = []

@@ -132,7 +132,8 @@ def test_the_encoder_gradient_equals_finite_differences(tmp_path) -> None:
     torch.testing.assert_close(gradient, numeric, rtol=1e-6, atol=1e-8)
 
 
-def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path) -> None:
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path, decoupled) -> None:
     """Two local SGD steps of MAML per node, the attention of the changes since theta^0
     (eq. 4-5), eq. (2) on the updates, torch.optim.Adam with weight decay on the shared
     encoder over the nodes' mean validation loss (eq. 6), and pruning of the weakest
@@ -141,13 +142,14 @@ def test_rounds_equal_a_hand_written_loop_over_nodes(tmp_path) -> None:
     engine = build(
         tmp_path, "optimizer.name=sgd", "optimizer.lr=0.05", "l2c.local_epochs=2",
         "l2c.prune_round=2", "l2c.prune_count=1", "l2c.alpha_lr=0.05",
+        f"l2c.alpha_decoupled_decay={str(decoupled).lower()}",
     )  # fmt: skip
     algorithm, learner, lr = engine.algorithm, engine.learner, 0.05
     layout, neighbours = algorithm.layout, in_neighbours(engine)
     theta = algorithm.models().clone()
     theta0 = theta.clone()
     encoder = algorithm.shared["encoder"][0].clone().requires_grad_()
-    adam = torch.optim.Adam([encoder], lr=0.05, weight_decay=0.01)
+    adam = torch.optim.Adam([encoder], lr=0.05, weight_decay=0.01, decoupled_weight_decay=decoupled)
     active = [torch.ones(len(n), dtype=torch.bool) for n in neighbours]
     for t in range(1, 4):
         half = []

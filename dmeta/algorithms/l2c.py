@@ -9,7 +9,8 @@ surviving in-edges (eq. 3). Round t of node i:
     Delta_j^t      = theta_j^t - theta_j^{t+1/2}, the update node j sends
     theta_i^{t+1}  = theta_i^t - sum_{j in i + N(i)} w_ij Delta_j^t            (eq. 2)
     alpha_i       <- one Adam step (lr `alpha_lr`, L2 weight decay `alpha_weight_decay`, as
-                     torch.optim.Adam's) on L(theta_i^{t+1}; D_i^val)               (eq. 3)
+                     torch.optim.Adam's, or decoupled with `alpha_decoupled_decay`, as
+                     AdamW's) on L(theta_i^{t+1}; D_i^val)                          (eq. 3)
 
 The gradient in alpha_i is taken through the mix: the exchange's mix is differentiable in its
 weights, and the neighbours' updates enter as constants (they do not depend on alpha_i).
@@ -94,6 +95,18 @@ def plan_l2c(config: Config) -> L2CPlan:
     starts = np.concatenate([[0], np.cumsum(in_degree)[:-1]])
     slots = np.arange(len(destinations)) - starts[destinations]
     return L2CPlan(sources, destinations, slots, in_degree, config.l2c)
+
+
+def decayed(
+    params: torch.Tensor, gradient: torch.Tensor, settings: L2CConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where Adam starts from and what gradient it takes, with `alpha_weight_decay` lambda:
+    (params, gradient + lambda params) for the L2 term (torch.optim.Adam's weight_decay), or
+    ((1 - lr lambda) params, gradient) decoupled (`alpha_decoupled_decay`: AdamW's)."""
+    decay = settings.alpha_weight_decay
+    if settings.alpha_decoupled_decay:
+        return params * (1 - settings.alpha_lr * decay), gradient
+    return params, gradient + decay * params
 
 
 def masked_softmax(alpha: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -271,12 +284,12 @@ class L2C(LearnedMixing):
         return aggregated.detach(), gradient
 
     def _step_alpha(self, gradient: torch.Tensor) -> None:
-        """One Adam step of the active logits on `gradient` plus the L2 weight decay."""
+        """One Adam step of the active logits on `gradient` with the weight decay (`decayed`)."""
         mixing, active = self.mixing, self.mixing["active"]
         alpha = mixing["alpha"]
-        gradient = gradient + self.plan_.settings.alpha_weight_decay * alpha
+        start, gradient = decayed(alpha, gradient, self.plan_.settings)
         state = {k: mixing[f"adam/{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
-        stepped, state = self.adam.step(alpha, torch.where(active, gradient, 0.0), state)
+        stepped, state = self.adam.step(start, torch.where(active, gradient, 0.0), state)
         mixing["alpha"] = torch.where(active, stepped, alpha)
         for name in ("exp_avg", "exp_avg_sq"):
             mixing[f"adam/{name}"] = torch.where(active, state[name], mixing[f"adam/{name}"])

@@ -11,8 +11,9 @@ Round t of node i, with L2C's graph, local steps, validation tasks and pruning (
                      parameters                                                         (eq. 5)
     w_ij           = softmax of f_i over j in i + N(i), its surviving in-edges           (eq. 4)
     theta_i^{t+1}  = theta_i^t - sum_j w_ij Delta_j^t                                   (eq. 2)
-    alpha         <- one Adam step (lr `alpha_lr`, L2 weight decay `alpha_weight_decay`, as
-                     torch.optim.Adam's: the paper trains both methods alike) on the mean over
+    alpha         <- one Adam step (lr `alpha_lr`, weight decay `alpha_weight_decay`: an L2 term
+                     as torch.optim.Adam's, or decoupled as AdamW's with
+                     `alpha_decoupled_decay`; the paper trains both methods alike) on the mean over
                      all K nodes of grad_alpha L(theta_i^{t+1}; D_i^val)    (eq. 6; Alg. 1, l. 24)
 
 The encoder E (eq. 7-8): the model row is cut into layers, the parameter tensors of one module
@@ -65,6 +66,7 @@ from dmeta.algorithms.l2c import (
     ADAM_EPS,
     L2CPlan,
     LearnedMixing,
+    decayed,
     masked_softmax,
     plan_l2c,
 )
@@ -501,7 +503,8 @@ class MetaL2C(LearnedMixing):
             "l2c/gradient_share": (mean.abs() > decay.abs()).to(mean.dtype).mean(),
         }
         state = {k: shared[f"adam/{k}"] for k in ("exp_avg", "exp_avg_sq", "step")}
-        shared["encoder"], state = self.adam.step(encoder, mean + decay, state)
+        start, direction = decayed(encoder, mean, self.plan_.settings)
+        shared["encoder"], state = self.adam.step(start, direction, state)
         shared |= {f"adam/{k}": v for k, v in state.items()}
 
     def row_values(self) -> dict[str, torch.Tensor | float]:
