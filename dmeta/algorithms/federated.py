@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -358,48 +359,41 @@ class FedAvg(Federated):
         self, t: int, clients: torch.Tensor, launch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """McMahan et al.'s ClientUpdate (Algorithm 1) of the sampled `clients` from `launch`:
-        `steps_per_round` SGD steps of size client_lr on the task's `training_data`, or with
-        federated.batch_size > 0 `minibatch_updates`; returns the changes launch - w_u."""
+        an SGD step of size client_lr on each of `_batches` in turn. Returns the changes
+        launch - w_u, each client's loss summed over its reported steps and n_u."""
+        models = launch
+        loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=self.context.device)
+        for batch in self._batches(t, clients):
+            gradients, losses = self.plain.meta_gradients(models, batch)
+            models = models - self.context.config.federated.client_lr * gradients
+            loss_sum += losses.detach().to(torch.float64)
+        counts = self.context.task.example_counts(clients, batch)
+        batch_size = self.context.config.federated.batch_size
+        if batch_size:  # an epoch of mini-batches reports its mean batch loss as one step
+            loss_sum /= torch.ceil(counts / batch_size)
+        return launch - models, loss_sum, counts
+
+    def _batches(self, t: int, clients: torch.Tensor) -> Iterator[TaskBatch]:
+        """A round's batches: `steps_per_round` draws of the task's `training_data`, or with
+        federated.batch_size = B > 0 (federated data) each of the `local_epochs` epochs'
+        mini-batches, client u's ceil(n_u / B) batches in the order the task's `minibatches`
+        draws for (round t, epoch). With mini-batches the clients step together, as many steps
+        as the largest needs; a client's later batches are padding alone, whose loss and
+        gradient are 0, so it stays where it is."""
         context = self.context
         settings = context.config.federated
         if settings.batch_size:
-            return self.minibatch_updates(t, clients, launch)
-        models = launch
-        loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
+            epochs = settings.local_epochs
+            for epoch in range(epochs):
+                draw = task_draw(t, epochs, epoch)
+                yield from context.task.minibatches(clients, draw, settings.batch_size)
+            return
         steps = self.steps_per_round()
         for step in range(steps):
             # Task draws numbered by client step, as in the diffusion strategies' local steps.
-            tasks = context.task.training_data(
+            yield context.task.training_data(
                 clients, task_draw(t, steps, step), context.config.learner.tasks_per_agent
             )
-            gradients, losses = self.plain.meta_gradients(models, tasks)
-            models = models - settings.client_lr * gradients
-            loss_sum += losses.detach().to(torch.float64)
-        return launch - models, loss_sum, context.task.example_counts(clients, tasks)
-
-    def minibatch_updates(
-        self, t: int, clients: torch.Tensor, launch: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ClientUpdate with mini-batches of B = federated.batch_size on federated data: in each
-        of the `local_epochs` epochs client u takes one SGD step of size client_lr on each of
-        its ceil(n_u / B) batches, in the order the task's `minibatches` draws for (round t,
-        epoch). The clients step together, as many steps as the largest needs; a client's later
-        batches are padding alone, whose loss and gradient are 0, so it stays where it is.
-        Returns the changes launch - w_u, each client's mean batch loss of an epoch summed over
-        the epochs (an epoch is one reported step, as without mini-batches) and n_u."""
-        context = self.context
-        settings = context.config.federated
-        models = launch
-        loss_sum = torch.zeros(len(clients), dtype=torch.float64, device=context.device)
-        epochs = settings.local_epochs
-        for epoch in range(epochs):
-            draw = task_draw(t, epochs, epoch)
-            for batch in context.task.minibatches(clients, draw, settings.batch_size):
-                gradients, losses = self.plain.meta_gradients(models, batch)
-                models = models - settings.client_lr * gradients
-                loss_sum += losses.detach().to(torch.float64)
-        counts = context.task.example_counts(clients, batch)
-        return launch - models, loss_sum / torch.ceil(counts / settings.batch_size), counts
 
     def evaluation_steps(self, steps: int) -> int:
         """FedAvg(Meta) fine-tunes on a held-out client's support set before scoring it
