@@ -129,14 +129,14 @@ fedmeta-cpu: $(SHAKESPEARE)
 	$(BIN)/python analysis/fedmeta.py '$(RUNS)/fedmeta_shakespeare_cpu_sweep/*.h5' \
 	  --out $(RUNS)/fedmeta_shakespeare_cpu.png
 
-# The mpich and mpi4py wheels that benchmarks/gpu.sh installs on a GPU machine without network
+# The mpich, mpi4py and pytest wheels that benchmarks/gpu.sh installs on a GPU machine without network
 # (its Python's version, x86-64 Linux) into wheels/ (ignored by git): make wheels, then carry
 # wheels/ there and run benchmarks/gpu.sh (BENCHMARKS.md, "GPU").
 GPU_PYTHON_VERSION ?= 3.12
 wheels: $(STAMP)
 	$(BIN)/pip download --quiet --no-deps --only-binary :all: --python-version $(GPU_PYTHON_VERSION) \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-	  --platform manylinux_2_5_x86_64 mpich mpi4py -d wheels
+	  --platform manylinux_2_5_x86_64 mpich mpi4py pytest pluggy iniconfig packaging pygments -d wheels
 
 # Benchmarks (issue 7): each prints a table; see BENCHMARKS.md for results and times.
 # PEERS=1 also builds learn2learn in a throwaway venv for peers.py (about a minute, network).

@@ -9,17 +9,21 @@
 # site-packages and this checkout, installs the mpich and mpi4py wheels found in DIR (default
 # wheels/, which `make wheels` fills for Python 3.12 on x86-64 Linux) with no index, and writes
 # a `dmeta` command into it (no build step: the machine needs no network). Then, each step
-# under its own time limit, a failed step reported and the next one run:
-#   1. correctness: the sine job in float64 on the CPU, and on DEVICE in-process and under
-#      mpiexec -n 2 (benchmarks/device_check.py);
-#   2. sine agents K = 40, 2560, 10000: ms per iteration and peak memory per agent, eager, all
-#      agents one batch (closed-form meta-gradients); then K = 40 and 2560 with torch.func's;
-#   3. K = 40 with runtime.compile=true (on CUDA: a CUDA graph of the compiled step);
+# under its own time limit, a failed step reported and the next one run (most wanted first):
+#   1. tests/test_cudagraph.py: captured and replayed rounds against eager rounds on DEVICE;
+#   2. correctness: the sine job in float64 on the CPU, and on DEVICE in-process (its rounds
+#      replayed from a CUDA graph) and under mpiexec -n 2 (benchmarks/device_check.py);
+#   3. sine agents K = 40, 2560, 10000: ms per iteration and peak memory per agent, all agents
+#      one batch (closed-form meta-gradients), rounds replayed from a CUDA graph; then K = 40
+#      with plain eager rounds (runtime.cuda_graph=false), the launch overhead it removes;
 #   4. 100,000 linear-representation agents on a ring (benchmarks/bench_scale.py);
-#   5. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
-# Everything goes to FILE (default runs/gpu.txt) and the terminal. About 5 minutes on one H100.
-# --no-install uses PYTHON as it is (a venv with dmeta); --quick runs steps 1, 2 and 4 at their
-# smallest settings (the test runs `--device cpu --no-install --quick`).
+#   5. K = 40 and 2560 with torch.func's meta-gradients (runtime.closed_form=false);
+#   6. K = 40 with runtime.compile=true (the compiled step inside the captured round);
+#   7. the full Fig. 1b, 3 strategies x 10,000 iterations (benchmarks/bench_fig1b.py);
+#   8. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
+# Everything goes to FILE (default runs/gpu.txt) and the terminal; about 8 minutes on one H100
+# (the limits add up to 9.5). --no-install uses PYTHON as it is (a venv with dmeta); --quick
+# runs steps 1-4 at their smallest settings, without K = 40's eager rounds (the test runs `--device cpu --no-install --quick`).
 set -uo pipefail
 
 DEVICE=cuda
@@ -49,8 +53,8 @@ if [ "$INSTALL" = 1 ]; then
     VENV=$(mktemp -d)/venv
     "$PYTHON" -m venv "$VENV" || fail "could not make a venv with $PYTHON"
     # The wheels first: with the base Python's packages visible, pip would take its for ours.
-    "$VENV/bin/pip" install --quiet --no-index --find-links "$WHEELS" mpich mpi4py \
-        || fail "could not install the mpich and mpi4py wheels from $WHEELS"
+    "$VENV/bin/pip" install --quiet --no-index --find-links "$WHEELS" mpich mpi4py pytest \
+        || fail "could not install the mpich, mpi4py and pytest wheels from $WHEELS"
     base=$("$PYTHON" -c 'import site; print(site.getsitepackages()[0])')
     own=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
     printf '%s\n' "$base" >"$own/base_python.pth"
@@ -65,16 +69,18 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
 if [ "$QUICK" = 1 ]; then
     CHECK=(--ranks 1 --set iterations=2 --set log_every=1)
-    AGENTS=(--agents 4 --iterations 3)
+    AGENTS=(--agents 4 --iterations 6)
     SCALE=(--agents 20 --iterations 3)
 else
     CHECK=(--ranks 2)
     # All of a rank's agents in one batch: a GPU wants large batches, and has the memory.
     AGENTS=(--agents 40 2560 10000 --iterations 30 --set runtime.agents_at_once=0)
+    EAGER=(--agents 40 --iterations 30 --set runtime.cuda_graph=false)
     PLAIN=(--agents 40 2560 --iterations 30 --set runtime.agents_at_once=0
         --set runtime.closed_form=false)
     COMPILED=(--agents 40 --iterations 300 --set runtime.compile=true)
     SCALE=(--agents 100000 --iterations 10)
+    FIG1B=(--out-dir "$(mktemp -d)" --set runtime.device="$DEVICE" --set runtime.compile=false)
     RANKS=(--agents 2560 --ranks 1 8 --iterations 12 --repeats 1)
 fi
 
@@ -92,12 +98,15 @@ mkdir -p "$(dirname "$OUT")"
     echo "# gpu.sh on $(hostname), $(date -u +%Y-%m-%dT%H:%M:%SZ): device $DEVICE"
     "$PYTHON" -c 'import torch; print("# torch", torch.__version__, "cuda", torch.version.cuda,
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
-    step 120 benchmarks/device_check.py --device "$DEVICE" "${CHECK[@]}"
-    step 150 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
+    step 60 -m pytest -q -p no:cacheprovider tests/test_cudagraph.py
+    step 100 benchmarks/device_check.py --device "$DEVICE" "${CHECK[@]}"
+    step 120 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
     # --quick leaves out the steps that rerun a script of the steps before (the test's budget).
-    [ "$QUICK" = 1 ] || step 90 benchmarks/bench_agents.py --device "$DEVICE" "${PLAIN[@]}"
-    [ "$QUICK" = 1 ] || step 150 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
-    step 120 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
-    [ "$QUICK" = 1 ] || step 120 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
+    [ "$QUICK" = 1 ] || step 40 benchmarks/bench_agents.py --device "$DEVICE" "${EAGER[@]}"
+    step 90 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
+    [ "$QUICK" = 1 ] || step 60 benchmarks/bench_agents.py --device "$DEVICE" "${PLAIN[@]}"
+    [ "$QUICK" = 1 ] || step 90 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
+    [ "$QUICK" = 1 ] || step 120 benchmarks/bench_fig1b.py "${FIG1B[@]}"
+    [ "$QUICK" = 1 ] || step 90 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
 } | tee "$OUT"
 echo "gpu.sh: written to $OUT"

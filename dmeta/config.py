@@ -479,6 +479,13 @@ class RuntimeConfig:
     # about 2-3x faster there (BENCHMARKS.md): it pays off after a few thousand iterations.
     compile: Literal["auto", "true", "false"] = "auto"
     compile_after: int = 5000
+    # On a GPU, capture a whole training round (task draws, meta-gradients, outer step,
+    # combination) once as a CUDA graph and replay it (dmeta/cudagraph.py): a small network's
+    # round is otherwise hundreds of kernel launches. "auto": where the device is CUDA and the
+    # strategy's round can be captured (the diffusion family and the baselines on one rank, a
+    # static graph), falling back to eager rounds with a warning if the capture fails; "true"
+    # insists. Logging and evaluation stay outside the graph; /time/comm reads 0 then.
+    cuda_graph: Literal["auto", "true", "false"] = "auto"
     # The meta-gradients and evaluations take this many of a rank's agents at a time (0: all
     # at once). Each agent's row is computed alone either way: chunks bound the memory of the
     # second-order graphs and keep a chunk's work in the CPU's caches (10,000 sine agents on
@@ -569,8 +576,8 @@ def problem_sections(problem: str) -> tuple[str, ...]:
 # Config sections that do not change the numbers of a run: a run may resume with other values.
 FREE_SECTIONS = ("output", "checkpoint")
 FREE_RUNTIME_KEYS = (
-    "backend", "device", "threads", "compile", "compile_after", "agents_at_once",
-    "closed_form", "keep_freed_memory",
+    "backend", "device", "threads", "compile", "compile_after", "cuda_graph",
+    "agents_at_once", "closed_form", "keep_freed_memory",
 )  # fmt: skip
 # How many evaluation tasks are adapted at once changes memory, not numbers.
 FREE_VALIDATION_KEYS = ("tasks_at_once",)

@@ -24,6 +24,7 @@ from dmeta import hostmemory, rng
 from dmeta.algorithms.base import Algorithm, Context, RoundReport, synchronize
 from dmeta.checkpoint import Snapshot, checkpoint_path, load_checkpoint, save_checkpoint
 from dmeta.config import config_digest, is_import_path
+from dmeta.cudagraph import WARMUP_ROUNDS, GraphedRounds
 from dmeta.errors import AgreedError, DmetaError, agree
 from dmeta.exchange import Exchange, LocalExchange, MPIExchange
 from dmeta.federated_data import weighted_ci95
@@ -160,10 +161,12 @@ class CompiledStep:
     """A training step under torch.compile that remembers how long its first call took: the
     compilation (plus one step). On a GPU the compiled step is also captured as a CUDA graph
     and replayed ("reduce-overhead"): a small network's step is otherwise hundreds of kernel
-    launches."""
+    launches. Where whole rounds are captured (`graphs`) it is compiled alone and captured
+    with them."""
 
-    def __init__(self, step: Any, device: torch.device, fallback: bool) -> None:
-        mode = "reduce-overhead" if device.type == "cuda" else None
+    def __init__(self, step: Any, device: torch.device, fallback: bool, graphs: bool) -> None:
+        # Not inside a captured round (`graphs`, runtime.cuda_graph): graphs do not nest.
+        mode = "reduce-overhead" if device.type == "cuda" and not graphs else None
         with warnings.catch_warnings():
             # torch's inductor, imported here, uses its own deprecated torch.jit API.
             warnings.filterwarnings(
@@ -289,7 +292,7 @@ class Engine:
         self.compiled = None
         if plan.compile:
             auto = config.runtime.compile == "auto"
-            self.compiled = CompiledStep(meta_gradients, plan.device, fallback=auto)
+            self.compiled = CompiledStep(meta_gradients, plan.device, auto, plan.cuda_graph)
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
             self.compiled or meta_gradients,
@@ -300,6 +303,7 @@ class Engine:
             self.task.initial_parameters(model, starting, config.model.same_init, dtype)
         )
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
+        self.graphed = self._graphed_rounds()
         # Each agent's own validation tasks [local agents, tasks, ...], or None: every agent is
         # scored on the shared validation tasks (and weights).
         self.own_tasks = self._own_validation_tasks()
@@ -319,6 +323,21 @@ class Engine:
         self.writer: RunWriter | None = None
         self.summary: list[str] = []  # lines rank 0 prints when the run completes
         self.start = time.perf_counter()
+
+    def _graphed_rounds(self) -> GraphedRounds | None:
+        """The algorithm's rounds replayed from a CUDA graph where runtime.cuda_graph asks and
+        the round can be captured; None: plain rounds."""
+        device_round = self.algorithm.device_round() if self.plan.cuda_graph else None
+        setting = self.config.runtime.cuda_graph
+        if device_round is None:
+            if setting == "true":
+                raise DmetaError(
+                    f"runtime.cuda_graph = true, but strategy {self.config.strategy!r} cannot "
+                    "capture its round in this run (it sends rows between ranks, its graph "
+                    "changes, or its shapes vary): use runtime.cuda_graph=auto or false"
+                )
+            return None
+        return GraphedRounds(device_round, self.device, fallback=setting == "auto")
 
     def _own_validation_tasks(self) -> TaskBatch | None:
         """This rank's agents' own validation tasks with `validation.own_tasks` (None without);
@@ -664,10 +683,13 @@ class Engine:
             self.log_row(0, progress)
         last_checkpoint = time.perf_counter()
         try:
+            rounds = self.graphed or self.algorithm.round
             for iteration in range(first, config.iterations + 1):
-                self.window.add(self.algorithm.round(iteration))
+                self.window.add(rounds(iteration))
                 if iteration == first:
                     self._report_compile(progress)
+                if iteration == first + WARMUP_ROUNDS and self.graphed is not None:
+                    self._report_capture(progress)
                 progress.advance()
                 if self._logged(iteration):
                     self.log_row(iteration, progress)
@@ -705,6 +727,13 @@ class Engine:
         progress.say(
             f"dmeta: compiled the training step in {self.compiled.seconds:.1f} s ({reason})"
         )
+
+    def _report_capture(self, progress: Progress) -> None:
+        """Rank 0 says how long capturing the round as a CUDA graph took."""
+        seconds = self.graphed.capture_seconds
+        if seconds is not None:
+            progress.exclude(seconds)
+            progress.say(f"dmeta: captured the training round as a CUDA graph in {seconds:.2f} s")
 
     def final_evaluation(self) -> None:
         """Meta-test scores per agent and the network's interval (a collective call)."""
@@ -802,6 +831,10 @@ class Engine:
             times = self.exchange.allgather_object(self.compiled.seconds)
             seconds = math.nan if None in times else max(times)
             self.writer.set_attributes("time", compile_seconds=seconds)
+        if self.graphed is not None:
+            # All ranks synchronise here: "replayed" where every rank's capture succeeded.
+            replayed = all(self.exchange.allgather_object(self.graphed.graph is not None))
+            self.writer.set_attributes("time", cuda_graph="replayed" if replayed else "eager")
         self.writer.finish()
         if self.rank == 0:
             self.checkpoint.unlink(missing_ok=True)

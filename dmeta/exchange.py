@@ -72,12 +72,14 @@ class Route:
     (destination, source) order; `slots` says where each reads its row in [local rows;
     received rows]; `targets` is its local destination. `send_rows[i]` are the local rows sent
     to rank `destinations[i]`, `receive_counts[i]` the rows received from rank `sources[i]`.
-    `sends_per_agent` counts, per local agent, the other ranks its row goes to.
+    `sends_per_agent` counts, per local agent, the other ranks its row goes to. `crow` are the
+    CSR row pointers of `targets` (where each local destination's edges begin), built once.
     """
 
     edges: np.ndarray
     slots: torch.Tensor
     targets: torch.Tensor
+    crow: torch.Tensor | None = None
     sources: list[int] = field(default_factory=list)
     destinations: list[int] = field(default_factory=list)
     send_rows: list[torch.Tensor] = field(default_factory=list)
@@ -165,10 +167,13 @@ def _build_route(
     send_rows = [
         torch.as_tensor(pairs[1][pairs[0] == s] - first, device=device) for s in destination_ranks
     ]
+    crow = np.zeros(count + 1, dtype=np.int64)
+    np.cumsum(np.bincount(targets, minlength=count), out=crow[1:])
     return Route(
         edges=edges,
         slots=torch.as_tensor(slots, device=device),
         targets=torch.as_tensor(targets, device=device),
+        crow=torch.as_tensor(crow, device=device),
         sources=[int(r) for r in source_ranks],
         destinations=[int(s) for s in destination_ranks],
         send_rows=send_rows,
@@ -183,24 +188,39 @@ def segment_mix(
     targets: torch.Tensor,
     weights: torch.Tensor,
     count: int,
+    crow: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[k] = sum_e weights[e] rows[slots[e]] over the edges e with targets[e] = k (eq. 6b).
 
-    `targets` is sorted (a route's edges are in destination order). Without gradients this is
-    one sparse (CSR) product, E x M multiply-adds with no [E, M] temporary; with gradients (the
-    weights or rows require them: learned mixing) an index and a segment sum, which autograd
-    differentiates. Both sum each destination's edges in the route's order.
+    `targets` is sorted (a route's edges are in destination order); `crow` are its CSR row
+    pointers (`Route.crow`; built here when not given). Without gradients this is one sparse
+    (CSR) product, E x M multiply-adds with no [E, M] temporary; with gradients (the weights or
+    rows require them: learned mixing) `indexed_mix`, which autograd differentiates. Both sum
+    each destination's edges in the route's order.
     """
-    if not (torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad)):
-        counts = torch.bincount(targets, minlength=count)
+    if torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad):
+        return indexed_mix(rows, slots, targets, weights, count)
+    if crow is None:
         crow = torch.zeros(count + 1, dtype=torch.int64, device=rows.device)
-        crow[1:] = torch.cumsum(counts, dim=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            matrix = torch.sparse_csr_tensor(
-                crow, slots, weights.to(rows.dtype), size=(count, rows.shape[0])
-            )
-            return matrix @ rows
+        crow[1:] = torch.cumsum(torch.bincount(targets, minlength=count), dim=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        matrix = torch.sparse_csr_tensor(
+            crow, slots, weights.to(rows.dtype), size=(count, rows.shape[0])
+        )
+        return matrix @ rows
+
+
+def indexed_mix(
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    """`segment_mix` as an index and a segment sum ([E, M] temporary): what autograd
+    differentiates, and what a CUDA graph captures (cuSPARSE's product may allocate in ways a
+    capture does not allow). On a GPU the segment sum adds in no fixed order."""
     weighted = rows.index_select(0, slots) * weights[:, None]
     out = torch.zeros((count, rows.shape[1]), dtype=weighted.dtype, device=rows.device)
     return out.index_add(0, targets, weighted)
@@ -221,7 +241,7 @@ class LocalExchange:
         return _build_route(self.layout, 0, sources, destinations, self.device)
 
     def mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> torch.Tensor:
-        return segment_mix(rows, route.slots, route.targets, weights, self.num_local)
+        return segment_mix(rows, route.slots, route.targets, weights, self.num_local, route.crow)
 
     def start_mix(self, rows: torch.Tensor, route: Route, weights: torch.Tensor) -> PendingMix:
         """The mix, computed when waited for (nothing travels in one process)."""
@@ -314,7 +334,9 @@ class MPIExchange:
         table = self._start_table(rows, route)
 
         def finish() -> torch.Tensor:
-            return segment_mix(table(), route.slots, route.targets, weights, self.num_local)
+            return segment_mix(
+                table(), route.slots, route.targets, weights, self.num_local, route.crow
+            )
 
         return PendingMix(finish)
 

@@ -172,19 +172,26 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
-def _check_ranges(seed: int, agents: torch.Tensor, stream: int, iteration: int, count: int) -> None:
-    """ValueError unless every field fits its place in the counter or key."""
+def _check_ranges(
+    seed: int, agents: torch.Tensor, stream: int, iteration: Word, count: int
+) -> None:
+    """ValueError unless every field fits its place in the counter or key.
+
+    An iteration given as a tensor (a CUDA graph's counter, see `blocks`) is its caller's to
+    check, and so are the agent ids while a CUDA graph is captured: reading either back would
+    synchronise, which a capture cannot do.
+    """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed = {seed} must lie in [0, 2^64)")
     if not 0 <= stream < 2**16:
         raise ValueError(f"stream = {stream} must lie in [0, 2^16)")
-    if not 0 <= iteration < 2**48:
+    if isinstance(iteration, int) and not 0 <= iteration < 2**48:
         raise ValueError(f"iteration = {iteration} must lie in [0, 2^48)")
     if count > 2**32:
         raise ValueError(f"one draw holds {count} numbers per agent; draw at most 2^32 at once")
     if agents.dtype.is_floating_point or agents.dtype.is_complex or agents.dtype == torch.bool:
         raise ValueError(f"agent ids must be an integer tensor, not {agents.dtype}")
-    if agents.numel():
+    if agents.numel() and not (agents.is_cuda and torch.cuda.is_current_stream_capturing()):
         # On a GPU this reads two numbers back: one synchronisation per draw.
         low, high = torch.aminmax(agents)
         if int(low) < 0 or int(high) >= 2**32:
@@ -192,13 +199,21 @@ def _check_ranges(seed: int, agents: torch.Tensor, stream: int, iteration: int, 
 
 
 def blocks(
-    seed: int, agents: torch.Tensor, stream: int, iteration: int, shape: tuple[int, ...]
+    seed: int, agents: torch.Tensor, stream: int, iteration: Word, shape: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The four 32-bit words (as int64) of every element's Philox block, each of shape
     [len(agents), *shape]: element [a, j...] is the block of (seed, agents[a], stream,
-    iteration, flat index j). The draws below are built from these words."""
+    iteration, flat index j). The draws below are built from these words.
+
+    `iteration` may be a 0-d int64 tensor on the agents' device (the counter of a round
+    replayed from a CUDA graph, `dmeta.cudagraph`, which must read a new value each replay
+    where a Python integer would be frozen into the captured kernels); the caller checks that
+    it lies in [0, 2^48).
+    """
     count = math.prod(shape)
     _check_ranges(seed, agents, stream, iteration, count)
+    if isinstance(iteration, torch.Tensor) and not agents.is_cuda:
+        iteration = int(iteration)  # numpy's path below takes integers
     if not len(agents):  # e.g. a rank none of whose agents is sampled
         empty = torch.zeros((0, *shape), dtype=torch.int64, device=agents.device)
         return empty, empty, empty, empty
@@ -239,7 +254,7 @@ def _unit53(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
 
 
 def random_bits(
-    seed: int, agents: torch.Tensor, stream: int, iteration: int, shape: tuple[int, ...]
+    seed: int, agents: torch.Tensor, stream: int, iteration: Word, shape: tuple[int, ...]
 ) -> torch.Tensor:
     """Uniform 32-bit integers (as int64) of shape [len(agents), *shape], one family per agent.
 
@@ -253,7 +268,7 @@ def uniform(
     seed: int,
     agents: torch.Tensor,
     stream: int,
-    iteration: int,
+    iteration: Word,
     shape: tuple[int, ...],
     low: torch.Tensor | float = 0.0,
     high: torch.Tensor | float = 1.0,
@@ -279,7 +294,7 @@ def normal(
     seed: int,
     agents: torch.Tensor,
     stream: int,
-    iteration: int,
+    iteration: Word,
     shape: tuple[int, ...],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:

@@ -52,6 +52,7 @@ class RunPlan:
     device: torch.device
     threads: int
     compile: bool = False  # runtime.compile, "auto" resolved (`resolve_compile`)
+    cuda_graph: bool = False  # runtime.cuda_graph on a CUDA device: try to capture rounds
 
 
 def choose_device(requested: str, local_rank: int) -> torch.device:
@@ -136,9 +137,16 @@ def plan_run(
         node_cpus = len(os.sched_getaffinity(0))
     threads = config.runtime.threads or default_threads(node_cpus, local_size)
     compiled = resolve_compile(config, algorithm, device)
+    graphed = config.runtime.cuda_graph != "false" and device.type == "cuda"
+    if config.runtime.cuda_graph == "true" and not graphed:
+        raise DmetaError(
+            f"runtime.cuda_graph = true needs a CUDA device (runtime.device = "
+            f"{config.runtime.device!r} gives {device}): use runtime.cuda_graph=auto or false"
+        )
     return RunPlan(
-        config, backend, layout, rank, algorithm, algorithm_plan, device, threads, compiled
-    )
+        config, backend, layout, rank, algorithm, algorithm_plan, device, threads, compiled,
+        graphed,
+    )  # fmt: skip
 
 
 def resolve_compile(config: Config, algorithm: type[Algorithm], device: torch.device) -> bool:

@@ -23,7 +23,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # `make bench` (no timing is asserted).
 SMOKE = {
     "bench_sine.py": ["--iterations", "3", "--reference-iterations", "1", "--no-compile"],
-    "bench_agents.py": ["--agents", "4", "--iterations", "3", "--device", "cpu"],
+    "bench_agents.py": ["--agents", "4", "--iterations", "6", "--device", "cpu"],
     "bench_combine.py": ["--agents", "8"],
     "bench_comm.py": ["--ranks", "2", "--sizes", "100", "--repeats", "2", "--iterations", "2"],
     "bench_scale.py": ["--agents", "20", "40", "--iterations", "3"],

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -148,6 +149,14 @@ class Algorithm(ABC):
     @abstractmethod
     def models(self) -> torch.Tensor:
         """The launch models to evaluate and store: [local agents, P]."""
+
+    def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
+        """`round` as device work alone, for capture in a CUDA graph (`dmeta.cudagraph`): a
+        call takes t as a 0-d int64 tensor on the device, updates the state in the tensors that
+        `state_rows` gives (so that a replay reads and writes the same memory), and neither
+        reads a value back to the host nor communicates. None (the default) where a round
+        cannot be that: rows sent between ranks, a graph that changes, shapes that vary."""
+        return None
 
     def centroid_weights(self) -> torch.Tensor | None:
         """p_k of this rank's agents in the network centroid w_c = sum_k p_k w_k: the Perron

@@ -14,6 +14,7 @@ function of (seed, round) for time-varying graphs, the same on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,7 @@ from dmeta.algorithms.base import (
 )
 from dmeta.config import Config
 from dmeta.errors import DmetaError
-from dmeta.exchange import AgentLayout
+from dmeta.exchange import AgentLayout, indexed_mix
 from dmeta.tasks import TaskBatch
 
 
@@ -160,6 +161,7 @@ class MetaLearning(Algorithm):
     """Agents that each train their launch model with `LocalTraining`; subclasses combine."""
 
     fixed_shapes = True
+    adapt_first = True  # ATC's order: eq. (6a), then (6b)
 
     def __init__(self, context: Context, plan: Any, initial_models: torch.Tensor) -> None:
         self.context = context
@@ -176,11 +178,32 @@ class MetaLearning(Algorithm):
     def models(self) -> torch.Tensor:
         return self.training.launch_models
 
+    def rounds_in_place(
+        self, combine: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Callable[[torch.Tensor], RoundReport]:
+        """`device_round` of a subclass whose combination `combine` (launch models -> combined
+        models, eq. 6b) is device work alone: the round of `round`, the new launch models
+        copied into the old ones' memory, nothing sent."""
+
+        def device_round(t: torch.Tensor) -> RoundReport:
+            training = self.training
+            models = training.launch_models
+            try:
+                if not self.adapt_first:
+                    training.launch_models = combine(training.launch_models)
+                loss_sum, norm = training.adapt(t)
+                if self.adapt_first:
+                    training.launch_models = combine(training.launch_models)
+                models.copy_(training.launch_models)
+            finally:  # also after a failed capture, which ran nothing
+                training.launch_models = models
+            return RoundReport(loss_sum, training.steps(), norm, torch.zeros_like(loss_sum))
+
+        return device_round
+
 
 class Diffusion(MetaLearning):
     """The diffusion family over a graph schedule; subclasses choose the order."""
-
-    adapt_first = True
 
     @classmethod
     def plan(cls, config: Config, layout: AgentLayout) -> GraphPlan:
@@ -224,6 +247,23 @@ class Diffusion(MetaLearning):
         with timer, torch.no_grad():
             self.training.launch_models = pending.wait()
         return torch.as_tensor(self.route.sends_per_agent * self.model_bytes)
+
+    def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
+        """A static graph within one process: the mix is an index and a segment sum
+        (`exchange.indexed_mix`, which a CUDA graph captures), its route built once."""
+        if self.context.exchange.size != 1 or not self.plan_.schedule.static:
+            return None
+
+        def combine(models: torch.Tensor) -> torch.Tensor:
+            if self.route is None:  # the first call, run eagerly before any capture
+                sources, destinations, weights = self.plan_.edges_at(1)
+                self.route = self.context.exchange.route(sources, destinations)
+                self.weights = self.route.weights(weights, models)
+            route = self.route
+            with torch.no_grad():
+                return indexed_mix(models, route.slots, route.targets, self.weights, len(models))
+
+        return self.rounds_in_place(combine)
 
     @classmethod
     def topology(cls, plan: GraphPlan) -> TopologyRecord:

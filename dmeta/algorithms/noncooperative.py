@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -21,6 +23,9 @@ class NonCooperative(MetaLearning):
     def round(self, t: int) -> RoundReport:
         loss_sum, norm = self.training.adapt(t)
         return RoundReport(loss_sum, self.training.steps(), norm, torch.zeros_like(loss_sum))
+
+    def device_round(self) -> Callable[[torch.Tensor], RoundReport]:
+        return self.rounds_in_place(lambda models: models)
 
     @classmethod
     def topology(cls, plan: int) -> TopologyRecord:

@@ -1,0 +1,118 @@
+"""Whole rounds as device work (runtime.cuda_graph): the same rounds as `round`, driven by a
+counter tensor, on the CPU; captured once and replayed where CUDA is present."""
+
+from __future__ import annotations
+
+import h5py
+import pytest
+import torch
+from conftest import small_config
+
+from dmeta import rng
+from dmeta.cudagraph import WARMUP_ROUNDS, GraphedRounds
+from dmeta.engine import Engine, execute
+from dmeta.errors import DmetaError
+from dmeta.exchange import LocalExchange
+from dmeta.runner import plan_run
+
+STRATEGIES = ["atc", "cta", "centralized", "noncooperative"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _engine(tmp_path, device: str, *overrides: str) -> Engine:
+    config = small_config("runtime.dtype=float64", f"runtime.device={device}", *overrides)
+    exchange = LocalExchange(config.agents, torch.device(device))
+    return Engine(plan_run(config, 1, 0, 0, 1), exchange, tmp_path / f"{device}.h5")
+
+
+def _state(engine: Engine) -> dict[str, torch.Tensor]:
+    return {name: rows.cpu() for name, rows in engine.algorithm.state_rows().items()}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_device_rounds_are_the_rounds_in_place(tmp_path, strategy, optimizer) -> None:
+    """Rounds 1-4 through `device_round` with t as a tensor: the losses, norms, models and
+    optimizer state of `round`, and the state stays in the same tensors (a replay's memory)."""
+    overrides = (f"strategy={strategy}", f"optimizer.name={optimizer}")
+    eager, graphable = (
+        _engine(tmp_path / "a", "cpu", *overrides),
+        _engine(tmp_path, "cpu", *overrides),
+    )
+    step = graphable.algorithm.device_round()
+    memory = {name: rows.data_ptr() for name, rows in graphable.algorithm.state_rows().items()}
+    for t in range(1, 5):
+        expected, report = eager.algorithm.round(t), step(torch.tensor(t))
+        torch.testing.assert_close(report.loss_sum, expected.loss_sum, rtol=1e-13, atol=0)
+        torch.testing.assert_close(report.gradient_norm, expected.gradient_norm, rtol=1e-12, atol=0)
+        assert report.steps == expected.steps
+        assert not report.comm_bytes.any()
+    # The ring's mix is an index and a segment sum here, a sparse product in `round`.
+    torch.testing.assert_close(_state(graphable), _state(eager), rtol=1e-12, atol=1e-14)
+    after = {name: rows.data_ptr() for name, rows in graphable.algorithm.state_rows().items()}
+    assert after == memory
+
+
+def test_rounds_that_cannot_be_captured_say_so(tmp_path) -> None:
+    """A graph that changes each round has no device round; cuda_graph = true off a GPU and on
+    such a strategy are one-line errors."""
+    engine = _engine(tmp_path, "cpu", "graph.schedule=one_peer_exponential", "agents=8")
+    assert engine.algorithm.device_round() is None
+    with pytest.raises(DmetaError, match="runtime.cuda_graph = true needs a CUDA device"):
+        plan_run(small_config("runtime.device=cpu", "runtime.cuda_graph=true"), 1, 0, 0, 1)
+
+
+def test_counter_tensor_gives_the_integer_draws() -> None:
+    """A draw keyed by a 0-d tensor iteration equals the one keyed by the integer."""
+    agents = torch.tensor([0, 3, 2**32 - 1])
+    for iteration in (0, 7, 2**40 + 5):
+        by_int = rng.uniform(9, agents, rng.STREAM_TASKS, iteration, (2, 5), dtype=torch.float64)
+        by_tensor = rng.uniform(
+            9, agents, rng.STREAM_TASKS, torch.tensor(iteration), (2, 5), dtype=torch.float64
+        )
+        assert torch.equal(by_int, by_tensor)
+
+
+@CUDA
+def test_cuda_counter_tensor_gives_the_integer_draws() -> None:
+    agents = torch.tensor([0, 3, 2**32 - 1], device="cuda")
+    for iteration in (0, 7, 2**40 + 5):
+        expected = rng.blocks(9, agents.cpu(), rng.STREAM_TASKS, iteration, (4,))
+        counter = torch.tensor(iteration, device="cuda")
+        words = rng.blocks(9, agents, rng.STREAM_TASKS, counter, (4,))
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(expected, words, strict=True))
+
+
+@CUDA
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_replayed_rounds_are_the_eager_rounds(tmp_path, strategy) -> None:
+    """Six rounds of a captured graph (two warm-up rounds, the capture, replays) against the
+    same rounds eagerly on the GPU: the counter moves the draws; models and state agree."""
+    overrides = (f"strategy={strategy}", "runtime.cuda_graph=false")
+    eager, graphed = (
+        _engine(tmp_path / "a", "cuda", *overrides),
+        _engine(tmp_path, "cuda", *overrides),
+    )
+    rounds = GraphedRounds(graphed.algorithm.device_round(), graphed.device, fallback=False)
+    for t in range(1, 7):
+        expected, report = eager.algorithm.round(t), rounds(t)
+        torch.testing.assert_close(report.loss_sum, expected.loss_sum, rtol=1e-12, atol=0)
+    assert rounds.graph is not None and rounds.eager_rounds == WARMUP_ROUNDS
+    torch.testing.assert_close(_state(graphed), _state(eager), rtol=1e-11, atol=1e-13)
+
+
+@CUDA
+def test_a_cuda_run_replays_its_rounds(tmp_path) -> None:
+    """runtime.cuda_graph = true: the run file says the rounds were replayed and its models
+    are the CPU run's."""
+    files = {}
+    for device, graph in (("cpu", "false"), ("cuda", "true")):
+        config = small_config(
+            "runtime.dtype=float64", f"runtime.device={device}", f"runtime.cuda_graph={graph}"
+        )
+        files[device] = tmp_path / f"{device}.h5"
+        execute(plan_run(config, 1, 0, 0, 1), None, files[device], show_progress=False)
+    with h5py.File(files["cpu"]) as cpu, h5py.File(files["cuda"]) as cuda:
+        assert cuda["time"].attrs["cuda_graph"] == "replayed"
+        final = "params/final"
+        torch.testing.assert_close(cuda[final][()], cpu[final][()], rtol=1e-10, atol=1e-12)
