@@ -46,7 +46,7 @@ PROBLEMS = {
 
 
 def single(
-    problem: str, agents: int, iterations: int, topology: str, device: str
+    problem: str, agents: int, iterations: int, topology: str, device: str, extra: list[str]
 ) -> dict[str, float]:
     """Plan, set up and run K agents in this process (the child's side)."""
     started = time.perf_counter()
@@ -68,6 +68,7 @@ def single(
             "graph.rule=metropolis",
             "runtime.threads=0",
             f"runtime.device={device}",
+            *extra,
         ],
     )
     begin = time.perf_counter()
@@ -107,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problem", choices=sorted(PROBLEMS), default="linrep")
     parser.add_argument("--topology", default="ring")
     parser.add_argument("--device", default="cpu", help="runtime.device (default cpu)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        result = single(args.problem, args.agents[0], args.iterations, args.topology, args.device)
+        result = single(
+            args.problem, args.agents[0], args.iterations, args.topology, args.device, args.set
+        )
         print(json.dumps(result))
         return 0
     print(f"# bench_scale: {machine()}")
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, __file__, "--child", "--agents", str(agents)]
         command += ["--iterations", str(args.iterations), "--problem", args.problem]
         command += ["--topology", args.topology, "--device", args.device]
+        command += [item for override in args.set for item in ("--set", override)]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         growth = "-"

@@ -27,7 +27,7 @@ from dmeta.config import Config, load_config
 from dmeta.engine import execute
 from dmeta.hostmemory import keep_freed_memory
 from dmeta.meta import MAML
-from dmeta.runner import build_learner, build_task, plan_run
+from dmeta.runner import build_learner, build_task, plan_run, resolve_agents_at_once
 from dmeta.tasks import TaskBatch
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sine_diffusion.toml"
@@ -56,12 +56,12 @@ def workload(
     config = load_config(JOB, overrides)
     if config.runtime.keep_freed_memory:
         keep_freed_memory()
-    task = build_task(config, dtype, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    task = build_task(config, dtype, cpu)
     model = task.build_model(config.model)
     runtime = config.runtime
-    learner = build_learner(
-        config.learner, model, task, runtime.agents_at_once, runtime.closed_form
-    )
+    chunk = resolve_agents_at_once(runtime.agents_at_once, cpu)
+    learner = build_learner(config.learner, model, task, chunk, runtime.closed_form)
     agents = torch.arange(config.agents)
     theta = model.initial_parameters(config.seed, agents, False, dtype)
     return config, learner, theta, task.sample(agents, 1, config.learner.tasks_per_agent)

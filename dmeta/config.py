@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,9 +491,10 @@ class RuntimeConfig:
     # at once). Each agent's row is computed alone either way: chunks bound the memory of the
     # second-order graphs and keep a chunk's work in the CPU's caches (10,000 sine agents on
     # one CPU rank: 14% faster per agent in chunks of 64 than of 256, 2x faster with chunks
-    # than all at once; BENCHMARKS.md). On a GPU, which wants large batches and has the
-    # memory, set 0 or thousands.
-    agents_at_once: int = 64
+    # than all at once; BENCHMARKS.md). A GPU wants large batches and has the memory: 100,000
+    # linear-representation agents on an H200 took 9.8 s an iteration in chunks of 64 and 11 ms
+    # all at once. "auto": 64 on the CPU, 0 on a GPU (runner.resolve_agents_at_once).
+    agents_at_once: int | Literal["auto"] = "auto"
     # MAML, FO-MAML, ANIL, FO-ANIL and ARM on an MLP under the squared error (the sine runs)
     # take their meta-gradients and evaluations in closed form (dmeta/mlp_maml.py: batched
     # matrix products, the Hessian products by the R-operator), 2-3x faster eager than
@@ -626,6 +628,16 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _describe(annotation: Any) -> str:
+    """A type in words, for an error: "an integer or 'auto'"."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(choice) for choice in typing.get_args(annotation))
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(map(repr, typing.get_args(annotation)))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    return names.get(annotation, str(annotation))
+
+
 def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
     """Check `value` against `annotation`; with `text` (a `--set` value), convert strings.
 
@@ -636,6 +648,13 @@ def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
         kind = {int: "an integer", float: "a number", bool: "true or false"}[annotation]
         raise DmetaError(f"{key} = {value!r} is a string but must be {kind}; remove the quotes")
     origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first fit
+        for choice in typing.get_args(annotation):
+            try:
+                return _convert(value, choice, key, text)
+            except DmetaError:
+                pass
+        raise DmetaError(f"{key} = {value!r} must be {_describe(annotation)}")
     if origin is Literal:
         choices = typing.get_args(annotation)
         if isinstance(value, bool) and "true" in choices:  # a TOML boolean for a tri-state key
@@ -807,7 +826,6 @@ def _check_ranges(config: Config) -> None:
         "optimizer.weight_decay": config.optimizer.weight_decay,
         "validation.inner_steps": config.validation.inner_steps,
         "runtime.threads": config.runtime.threads,
-        "runtime.agents_at_once": config.runtime.agents_at_once,
         "noniid.classes": config.noniid.classes,
         "noniid.images_per_class": config.noniid.images_per_class,
         "noniid.test_images_per_class": config.noniid.test_images_per_class,
@@ -819,6 +837,8 @@ def _check_ranges(config: Config) -> None:
         "validation.stationarity_tasks": config.validation.stationarity_tasks,
         "fewshot.image_size": config.fewshot.image_size,
     }
+    if config.runtime.agents_at_once != "auto":
+        non_negative["runtime.agents_at_once"] = config.runtime.agents_at_once
     for key, value in non_negative.items():
         if value < 0:
             raise DmetaError(f"{key} = {value} must not be negative")

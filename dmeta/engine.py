@@ -285,7 +285,7 @@ class Engine:
         model = build_model(self.task, config)
         runtime = config.runtime
         self.learner = build_learner(
-            config.learner, model, self.task, runtime.agents_at_once, runtime.closed_form
+            config.learner, model, self.task, plan.agents_at_once, runtime.closed_form
         )
         # Only the training step is compiled: its shapes never change, so it compiles once.
         meta_gradients = self.learner.meta_gradients

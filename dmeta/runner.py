@@ -53,6 +53,7 @@ class RunPlan:
     threads: int
     compile: bool = False  # runtime.compile, "auto" resolved (`resolve_compile`)
     cuda_graph: bool = False  # runtime.cuda_graph on a CUDA device: try to capture rounds
+    agents_at_once: int = 0  # runtime.agents_at_once, "auto" resolved
 
 
 def choose_device(requested: str, local_rank: int) -> torch.device:
@@ -145,8 +146,16 @@ def plan_run(
         )
     return RunPlan(
         config, backend, layout, rank, algorithm, algorithm_plan, device, threads, compiled,
-        graphed,
+        graphed, resolve_agents_at_once(config.runtime.agents_at_once, device),
     )  # fmt: skip
+
+
+def resolve_agents_at_once(setting: int | str, device: torch.device) -> int:
+    """runtime.agents_at_once, "auto" resolved: chunks of 64 agents on the CPU (its caches),
+    all of a rank's agents at once on a GPU (its launches)."""
+    if setting == "auto":
+        return 0 if device.type == "cuda" else 64
+    return int(setting)
 
 
 def resolve_compile(config: Config, algorithm: type[Algorithm], device: torch.device) -> bool:

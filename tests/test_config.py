@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dmeta.config import Config, config_from_json, load_config
 from dmeta.errors import DmetaError
+from dmeta.runner import resolve_agents_at_once
 
 
 def test_defaults_match_the_paper_sine_experiment() -> None:
@@ -78,3 +80,14 @@ def test_dmeta_config_shows_the_sections_a_run_reads(tmp_path, capsys) -> None:
     assert "federated" in json.loads(capsys.readouterr().out)
     assert cli.main(["config", str(job), "--all"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == set(json.loads(Config().to_json()))
+
+
+def test_an_integer_or_auto_key() -> None:
+    """runtime.agents_at_once takes an integer or "auto", which resolves by device."""
+    assert load_config(None, ["runtime.agents_at_once=16"]).runtime.agents_at_once == 16
+    assert load_config(None, []).runtime.agents_at_once == "auto"
+    with pytest.raises(DmetaError, match="must be an integer or 'auto'"):
+        load_config(None, ["runtime.agents_at_once=most"])
+    assert resolve_agents_at_once("auto", torch.device("cpu")) == 64
+    assert resolve_agents_at_once("auto", torch.device("cuda")) == 0
+    assert resolve_agents_at_once(8, torch.device("cuda")) == 8
