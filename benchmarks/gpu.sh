@@ -6,10 +6,10 @@
 #
 # For a machine with a GPU and a Python that holds torch, numpy, scipy, h5py and networkx but
 # nothing of dmeta's: it makes a throwaway venv whose .pth files name that Python's
-# site-packages and this checkout, installs the mpich and mpi4py wheels found in DIR (default
-# wheels/, which `make wheels` fills for Python 3.12 on x86-64 Linux) with no index, and writes
-# a `dmeta` command into it (no build step: the machine needs no network). Then, each step
-# under its own time limit, a failed step reported and the next one run (most wanted first):
+# site-packages and this checkout, installs the mpich, mpi4py and pytest wheels found in DIR
+# (default wheels/, which `make wheels` fills for Python 3.12 on x86-64 Linux) with no index,
+# and writes a `dmeta` command into it (no build step: the machine needs no network). Then,
+# each step under its own time limit, a failed step reported and the next one run (most wanted first):
 #   1. tests/test_cudagraph.py: captured and replayed rounds against eager rounds on DEVICE;
 #   2. correctness: the sine job in float64 on the CPU, and on DEVICE in-process (its rounds
 #      replayed from a CUDA graph) and under mpiexec -n 2 (benchmarks/device_check.py);
@@ -21,9 +21,11 @@
 #   6. K = 40 with runtime.compile=true (the compiled step inside the captured round);
 #   7. the full Fig. 1b, 3 strategies x 10,000 iterations (benchmarks/bench_fig1b.py);
 #   8. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
-# Everything goes to FILE (default runs/gpu.txt) and the terminal; about 8 minutes on one H100
-# (the limits add up to 9.5). --no-install uses PYTHON as it is (a venv with dmeta); --quick
-# runs steps 1-4 at their smallest settings, without K = 40's eager rounds (the test runs `--device cpu --no-install --quick`).
+# Everything goes to FILE (default runs/gpu.txt) and the terminal as each step ends: 5.6 minutes
+# on an H200 (2026-11-27). The steps' limits add up to 13 minutes, so under a shorter limit the
+# last steps are the ones cut. --no-install uses PYTHON as it is (a venv with dmeta); --quick
+# runs steps 1-4 at their smallest settings, without K = 40's eager rounds (the test runs
+# `--device cpu --no-install --quick`).
 set -uo pipefail
 
 DEVICE=cuda
