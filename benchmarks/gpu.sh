@@ -9,7 +9,8 @@
 # site-packages and this checkout, installs the mpich, mpi4py and pytest wheels found in DIR
 # (default wheels/, which `make wheels` fills for Python 3.12 on x86-64 Linux) with no index,
 # and writes a `dmeta` command into it (no build step: the machine needs no network). Then,
-# each step under its own time limit, a failed step reported and the next one run (most wanted first):
+# each step under its own time limit, a failed step reported and the next one run (most
+# wanted first):
 #   1. tests/test_cudagraph.py: captured and replayed rounds against eager rounds on DEVICE;
 #   2. correctness: the sine job in float64 on the CPU, and on DEVICE in-process (its rounds
 #      replayed from a CUDA graph) and under mpiexec -n 2 (benchmarks/device_check.py);
