@@ -485,7 +485,10 @@ class RuntimeConfig:
     # round is otherwise hundreds of kernel launches. "auto": where the device is CUDA and the
     # strategy's round can be captured (the diffusion family and the baselines on one rank, a
     # static graph), falling back to eager rounds with a warning if the capture fails; "true"
-    # insists. Logging and evaluation stay outside the graph; /time/comm reads 0 then.
+    # insists. Logging and evaluation stay outside the graph; /time/comm reads 0 then. The
+    # replayed combination adds each agent's neighbours in no fixed order on the GPU (an index
+    # and a segment sum): such runs repeat to rounding, not to the bit ("false" where bits
+    # matter); the task family must draw by tensor operations (TaskFamily.draws_by_counter).
     cuda_graph: Literal["auto", "true", "false"] = "auto"
     # The meta-gradients and evaluations take this many of a rank's agents at a time (0: all
     # at once). Each agent's row is computed alone either way: chunks bound the memory of the
@@ -493,7 +496,8 @@ class RuntimeConfig:
     # one CPU rank: 14% faster per agent in chunks of 64 than of 256, 2x faster with chunks
     # than all at once; BENCHMARKS.md). A GPU wants large batches and has the memory: 100,000
     # linear-representation agents on an H200 took 9.8 s an iteration in chunks of 64 and 11 ms
-    # all at once. "auto": 64 on the CPU, 0 on a GPU (runner.resolve_agents_at_once).
+    # all at once. "auto": 64 on the CPU, 0 on a GPU (runner.resolve_agents_at_once); on a GPU
+    # set a chunk size where a rank's second-order graphs (conv nets, many agents) do not fit.
     agents_at_once: int | Literal["auto"] = "auto"
     # MAML, FO-MAML, ANIL, FO-ANIL and ARM on an MLP under the squared error (the sine runs)
     # take their meta-gradients and evaluations in closed form (dmeta/mlp_maml.py: batched

@@ -78,15 +78,20 @@ class GraphedRounds:
         """Record one round (nothing runs during a capture; the replay after it does)."""
         began = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.counter.device)
         try:
             with torch.cuda.graph(graph):
                 self.report = self.device_round(self.counter)
         except Exception as error:
+            # A capture that ends in an error can leave its own stream current.
+            torch.cuda.set_stream(stream)
             if not self.fallback:
                 raise
-            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            # torch's "operation failed due to a previous error during capture" hides the cause.
+            cause = error.__context__ or error
+            first_line = (str(cause).strip().splitlines() or [""])[0][:200]
             warnings.warn(
-                f"capturing the round as a CUDA graph failed ({type(error).__name__}: "
+                f"capturing the round as a CUDA graph failed ({type(cause).__name__}: "
                 f"{first_line}); runtime.cuda_graph = auto runs it eagerly (set "
                 "runtime.cuda_graph=false to skip the attempt)",
                 stacklevel=3,

@@ -161,24 +161,30 @@ class CompiledStep:
     """A training step under torch.compile that remembers how long its first call took: the
     compilation (plus one step). On a GPU the compiled step is also captured as a CUDA graph
     and replayed ("reduce-overhead"): a small network's step is otherwise hundreds of kernel
-    launches. Where whole rounds are captured (`graphs`) it is compiled alone and captured
-    with them."""
+    launches. Where whole rounds are captured (`within_captured_rounds`) it is compiled
+    alone and captured with them."""
 
-    def __init__(self, step: Any, device: torch.device, fallback: bool, graphs: bool) -> None:
-        # Not inside a captured round (`graphs`, runtime.cuda_graph): graphs do not nest.
-        mode = "reduce-overhead" if device.type == "cuda" and not graphs else None
-        with warnings.catch_warnings():
-            # torch's inductor, imported here, uses its own deprecated torch.jit API.
-            warnings.filterwarnings(
-                "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
-            )
-            self.step = torch.compile(step, mode=mode)
+    def __init__(self, step: Any, device: torch.device, fallback: bool) -> None:
         self.eager = step
+        self._compile("reduce-overhead" if device.type == "cuda" else None)
         # runtime.compile = auto: a compilation that fails (no working compiler toolchain)
         # leaves the run eager, with a warning; an explicit true lets the failure through.
         self.fallback = fallback
         self.failed = False
         self.seconds: float | None = None
+
+    def _compile(self, mode: str | None) -> None:
+        with warnings.catch_warnings():
+            # torch's inductor, imported here, uses its own deprecated torch.jit API.
+            warnings.filterwarnings(
+                "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
+            )
+            self.step = torch.compile(self.eager, mode=mode)
+
+    def within_captured_rounds(self) -> None:
+        """Compile without a CUDA graph of its own (before the first call): the step runs
+        inside rounds captured whole (runtime.cuda_graph), and graphs do not nest."""
+        self._compile(None)
 
     def __call__(self, *args: Any) -> Any:
         if self.seconds is not None or self.failed:
@@ -292,7 +298,7 @@ class Engine:
         self.compiled = None
         if plan.compile:
             auto = config.runtime.compile == "auto"
-            self.compiled = CompiledStep(meta_gradients, plan.device, auto, plan.cuda_graph)
+            self.compiled = CompiledStep(meta_gradients, plan.device, fallback=auto)
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
             self.compiled or meta_gradients,
@@ -304,6 +310,8 @@ class Engine:
         )
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
         self.graphed = self._graphed_rounds()
+        if self.graphed is not None and self.compiled is not None:
+            self.compiled.within_captured_rounds()
         # Each agent's own validation tasks [local agents, tasks, ...], or None: every agent is
         # scored on the shared validation tasks (and weights).
         self.own_tasks = self._own_validation_tasks()
@@ -327,14 +335,16 @@ class Engine:
     def _graphed_rounds(self) -> GraphedRounds | None:
         """The algorithm's rounds replayed from a CUDA graph where runtime.cuda_graph asks and
         the round can be captured; None: plain rounds."""
-        device_round = self.algorithm.device_round() if self.plan.cuda_graph else None
+        capturable = self.plan.cuda_graph and self.task.draws_by_counter
+        device_round = self.algorithm.device_round() if capturable else None
         setting = self.config.runtime.cuda_graph
         if device_round is None:
             if setting == "true":
                 raise DmetaError(
-                    f"runtime.cuda_graph = true, but strategy {self.config.strategy!r} cannot "
-                    "capture its round in this run (it sends rows between ranks, its graph "
-                    "changes, or its shapes vary): use runtime.cuda_graph=auto or false"
+                    f"runtime.cuda_graph = true, but this run cannot capture its round "
+                    f"(strategy {self.config.strategy!r} sends rows between ranks, changes its "
+                    f"graph or varies its shapes, or problem {self.config.problem!r} draws its "
+                    "tasks with host work): use runtime.cuda_graph=auto or false"
                 )
             return None
         return GraphedRounds(device_round, self.device, fallback=setting == "auto")
@@ -831,9 +841,13 @@ class Engine:
             times = self.exchange.allgather_object(self.compiled.seconds)
             seconds = math.nan if None in times else max(times)
             self.writer.set_attributes("time", compile_seconds=seconds)
-        if self.graphed is not None:
-            # All ranks synchronise here: "replayed" where every rank's capture succeeded.
-            replayed = all(self.exchange.allgather_object(self.graphed.graph is not None))
+        # All ranks synchronise here (whatever their devices): "replayed" where every rank
+        # that tried to capture its rounds succeeded.
+        graphs = self.exchange.allgather_object(
+            None if self.graphed is None else self.graphed.graph is not None
+        )
+        if any(graph is not None for graph in graphs):
+            replayed = all(graph is not False for graph in graphs)
             self.writer.set_attributes("time", cuda_graph="replayed" if replayed else "eager")
         self.writer.finish()
         if self.rank == 0:

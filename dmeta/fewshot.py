@@ -214,6 +214,8 @@ class FewShotTask(TaskFamily):
     device in their stored type and become `dtype` one episode batch at a time.
     """
 
+    draws_by_counter = True
+
     scores = {"accuracy": accuracy}
     final_evaluation = True
     series = {

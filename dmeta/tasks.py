@@ -77,6 +77,11 @@ class TaskFamily(ABC):
         pass
 
     final_evaluation = False
+    # `sample` takes its iteration as a 0-d int64 tensor on the device too and draws with
+    # tensor operations alone (no value read back to the host), so that a round drawing its
+    # tasks can be captured as a CUDA graph and replayed (runtime.cuda_graph); families that
+    # do not say so run their rounds eagerly.
+    draws_by_counter = False
     # With final_evaluation: score the network centroid on each test task (one value per task,
     # weighted by `test_weights`: e.g. held-out clients) rather than every agent on all of them.
     final_per_task = False
@@ -228,6 +233,8 @@ class SineTask(TaskFamily):
     is uniform on [0, pi] for every agent and x is uniform on [-5, 5].
     """
 
+    draws_by_counter = True
+
     in_features = 1
     out_features = 1
 
@@ -338,6 +345,8 @@ class LinearRepresentationTask(TaskFamily):
     (1/2)||B w - B* w*||^2 + sigma^2 / 2, so the run draws no samples at all. B* comes from the
     run's seed; heads are drawn per agent and iteration (`fresh`) or once per agent (`fixed`).
     """
+
+    draws_by_counter = True
 
     def __init__(
         self,

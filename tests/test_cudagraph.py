@@ -3,6 +3,8 @@ counter tensor, on the CPU; captured once and replayed where CUDA is present."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import h5py
 import pytest
 import torch
@@ -14,6 +16,7 @@ from dmeta.engine import Engine, execute
 from dmeta.errors import DmetaError
 from dmeta.exchange import LocalExchange
 from dmeta.runner import plan_run
+from dmeta.tasks import SineTask
 
 STRATEGIES = ["atc", "cta", "centralized", "noncooperative"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -60,6 +63,19 @@ def test_rounds_that_cannot_be_captured_say_so(tmp_path) -> None:
     assert engine.algorithm.device_round() is None
     with pytest.raises(DmetaError, match="runtime.cuda_graph = true needs a CUDA device"):
         plan_run(small_config("runtime.device=cpu", "runtime.cuda_graph=true"), 1, 0, 0, 1)
+
+
+def test_only_families_that_draw_by_counter_capture(tmp_path, monkeypatch) -> None:
+    """A task family that does not declare `draws_by_counter` runs plain rounds (its `sample`
+    may need an integer); with runtime.cuda_graph = true that is a one-line error."""
+    config = small_config("runtime.dtype=float64", "runtime.device=cpu")
+    plan = dataclasses.replace(plan_run(config, 1, 0, 0, 1), cuda_graph=True)
+    assert Engine(plan, LocalExchange(7), tmp_path / "a.h5").graphed is not None
+    monkeypatch.setattr(SineTask, "draws_by_counter", False)
+    assert Engine(plan, LocalExchange(7), tmp_path / "b.h5").graphed is None
+    config.runtime.cuda_graph = "true"
+    with pytest.raises(DmetaError, match="problem 'sine' draws its tasks with host work"):
+        Engine(dataclasses.replace(plan, config=config), LocalExchange(7), tmp_path / "c.h5")
 
 
 def test_counter_tensor_gives_the_integer_draws() -> None:
