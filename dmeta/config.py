@@ -649,8 +649,9 @@ def _convert(value: Any, annotation: Any, key: str, text: bool = True) -> Any:
     such: a quoted "40" for an integer key is a type error there.
     """
     if not text and isinstance(value, str) and annotation in (int, float, bool):
-        kind = {int: "an integer", float: "a number", bool: "true or false"}[annotation]
-        raise DmetaError(f"{key} = {value!r} is a string but must be {kind}; remove the quotes")
+        raise DmetaError(
+            f"{key} = {value!r} is a string but must be {_describe(annotation)}; remove the quotes"
+        )
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: the first fit
         for choice in typing.get_args(annotation):

@@ -79,7 +79,7 @@ class Route:
     edges: np.ndarray
     slots: torch.Tensor
     targets: torch.Tensor
-    crow: torch.Tensor | None = None
+    crow: torch.Tensor
     sources: list[int] = field(default_factory=list)
     destinations: list[int] = field(default_factory=list)
     send_rows: list[torch.Tensor] = field(default_factory=list)
@@ -188,21 +188,18 @@ def segment_mix(
     targets: torch.Tensor,
     weights: torch.Tensor,
     count: int,
-    crow: torch.Tensor | None = None,
+    crow: torch.Tensor,
 ) -> torch.Tensor:
     """out[k] = sum_e weights[e] rows[slots[e]] over the edges e with targets[e] = k (eq. 6b).
 
     `targets` is sorted (a route's edges are in destination order); `crow` are its CSR row
-    pointers (`Route.crow`; built here when not given). Without gradients this is one sparse
+    pointers (`Route.crow`). Without gradients this is one sparse
     (CSR) product, E x M multiply-adds with no [E, M] temporary; with gradients (the weights or
     rows require them: learned mixing) `indexed_mix`, which autograd differentiates. Both sum
     each destination's edges in the route's order.
     """
     if torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad):
         return indexed_mix(rows, slots, targets, weights, count)
-    if crow is None:
-        crow = torch.zeros(count + 1, dtype=torch.int64, device=rows.device)
-        crow[1:] = torch.cumsum(torch.bincount(targets, minlength=count), dim=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         matrix = torch.sparse_csr_tensor(

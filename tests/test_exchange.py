@@ -55,7 +55,9 @@ def _simulated_ranks(rows: torch.Tensor, size: int, sources, destinations, weigh
             received.append(blocks[source][sent])
         table = torch.cat([blocks[r], *received])
         local = route.weights(weights, rows)
-        results.append(segment_mix(table, route.slots, route.targets, local, len(blocks[r])))
+        results.append(
+            segment_mix(table, route.slots, route.targets, local, len(blocks[r]), route.crow)
+        )
     return torch.cat(results), routes, layout
 
 

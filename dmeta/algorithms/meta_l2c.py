@@ -476,6 +476,7 @@ class MetaL2C(LearnedMixing):
             route.targets,
             weights[route.targets, self.edge_slots],
             len(start),
+            route.crow,
         )
         aggregated = start - mixed
         self.latest = weights.detach()
