@@ -70,8 +70,9 @@ class Route:
 
     `edges` indexes the global edge arrays: the incoming edges of this rank's agents, in
     (destination, source) order; `slots` says where each reads its row in [local rows;
-    received rows]; `targets` is its local destination. `send_rows[i]` are the local rows sent
-    to rank `destinations[i]`, `receive_counts[i]` the rows received from rank `sources[i]`.
+    received rows]; `targets` is its local destination. `send_index` are the local rows sent,
+    `send_counts[i]` of them to rank `destinations[i]` in turn, `receive_counts[i]` the rows
+    received from rank `sources[i]`.
     `sends_per_agent` counts, per local agent, the other ranks its row goes to. `crow` are the
     CSR row pointers of `targets` (where each local destination's edges begin), built once.
     """
@@ -82,7 +83,8 @@ class Route:
     crow: torch.Tensor
     sources: list[int] = field(default_factory=list)
     destinations: list[int] = field(default_factory=list)
-    send_rows: list[torch.Tensor] = field(default_factory=list)
+    send_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    send_counts: list[int] = field(default_factory=list)
     receive_counts: list[int] = field(default_factory=list)
     sends_per_agent: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
@@ -163,10 +165,8 @@ def _build_route(
     out_owners = layout.owners(destinations[outgoing])
     leaving = out_owners != rank
     pairs = np.unique(np.stack([out_owners[leaving], out_sources[leaving]]), axis=1)
-    destination_ranks = np.unique(pairs[0])
-    send_rows = [
-        torch.as_tensor(pairs[1][pairs[0] == s] - first, device=device) for s in destination_ranks
-    ]
+    # np.unique sorted the pairs by destination rank: the rows sent go out grouped by it.
+    destination_ranks, send_counts = np.unique(pairs[0], return_counts=True)
     crow = np.zeros(count + 1, dtype=np.int64)
     np.cumsum(np.bincount(targets, minlength=count), out=crow[1:])
     return Route(
@@ -176,7 +176,8 @@ def _build_route(
         crow=torch.as_tensor(crow, device=device),
         sources=[int(r) for r in source_ranks],
         destinations=[int(s) for s in destination_ranks],
-        send_rows=send_rows,
+        send_index=torch.as_tensor(pairs[1] - first, device=device),
+        send_counts=[int(c) for c in send_counts],
         receive_counts=[int(c) for c in receive_counts],
         sends_per_agent=np.bincount(pairs[1] - first, minlength=count).astype(np.float64),
     )
@@ -342,20 +343,22 @@ class MPIExchange:
         return self._start_table(rows, route)().index_select(0, route.slots)
 
     def _start_table(self, rows: torch.Tensor, route: Route) -> Callable[[], torch.Tensor]:
-        """Start one neighbourhood exchange; the returned call waits for it and gives
+        """Start one neighbourhood exchange; the returned call waits for it and gives the table
         [local rows; rows received from other ranks]."""
-        outgoing = [rows.detach().index_select(0, index) for index in route.send_rows]
-        width = rows.shape[1]
-        received_rows = sum(route.receive_counts)
+        send = rows.detach().index_select(0, route.send_index)
+        count, width = rows.shape
+        table = rows.new_empty((count + sum(route.receive_counts), width))
+        # MPI writes the received rows into the table's tail, unless they must pass the host.
+        host_copy = not self.device_buffers and table.device.type != "cpu"
         if self.device_buffers:
-            send = torch.cat(outgoing) if outgoing else rows.new_empty((0, width))
-            received = rows.new_empty((received_rows, width))
+            received = table[count:]
             torch.cuda.current_stream(rows.device).synchronize()  # MPI reads what is queued
         else:
-            send = _host(torch.cat(outgoing)) if outgoing else np.empty((0, width), _numpy(rows))
-            received = np.empty((received_rows, width), dtype=send.dtype)
-        send_counts = [len(index) * width for index in route.send_rows]
-        receive_counts = [count * width for count in route.receive_counts]
+            send = _host(send)
+            tail = (len(table) - count, width)
+            received = np.empty(tail, send.dtype) if host_copy else table[count:].numpy()
+        send_counts = [rows_sent * width for rows_sent in route.send_counts]
+        receive_counts = [rows_received * width for rows_received in route.receive_counts]
         # Ranks synchronise with their graph neighbours when the request is waited for.
         request = self._graph_comm.Ineighbor_alltoallv(
             [send, (send_counts, _displacements(send_counts))],
@@ -364,9 +367,11 @@ class MPIExchange:
         in_flight = (request, send)  # the send buffer must live until the request completes
 
         def wait() -> torch.Tensor:
+            table[:count] = rows  # the local rows, while other ranks' rows may still travel
             in_flight[0].Wait()
-            incoming = received if self.device_buffers else torch.from_numpy(received)
-            return torch.cat([rows, incoming.to(rows.device)])
+            if host_copy:
+                table[count:] = torch.from_numpy(received).to(table.device)
+            return table
 
         return wait
 
