@@ -38,6 +38,9 @@ from dmeta.errors import DmetaError
 RowWriter = Callable[[int, np.ndarray], None]
 # The tag of rows_to_root's messages (the run's communicator carries no other tagged message).
 ROWS_TAG = 7
+# Without gradients, `indexed_mix` forms its [edges, M] products in slices of at most this many
+# elements (256 MiB in float32): a dense graph of 10^4 agents (10^7 edges) would need tens of GB.
+MIX_SLICE_ELEMENTS = 1 << 26
 
 
 class AgentLayout:
@@ -216,12 +219,19 @@ def indexed_mix(
     weights: torch.Tensor,
     count: int,
 ) -> torch.Tensor:
-    """`segment_mix` as an index and a segment sum ([E, M] temporary): what autograd
-    differentiates, and what a CUDA graph captures (cuSPARSE's product may allocate in ways a
-    capture does not allow). On a GPU the segment sum adds in no fixed order."""
-    weighted = rows.index_select(0, slots) * weights[:, None]
-    out = torch.zeros((count, rows.shape[1]), dtype=weighted.dtype, device=rows.device)
-    return out.index_add(0, targets, weighted)
+    """`segment_mix` as an index and a segment sum: what autograd differentiates (one [E, M]
+    temporary), and what a CUDA graph captures (cuSPARSE's product may allocate in ways a
+    capture does not allow; without gradients the edges go in slices of MIX_SLICE_ELEMENTS, in
+    order: the same bits on the CPU). On a GPU the segment sum adds in no fixed order."""
+    dtype = torch.promote_types(rows.dtype, weights.dtype)
+    out = torch.zeros((count, rows.shape[1]), dtype=dtype, device=rows.device)
+    if torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad):
+        return out.index_add(0, targets, rows.index_select(0, slots) * weights[:, None])
+    step = max(1, MIX_SLICE_ELEMENTS // max(1, rows.shape[1]))
+    for first in range(0, len(slots), step):
+        edges = slice(first, first + step)
+        out.index_add_(0, targets[edges], rows.index_select(0, slots[edges]) * weights[edges, None])
+    return out
 
 
 class LocalExchange:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmeta.exchange import AgentLayout, LocalExchange, _build_route, segment_mix
+from dmeta import exchange as exchange_module
+from dmeta.exchange import AgentLayout, LocalExchange, _build_route, indexed_mix, segment_mix
 
 F64 = torch.float64
 
@@ -113,3 +114,16 @@ def test_deliver_gives_each_incoming_edge_its_source_row() -> None:
     # Incoming edges are ordered by destination, then source.
     order = np.lexsort((sources[route.edges], destinations[route.edges]))
     np.testing.assert_array_equal(order, np.arange(len(order)))
+
+
+def test_the_indexed_mix_in_slices_gives_the_same_bits(monkeypatch) -> None:
+    sources, destinations, weights = _random_edges(9, seed=5)
+    rows = torch.randn(9, 5, dtype=F64)
+    route = LocalExchange(9).route(sources, destinations)
+    local = route.weights(weights, rows)
+    whole = indexed_mix(rows, route.slots, route.targets, local, 9)
+    monkeypatch.setattr(exchange_module, "MIX_SLICE_ELEMENTS", 7)  # one edge (5 elements) a slice
+    sliced = indexed_mix(rows, route.slots, route.targets, local, 9)
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=0)
+    expected = _by_hand(rows, sources, destinations, weights)
+    torch.testing.assert_close(whole, expected, rtol=1e-14, atol=1e-14)
