@@ -8,7 +8,8 @@ P (P = 1 without mpiexec), one torch thread per rank, eager, the runs of all P i
 repeated `--repeats` times so that a slow moment of the machine hits every P alike. Time per
 iteration is rank 0's /time/compute + /time/comm over iterations 2..N (the ranks meet at every
 combination, so rank 0's clock is the iteration's; logged rows excluded). The table shows min /
-median / max and the speed-up of the medians over P = 1.
+median / max, the median of the combination's part (/time/comm: the exchange, the wait for the
+slower rank and the mix) and the speed-up of the medians over P = 1.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "sine_diffusion.toml"
 
 
-def seconds_per_iteration(agents: int, ranks: int, args: argparse.Namespace, out: Path) -> float:
-    """One run: rank 0's seconds per iteration over iterations 2..N."""
+def seconds_per_iteration(
+    agents: int, ranks: int, args: argparse.Namespace, out: Path
+) -> tuple[float, float]:
+    """One run: rank 0's seconds per iteration over iterations 2..N, and those of them in the
+    combination."""
     settings = [
         f"agents={agents}",
         f"iterations={args.iterations}",
@@ -42,9 +46,10 @@ def seconds_per_iteration(agents: int, ranks: int, args: argparse.Namespace, out
     ]
     dmeta_run("bench_ranks", JOB, out, settings, ranks)
     with h5py.File(out) as run:
-        spent = float(run["time/compute"][-1] + run["time/comm"][-1])
+        comm = float(run["time/comm"][-1])
+        spent = float(run["time/compute"][-1]) + comm
     out.unlink()
-    return spent / (args.iterations - 1)
+    return spent / (args.iterations - 1), comm / (args.iterations - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         for agents in args.agents:
             samples: dict[int, list[float]] = {ranks: [] for ranks in args.ranks}
+            combination: dict[int, list[float]] = {ranks: [] for ranks in args.ranks}
             for _ in range(args.repeats):
                 for ranks in args.ranks:
                     out = Path(folder) / f"{agents}_{ranks}.h5"
-                    samples[ranks].append(seconds_per_iteration(agents, ranks, args, out))
+                    total, comm = seconds_per_iteration(agents, ranks, args, out)
+                    samples[ranks].append(total)
+                    combination[ranks].append(comm)
             one = float(np.median(samples[min(args.ranks)]))
             for ranks, values in samples.items():
                 middle = float(np.median(values))
@@ -78,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"{1e3 * min(values):.2f}",
                         f"{1e3 * middle:.2f}",
                         f"{1e3 * max(values):.2f}",
+                        f"{1e3 * float(np.median(combination[ranks])):.2f}",
                         f"{one / middle:.2f}x",
                     ]
                 )
-    header = ["agents", "ranks", "min ms/it", "median ms/it", "max ms/it", "speed-up"]
+    header = ["agents", "ranks", "min ms/it", "median ms/it", "max ms/it", "mix ms/it", "speed-up"]
     print_table(header, rows)
     print(f"# speed-up: the median over P = {min(args.ranks)} divided by the median over P")
     return 0
