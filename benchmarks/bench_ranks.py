@@ -8,8 +8,9 @@ P (P = 1 without mpiexec), one torch thread per rank, eager, the runs of all P i
 repeated `--repeats` times so that a slow moment of the machine hits every P alike. Time per
 iteration is rank 0's /time/compute + /time/comm over iterations 2..N (the ranks meet at every
 combination, so rank 0's clock is the iteration's; logged rows excluded). The table shows min /
-median / max, the median of the combination's part (/time/comm: the exchange, the wait for the
-slower rank and the mix) and the speed-up of the medians over P = 1.
+median / max, "combine": the median over the runs of the combination's part (/time/comm: the
+exchange, the wait for the slower rank and the mix; 0 in rounds replayed from a CUDA graph), and
+the speed-up of the medians over P = 1.
 """
 
 from __future__ import annotations
@@ -90,7 +91,15 @@ def main(argv: list[str] | None = None) -> int:
                         f"{one / middle:.2f}x",
                     ]
                 )
-    header = ["agents", "ranks", "min ms/it", "median ms/it", "max ms/it", "mix ms/it", "speed-up"]
+    header = [
+        "agents",
+        "ranks",
+        "min ms/it",
+        "median ms/it",
+        "max ms/it",
+        "combine ms/it",
+        "speed-up",
+    ]
     print_table(header, rows)
     print(f"# speed-up: the median over P = {min(args.ranks)} divided by the median over P")
     return 0

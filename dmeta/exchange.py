@@ -38,9 +38,10 @@ from dmeta.errors import DmetaError
 RowWriter = Callable[[int, np.ndarray], None]
 # The tag of rows_to_root's messages (the run's communicator carries no other tagged message).
 ROWS_TAG = 7
-# Without gradients, `indexed_mix` forms its [edges, M] products in slices of at most this many
-# elements (256 MiB in float32): a dense graph of 10^4 agents (10^7 edges) would need tens of GB.
-MIX_SLICE_ELEMENTS = 1 << 26
+# Without gradients, `indexed_mix` takes the edges in slices of at most this many elements of
+# [edges, M] (two such temporaries a slice, 256 MiB in float32): a dense graph of 10^4 agents
+# (10^7 edges) would need tens of GB at once.
+MIX_SLICE_ELEMENTS = 1 << 25
 
 
 class AgentLayout:
@@ -430,10 +431,6 @@ class MPIExchange:
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
-
-
-def _numpy(tensor: torch.Tensor) -> np.dtype:
-    return torch.empty(0, dtype=tensor.dtype).numpy().dtype
 
 
 def _displacements(counts: list[int]) -> list[int]:
