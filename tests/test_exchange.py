@@ -31,7 +31,7 @@ def _by_hand(rows: torch.Tensor, sources, destinations, weights) -> torch.Tensor
     return out
 
 
-def test_local_mix_is_eq_6b() -> None:
+def test_local_mix_is_eq_6b(monkeypatch) -> None:
     sources, destinations, weights = _random_edges(9, seed=1)
     rows = torch.randn(9, 5, dtype=F64)
     exchange = LocalExchange(9)
@@ -41,6 +41,9 @@ def test_local_mix_is_eq_6b() -> None:
         mixed, _by_hand(rows, sources, destinations, weights), rtol=1e-14, atol=1e-14
     )
     assert not route.sends_per_agent.any()  # one process: nothing leaves
+    monkeypatch.setattr(exchange_module, "MIX_COLUMNS", 2)  # the columns 2 at a time
+    sliced = exchange.mix(rows, route, route.weights(weights, rows))
+    torch.testing.assert_close(sliced, mixed, rtol=0, atol=0)
 
 
 def _simulated_ranks(rows: torch.Tensor, size: int, sources, destinations, weights):
@@ -65,7 +68,9 @@ def _simulated_ranks(rows: torch.Tensor, size: int, sources, destinations, weigh
 
 @pytest.mark.parametrize("size", [2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_every_layout_gives_the_same_bits(size, dtype) -> None:
+@pytest.mark.parametrize("columns", [256, 3])  # all 7 columns at once, or 3 at a time
+def test_every_layout_gives_the_same_bits(size, dtype, columns, monkeypatch) -> None:
+    monkeypatch.setattr(exchange_module, "MIX_COLUMNS", columns)
     sources, destinations, weights = _random_edges(11, seed=size)
     rows = torch.randn(11, 7, dtype=dtype)
     exchange = LocalExchange(11)
