@@ -122,7 +122,7 @@ fedmeta: $(SHAKESPEARE)
 	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_*.h5
 
 # FedMeta's claim on Shakespeare sized for one CPU core (README): FedMeta (MAML, Meta-SGD),
-# FedAvg and FedAvg(Meta), one run at a time on one thread (about 80 minutes).
+# FedAvg and FedAvg(Meta), one run at a time on one thread (about an hour; README: two at a time).
 fedmeta-cpu: $(SHAKESPEARE)
 	$(BIN)/dmeta sweep jobs/fedmeta_shakespeare_cpu_sweep.toml --parallel 1 --set runtime.threads=1 \
 	  --set 'federated.paths=[$(SHAKESPEARE)]' --out-dir $(RUNS)/fedmeta_shakespeare_cpu_sweep
