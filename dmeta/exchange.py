@@ -42,12 +42,15 @@ ROWS_TAG = 7
 # [edges, M] (two such temporaries a slice, 256 MiB in float32): a dense graph of 10^4 agents
 # (10^7 edges) would need tens of GB at once.
 MIX_SLICE_ELEMENTS = 1 << 25
-# On the CPU `segment_mix` multiplies MIX_COLUMNS columns of rows larger than MIX_TILE_BYTES at
-# a time: the slice stays in the cache through the sparse product, and each output element sums
-# its edges in the same order. On the 2-core machine (Erdos-Renyi p = 0.1, 1761 columns, float32)
-# 25-30% faster from 400 rows (2.7 MB) up; 10% slower at 320 rows, 3x at 40.
+# On the CPU `segment_mix` multiplies MIX_COLUMNS columns at a time where the rows exceed
+# MIX_TILE_BYTES and a destination has MIX_TILE_DEGREE incoming edges or more on average: the
+# slice stays in the cache through the sparse product, and each output element sums its edges in
+# the same order. On the 2-core machine (1761 columns, float32, one thread): 2560 agents with 32
+# random in-neighbours 63 -> 33 ms, 640 with 64 10 -> 8.6 ms (the Erdos-Renyi p = 0.1 run's
+# mix 12 -> 8.7 ms); slower below 32 neighbours (a ring: 8 -> 11 ms at 2560) or 2.5 MB of rows.
 MIX_COLUMNS = 256
 MIX_TILE_BYTES = 5 << 19  # 2.5 MiB
+MIX_TILE_DEGREE = 32
 
 
 class AgentLayout:
@@ -205,9 +208,9 @@ def segment_mix(
 
     `targets` is sorted (a route's edges are in destination order); `crow` are its CSR row
     pointers (`Route.crow`). Without gradients this is a sparse (CSR) product, E x M
-    multiply-adds with no [E, M] temporary (on the CPU, large rows MIX_COLUMNS columns at a
-    time); with gradients (the weights or rows require them: learned mixing) `indexed_mix`,
-    which autograd differentiates. Both sum each destination's edges in the route's order.
+    multiply-adds with no [E, M] temporary (`_csr_product`); with gradients (the weights or rows
+    require them: learned mixing) `indexed_mix`, which autograd differentiates. Both sum each
+    destination's edges in the route's order.
     """
     if torch.is_grad_enabled() and (weights.requires_grad or rows.requires_grad):
         return indexed_mix(rows, slots, targets, weights, count)
@@ -216,15 +219,21 @@ def segment_mix(
         matrix = torch.sparse_csr_tensor(
             crow, slots, weights.to(rows.dtype), size=(count, rows.shape[0])
         )
-        width = rows.shape[1]
-        size = rows.element_size() * rows.numel()
-        if rows.device.type != "cpu" or width <= MIX_COLUMNS or size <= MIX_TILE_BYTES:
-            return matrix @ rows
-        out = rows.new_empty((count, width))
-        for first in range(0, width, MIX_COLUMNS):
-            columns = slice(first, first + MIX_COLUMNS)
-            out[:, columns] = matrix @ rows[:, columns].contiguous()
-        return out
+    return _csr_product(matrix, rows, len(slots))
+
+
+def _csr_product(matrix: torch.Tensor, rows: torch.Tensor, edges: int) -> torch.Tensor:
+    """matrix @ rows; on the CPU, for many edges over large rows, MIX_COLUMNS columns at a time
+    (each element sums its edges in the same order: the same bits)."""
+    count, width = matrix.shape[0], rows.shape[1]
+    large = rows.element_size() * rows.numel() > MIX_TILE_BYTES and width > MIX_COLUMNS
+    if rows.device.type != "cpu" or not large or edges < MIX_TILE_DEGREE * count:
+        return matrix @ rows
+    out = rows.new_empty((count, width))
+    for first in range(0, width, MIX_COLUMNS):
+        columns = slice(first, first + MIX_COLUMNS)
+        out[:, columns] = matrix @ rows[:, columns].contiguous()
+    return out
 
 
 def indexed_mix(

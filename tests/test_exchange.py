@@ -43,6 +43,7 @@ def test_local_mix_is_eq_6b(monkeypatch) -> None:
     assert not route.sends_per_agent.any()  # one process: nothing leaves
     monkeypatch.setattr(exchange_module, "MIX_COLUMNS", 2)  # the columns 2 at a time
     monkeypatch.setattr(exchange_module, "MIX_TILE_BYTES", 0)
+    monkeypatch.setattr(exchange_module, "MIX_TILE_DEGREE", 1)
     sliced = exchange.mix(rows, route, route.weights(weights, rows))
     torch.testing.assert_close(sliced, mixed, rtol=0, atol=0)
 
@@ -73,6 +74,7 @@ def _simulated_ranks(rows: torch.Tensor, size: int, sources, destinations, weigh
 def test_every_layout_gives_the_same_bits(size, dtype, columns, monkeypatch) -> None:
     monkeypatch.setattr(exchange_module, "MIX_COLUMNS", columns)
     monkeypatch.setattr(exchange_module, "MIX_TILE_BYTES", 0)
+    monkeypatch.setattr(exchange_module, "MIX_TILE_DEGREE", 1)
     sources, destinations, weights = _random_edges(11, seed=size)
     rows = torch.randn(11, 7, dtype=dtype)
     exchange = LocalExchange(11)
