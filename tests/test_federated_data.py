@@ -471,6 +471,10 @@ Ay.
 
 1 Clown.
 Is she to be buried in Christian burial?
+[Enter two Men bearing a coffin; then
+LUCIUS and QUINTUS.]
+It must be se offendendo; an
+act hath three branches.
 
 NORFOLK.
 I thank your Grace.
@@ -506,10 +510,15 @@ Exit.
 def test_the_shakespeare_parser_reads_the_irregular_speaker_lines_of_modern_plays() -> None:
     # Abbreviated and numbered roles; a known speaker without the period, with the speech on
     # the same line (a stage direction there dropped) or after a blank line; two speaking
-    # together are a role; the list of persons before the first heading is no speech.
+    # together are a role; the list of persons before the first heading is no speech; a stage
+    # direction over two lines is no speech; a line opening with "act" is no heading.
     assert shakespeare.parse_play(MODERN_IRREGULAR, folio=False) == {
         "MRS. PAGE": ["What, have I scaped love-letters?"],
-        "1 Clown": ["Is she to be buried in Christian burial?"],
+        "1 Clown": [
+            "Is she to be buried in Christian burial?",
+            "It must be se offendendo; an",
+            "act hath three branches.",
+        ],
         "NORFOLK": [
             "I thank your Grace.",
             "Healthful; and ever since a fresh admirer",
