@@ -497,7 +497,8 @@ class RuntimeConfig:
     # than all at once; BENCHMARKS.md). A GPU wants large batches and has the memory: 100,000
     # linear-representation agents on an H200 took 9.8 s an iteration in chunks of 64 and 11 ms
     # all at once. "auto": 64 on the CPU, 0 on a GPU (runner.resolve_agents_at_once); on a GPU
-    # set a chunk size where a rank's second-order graphs (conv nets, many agents) do not fit.
+    # set a chunk size where a rank's second-order graphs (conv nets, many agents) do not fit
+    # (a run out of memory stops with one line saying so).
     agents_at_once: int | Literal["auto"] = "auto"
     # MAML, FO-MAML, ANIL, FO-ANIL and ARM on an MLP under the squared error (the sine runs)
     # take their meta-gradients and evaluations in closed form (dmeta/mlp_maml.py: batched

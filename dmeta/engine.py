@@ -854,6 +854,25 @@ class Engine:
             self.checkpoint.unlink(missing_ok=True)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is an allocation that failed: a GPU's, or the host's."""
+    message = str(error)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in message
+    )
+
+
+def _memory_advice(plan: RunPlan, agents: int, error: BaseException) -> str:
+    """One line: where memory ran out, and what to change."""
+    chunk = plan.agents_at_once or agents
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (
+        f"out of memory on {plan.device} with {agents} agents on this rank, {min(chunk, agents)} "
+        "of them at once: set runtime.agents_at_once to a smaller number (e.g. 64), or run on "
+        f"more ranks or GPUs ({cause})"
+    )
+
+
 def execute(
     plan: RunPlan,
     comm: Any,
@@ -895,8 +914,10 @@ def execute(
                 print(*engine.summary, sep="\n", file=sys.stderr, flush=True)
         else:
             engine.writer.close()
-    except BaseException:
+    except BaseException as error:
         engine.writer.abandon()
+        if _out_of_memory(error):
+            raise DmetaError(_memory_advice(plan, exchange.num_local, error)) from None
         raise
     # Not on failure: freeing communicators is collective, and the job is about to abort.
     exchange.close()

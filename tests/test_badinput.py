@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import SMALL
 
 from dmeta import cli, tasks
@@ -304,6 +305,30 @@ def test_divergence_is_caught_at_the_next_poll(tmp_path, capsys) -> None:
     line = one_error_line(err)
     assert "diverged by iteration" in line and "lower optimizer.lr" in line
     assert int(line.split("iteration ")[1].split()[0]) <= 10  # poll_every, not log_every
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+    ],
+)
+def test_running_out_of_memory_says_what_to_change(tmp_path, capsys, failure) -> None:
+    original = tasks.SineTask.sample
+
+    def sample(self, agents, iteration, *args, **kwargs):
+        if iteration == 3:
+            raise failure
+        return original(self, agents, iteration, *args, **kwargs)
+
+    tasks.SineTask.sample = sample  # undone by the autouse fixture below
+    out = tmp_path / "run.h5"
+    code, err = main(capsys, "run", JOB, *SETS, "--out", out, "--quiet")
+    line = one_error_line(err)
+    assert code == 2 and "out of memory on cpu" in line and "runtime.agents_at_once" in line
+    assert str(failure).splitlines()[0] in line
     assert not out.exists()
 
 
