@@ -136,3 +136,24 @@ def test_the_indexed_mix_in_slices_gives_the_same_bits(monkeypatch) -> None:
     torch.testing.assert_close(sliced, whole, rtol=0, atol=0)
     expected = _by_hand(rows, sources, destinations, weights)
     torch.testing.assert_close(whole, expected, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_the_mix_in_column_slices_gives_the_bits_of_the_whole_product(dtype, monkeypatch) -> None:
+    # A rank slices the columns or not by its own table's size and edges, so layouts agree to
+    # the bit only if both give the same bits: at a run's size (640 agents with about 64
+    # in-neighbours each, the sine network's 1761 parameters), not just a toy's.
+    generator = np.random.default_rng(6)
+    agents = 640
+    adjacency = generator.random((agents, agents)) < 0.1
+    np.fill_diagonal(adjacency, True)
+    sources, destinations = np.nonzero(adjacency)
+    weights = generator.random(len(sources))
+    rows = torch.randn(agents, 1761, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    exchange = LocalExchange(agents)
+    route = exchange.route(sources, destinations)
+    local = route.weights(weights, rows)
+    sliced = exchange.mix(rows, route, local)
+    monkeypatch.setattr(exchange_module, "MIX_TILE_BYTES", 1 << 40)  # the whole product
+    whole = exchange.mix(rows, route, local)
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=0)
