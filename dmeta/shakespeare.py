@@ -98,23 +98,44 @@ def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
     speakers = _speakers(lines, patterns)
     first = next((i for i, line in enumerate(lines) if _HEADING.match(line.strip())), 0)
     roles: dict[str, list[str]] = {}
-    speaker, direction = None, False
+    speaker, skip_to = None, first
     for i in range(first, len(lines)):
         text = lines[i].rstrip()
         opening = _opening(lines, i, speakers)
-        if direction:  # a stage direction's further lines, up to its bracket or a blank line
-            direction = "]" not in text and bool(text)
-        elif _HEADING.match(text):
+        if i < skip_to:  # a stage direction's further lines
+            continue
+        if _HEADING.match(text):
             speaker = None
         elif opening:
             speaker, text = opening
             if text:
                 roles.setdefault(speaker, []).append(text)
         elif _DIRECTION.match(text):
-            direction = text.lstrip()[0] in "[{" and "]" not in text
+            skip_to, rest = _direction(lines, i)
+            if speaker and rest:
+                roles.setdefault(speaker, []).append(rest)
         elif speaker and text:
             roles.setdefault(speaker, []).append(text.strip())
     return roles
+
+
+def _direction(lines: list[str], i: int) -> tuple[int, str]:
+    """(the line after the stage direction on line i, the speech after it on that line). A
+    bracket closed on its line leaves the rest to the speech (`[To Goneril.] Detested kite,`);
+    one not closed runs on to the first line that ends with its closing bracket before a blank
+    line (`[Enter BERTRAM, ... all` / `in black.]`), else it is line i alone (`[A noise within,
+    ...` before the King's `What tumult's this?`)."""
+    text = lines[i].strip()
+    if text[0] not in "[{" or text.endswith(("]", "}")):
+        return i + 1, ""
+    if _LEADING_DIRECTION.match(text):
+        return i + 1, _LEADING_DIRECTION.sub("", text).strip()
+    for j in range(i + 1, len(lines)):
+        if not lines[j].strip():
+            break
+        if lines[j].rstrip().endswith(("]", "}")):
+            return j + 1, ""
+    return i + 1, ""
 
 
 def _folio_roles(lines: list[str]) -> dict[str, list[str]]:

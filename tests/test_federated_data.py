@@ -475,6 +475,9 @@ Is she to be buried in Christian burial?
 LUCIUS and QUINTUS.]
 It must be se offendendo; an
 act hath three branches.
+[A noise within, 'Down with the tawny-coats!'
+What tumult's this?
+[Aside.] Argal, she drowned herself.
 
 NORFOLK.
 I thank your Grace.
@@ -511,13 +514,16 @@ def test_the_shakespeare_parser_reads_the_irregular_speaker_lines_of_modern_play
     # Abbreviated and numbered roles; a known speaker without the period, with the speech on
     # the same line (a stage direction there dropped) or after a blank line; two speaking
     # together are a role; the list of persons before the first heading is no speech; a stage
-    # direction over two lines is no speech; a line opening with "act" is no heading.
+    # direction over two lines is no speech, one never closed is one line, one closed on its
+    # line leaves the rest to the speech; a line opening with "act" is no heading.
     assert shakespeare.parse_play(MODERN_IRREGULAR, folio=False) == {
         "MRS. PAGE": ["What, have I scaped love-letters?"],
         "1 Clown": [
             "Is she to be buried in Christian burial?",
             "It must be se offendendo; an",
             "act hath three branches.",
+            "What tumult's this?",
+            "Argal, she drowned herself.",
         ],
         "NORFOLK": [
             "I thank your Grace.",
