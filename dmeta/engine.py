@@ -9,6 +9,7 @@ the agreement of all ranks on signals.
 
 from __future__ import annotations
 
+import errno
 import math
 import platform
 import sys
@@ -854,22 +855,33 @@ class Engine:
             self.checkpoint.unlink(missing_ok=True)
 
 
+# What torch's CUDA calls and the host allocator say when an allocation fails.
+_ALLOCATION_FAILED = ("can't allocate memory", "CUDA error: out of memory", "ALLOC_FAILED")
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation that failed: a GPU's, or the host's."""
-    message = str(error)
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in message
-    )
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOMEM
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _ALLOCATION_FAILED)
 
 
 def _memory_advice(plan: RunPlan, agents: int, error: BaseException) -> str:
     """One line: where memory ran out, and what to change."""
-    chunk = plan.agents_at_once or agents
+    at_once = min(plan.agents_at_once or agents, agents)
+    gpu = isinstance(error, torch.OutOfMemoryError) or "CUDA" in str(error)
+    where = plan.device if gpu else "the host"
+    smaller = (
+        f"set runtime.agents_at_once below {at_once}, or run on more ranks or GPUs"
+        if at_once > 1
+        else "run on more ranks or GPUs, or with fewer agents or a smaller model"
+    )
     cause = str(error).splitlines()[0] if str(error) else type(error).__name__
     return (
-        f"out of memory on {plan.device} with {agents} agents on this rank, {min(chunk, agents)} "
-        "of them at once: set runtime.agents_at_once to a smaller number (e.g. 64), or run on "
-        f"more ranks or GPUs ({cause})"
+        f"out of memory on {where} with {agents} agents on this rank, {at_once} of them at "
+        f"once: {smaller} ({cause})"
     )
 
 
@@ -901,6 +913,10 @@ def execute(
         first, rows = engine.resume() if resume else (1, None)
     except DmetaError as error:
         failure = str(error)
+    except Exception as error:  # building the run's state may need more memory than there is
+        if not _out_of_memory(error):
+            raise
+        failure = _memory_advice(plan, exchange.num_local, error)
     # All ranks synchronise here: any rank's error in building the run stops every rank.
     agree(exchange.allgather_object(failure))
     if resume and show_progress and exchange.rank == 0:

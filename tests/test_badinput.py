@@ -309,26 +309,29 @@ def test_divergence_is_caught_at_the_next_poll(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize(
-    "failure",
+    ("failure", "where"),
     [
-        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "on cpu"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: 8 GB"), "on the host"),
     ],
 )
-def test_running_out_of_memory_says_what_to_change(tmp_path, capsys, failure) -> None:
-    original = tasks.SineTask.sample
+@pytest.mark.parametrize("when", ["training", "setting up"])
+def test_running_out_of_memory_says_what_to_change(tmp_path, capsys, failure, where, when):
+    def fail(original):
+        def failing(self, *args, **kwargs):
+            if when == "setting up" or args[1] == 3:  # sample(agents, iteration, ...)
+                raise failure
+            return original(self, *args, **kwargs)
 
-    def sample(self, agents, iteration, *args, **kwargs):
-        if iteration == 3:
-            raise failure
-        return original(self, agents, iteration, *args, **kwargs)
+        return failing
 
-    tasks.SineTask.sample = sample  # undone by the autouse fixture below
+    name = "sample" if when == "training" else "validation_set"
+    setattr(tasks.SineTask, name, fail(getattr(tasks.SineTask, name)))  # undone below
     out = tmp_path / "run.h5"
     code, err = main(capsys, "run", JOB, *SETS, "--out", out, "--quiet")
     line = one_error_line(err)
-    assert code == 2 and "out of memory on cpu" in line and "runtime.agents_at_once" in line
-    assert str(failure).splitlines()[0] in line
+    assert code == 2 and f"out of memory {where}" in line, line
+    assert "runtime.agents_at_once below" in line and str(failure) in line
     assert not out.exists()
 
 
@@ -359,6 +362,7 @@ def send_signals(when: Callable[[int], object]) -> None:
 @pytest.fixture(autouse=True)
 def _restore(monkeypatch):
     monkeypatch.setattr(tasks.SineTask, "sample", tasks.SineTask.sample)
+    monkeypatch.setattr(tasks.SineTask, "validation_set", tasks.SineTask.validation_set)
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
 
 
