@@ -100,10 +100,10 @@ def _modern_roles(lines: list[str]) -> dict[str, list[str]]:
     roles: dict[str, list[str]] = {}
     speaker, skip_to = None, first
     for i in range(first, len(lines)):
-        text = lines[i].rstrip()
-        opening = _opening(lines, i, speakers)
         if i < skip_to:  # a stage direction's further lines
             continue
+        text = lines[i].rstrip()
+        opening = _opening(lines, i, speakers)
         if _HEADING.match(text):
             speaker = None
         elif opening:
