@@ -472,12 +472,16 @@ class RuntimeConfig:
     # Torch threads per rank; 0 shares the CPUs the node's ranks may use evenly among them, at
     # most SLURM_CPUS_PER_TASK under SLURM (runner.default_threads).
     threads: int = 0
-    # Compile the training step's meta-gradients with torch.compile (true or false), or "auto":
-    # compile when the run has at least `compile_after` iterations and its algorithm calls the
-    # step with the same shapes every round (the diffusion family; strategies that sample clients
-    # or wake agents would recompile for each new count). The first iteration pays the
-    # compilation (15-21 s for the sine network on 2 CPU cores, cold cache), each later one runs
-    # about 2-3x faster there (BENCHMARKS.md): it pays off after a few thousand iterations.
+    # Compile with torch.compile (true or false), or "auto": compile when the run has at least
+    # `compile_after` iterations and its algorithm calls the step with the same shapes every
+    # round (the diffusion family; strategies that sample clients or wake agents would recompile
+    # for each new count). On the CPU, where the round is device work alone (ATC, CTA,
+    # centralized, non-cooperative on one rank, a static graph, tasks drawn by counter), the
+    # whole round is compiled: task draws, meta-gradients, the outer step and the mix (/time/comm
+    # reads 0 then); elsewhere the training step's meta-gradients. The run file's /time
+    # attribute `compiled_part` says which. The first iteration pays the compilation (10-20 s
+    # for the sine network on 2 CPU cores, cold cache); it pays off after a few thousand
+    # iterations (BENCHMARKS.md).
     compile: Literal["auto", "true", "false"] = "auto"
     compile_after: int = 5000
     # On a GPU, capture a whole training round (task draws, meta-gradients, outer step,

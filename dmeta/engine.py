@@ -209,6 +209,24 @@ class CompiledStep:
         return result
 
 
+class CompiledRounds:
+    """round(t) of an algorithm's `device_round` compiled whole (runtime.compile on the CPU):
+    the CPU's counterpart of `GraphedRounds`. A small network's eager round is a few hundred
+    operator calls, each costing more than its arithmetic; compiled, the round is one program.
+    t arrives as a counter tensor, so one compilation serves every round and the random draws
+    are those of an eager round (`dmeta.rng.blocks`)."""
+
+    def __init__(self, device_round: Any, device: torch.device, fallback: bool) -> None:
+        self.counter = torch.zeros((), dtype=torch.int64, device=device)
+        self.step = CompiledStep(device_round, device, fallback)
+
+    def __call__(self, t: int) -> RoundReport:
+        if not 0 <= t < 2**48:  # the counter's range in a Philox block (dmeta.rng)
+            raise ValueError(f"round {t} must lie in [0, 2^48)")
+        self.counter.fill_(t)
+        return self.step(self.counter)
+
+
 class RowWindow:
     """What a rank accumulates between two logged rows."""
 
@@ -294,15 +312,9 @@ class Engine:
         self.learner = build_learner(
             config.learner, model, self.task, plan.agents_at_once, runtime.closed_form
         )
-        # Only the training step is compiled: its shapes never change, so it compiles once.
-        meta_gradients = self.learner.meta_gradients
-        self.compiled = None
-        if plan.compile:
-            auto = config.runtime.compile == "auto"
-            self.compiled = CompiledStep(meta_gradients, plan.device, fallback=auto)
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
-            self.compiled or meta_gradients,
+            self.learner.meta_gradients,
         )  # fmt: skip
         # A shared model starts as agent 0's launch model, which every rank draws alike.
         starting = self.agents[:1] * 0 if plan.algorithm.shared_model else self.agents
@@ -311,8 +323,8 @@ class Engine:
         )
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
         self.graphed = self._graphed_rounds()
-        if self.graphed is not None and self.compiled is not None:
-            self.compiled.within_captured_rounds()
+        self.compiled_rounds: CompiledRounds | None = None
+        self.compiled = self._compile(context) if plan.compile else None
         # Each agent's own validation tasks [local agents, tasks, ...], or None: every agent is
         # scored on the shared validation tasks (and weights).
         self.own_tasks = self._own_validation_tasks()
@@ -349,6 +361,23 @@ class Engine:
                 )
             return None
         return GraphedRounds(device_round, self.device, fallback=setting == "auto")
+
+    def _compile(self, context: Context) -> CompiledStep:
+        """runtime.compile: on the CPU the whole round where the algorithm has it as device
+        work (`device_round`: task draws, meta-gradients, the outer step and the mix, one
+        compiled program run once a round, `CompiledRounds`); else the training step's
+        meta-gradients, whose shapes never change, so each compiles once."""
+        fallback = self.config.runtime.compile == "auto"
+        whole = self.graphed is None and self.device.type == "cpu" and self.task.draws_by_counter
+        device_round = self.algorithm.device_round() if whole else None
+        if device_round is not None:
+            self.compiled_rounds = CompiledRounds(device_round, self.device, fallback)
+            return self.compiled_rounds.step
+        compiled = CompiledStep(context.meta_gradients, self.device, fallback)
+        if self.graphed is not None:
+            compiled.within_captured_rounds()
+        context.meta_gradients = compiled
+        return compiled
 
     def _own_validation_tasks(self) -> TaskBatch | None:
         """This rank's agents' own validation tasks with `validation.own_tasks` (None without);
@@ -694,7 +723,7 @@ class Engine:
             self.log_row(0, progress)
         last_checkpoint = time.perf_counter()
         try:
-            rounds = self.graphed or self.algorithm.round
+            rounds = self.graphed or self.compiled_rounds or self.algorithm.round
             for iteration in range(first, config.iterations + 1):
                 self.window.add(rounds(iteration))
                 if iteration == first:
@@ -735,8 +764,9 @@ class Engine:
             else "runtime.compile = true"
         )
         progress.exclude(self.compiled.seconds)
+        part = "round" if self.compiled_rounds is not None else "step's meta-gradients"
         progress.say(
-            f"dmeta: compiled the training step in {self.compiled.seconds:.1f} s ({reason})"
+            f"dmeta: compiled the training {part} in {self.compiled.seconds:.1f} s ({reason})"
         )
 
     def _report_capture(self, progress: Progress) -> None:
@@ -841,7 +871,8 @@ class Engine:
             # where a rank's compilation failed and it ran eagerly.
             times = self.exchange.allgather_object(self.compiled.seconds)
             seconds = math.nan if None in times else max(times)
-            self.writer.set_attributes("time", compile_seconds=seconds)
+            part = "round" if self.compiled_rounds is not None else "meta_gradients"
+            self.writer.set_attributes("time", compile_seconds=seconds, compiled_part=part)
         # All ranks synchronise here (whatever their devices): "replayed" where every rank
         # that tried to capture its rounds succeeded.
         graphs = self.exchange.allgather_object(

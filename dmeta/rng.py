@@ -178,8 +178,9 @@ def _check_ranges(
     """ValueError unless every field fits its place in the counter or key.
 
     An iteration given as a tensor (a CUDA graph's counter, see `blocks`) is its caller's to
-    check, and so are the agent ids while a CUDA graph is captured: reading either back would
-    synchronise, which a capture cannot do.
+    check, and so are the agent ids while a CUDA graph is captured or torch.compile traces:
+    reading either back would synchronise, which a capture cannot do, and a traced read would
+    split the compiled program (the ids are the rank's own, checked by its eager draws).
     """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed = {seed} must lie in [0, 2^64)")
@@ -191,7 +192,10 @@ def _check_ranges(
         raise ValueError(f"one draw holds {count} numbers per agent; draw at most 2^32 at once")
     if agents.dtype.is_floating_point or agents.dtype.is_complex or agents.dtype == torch.bool:
         raise ValueError(f"agent ids must be an integer tensor, not {agents.dtype}")
-    if agents.numel() and not (agents.is_cuda and torch.cuda.is_current_stream_capturing()):
+    traced = torch.compiler.is_compiling() or (
+        agents.is_cuda and torch.cuda.is_current_stream_capturing()
+    )
+    if agents.numel() and not traced:
         # On a GPU this reads two numbers back: one synchronisation per draw.
         low, high = torch.aminmax(agents)
         if int(low) < 0 or int(high) >= 2**32:
@@ -212,12 +216,14 @@ def blocks(
     """
     count = math.prod(shape)
     _check_ranges(seed, agents, stream, iteration, count)
-    if isinstance(iteration, torch.Tensor) and not agents.is_cuda:
+    # numpy's path on the CPU, torch's on a GPU and where torch.compile traces the draw (a
+    # whole round compiled with its counter tensor, `engine.CompiledRounds`).
+    cpu = agents.device.type == "cpu" and not torch.compiler.is_compiling()
+    if isinstance(iteration, torch.Tensor) and cpu:
         iteration = int(iteration)  # numpy's path below takes integers
     if not len(agents):  # e.g. a rank none of whose agents is sampled
         empty = torch.zeros((0, *shape), dtype=torch.int64, device=agents.device)
         return empty, empty, empty, empty
-    cpu = agents.device.type == "cpu"
     if cpu:
         # numpy's operators on the CPU: the same integers, at a fraction of torch's cost per
         # call on small draws (a draw is about 60 of them; the 40-agent task draw 3x faster).

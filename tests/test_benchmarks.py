@@ -29,6 +29,7 @@ SMOKE = {
     "bench_scale.py": ["--agents", "20", "40", "--iterations", "3"],
     "bench_ranks.py": ["--agents", "4", "--iterations", "3", "--repeats", "1"],
     "peers.py": ["--agents", "2", "--repeats", "1", "--no-compile"],
+    "official.py": ["--iterations", "3", "--repeats", "1", "--no-compile"],
     "bench_fig1b.py": ["--set", "iterations=4", "--set", "log_every=1", "--set", "agents=4"],
 }
 

@@ -223,16 +223,23 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path) -> None:
     assert not (tmp_path / "r.h5").exists()
 
 
-def test_a_compiled_training_step_gives_the_eager_run(tmp_path) -> None:
-    """runtime.compile=true compiles the training meta-gradients; numbers stay to rounding."""
-    eager = run_local(small_config("runtime.dtype=float64"), tmp_path / "eager.h5")
-    compiled = run_local(
-        small_config("runtime.dtype=float64", "runtime.compile=true"), tmp_path / "compiled.h5"
-    )
+@pytest.mark.parametrize(
+    ("schedule", "part"), [("static", "round"), ("link_failures", "meta_gradients")]
+)
+def test_a_compiled_training_step_gives_the_eager_run(tmp_path, schedule, part) -> None:
+    """runtime.compile=true compiles the whole round where it is device work alone (a static
+    graph in one process: task draws by counter, meta-gradients, Adam, the mix), else the
+    training meta-gradients; numbers stay to rounding either way."""
+    settings = ("runtime.dtype=float64", f"graph.schedule={schedule}", "graph.rule=metropolis")
+    eager = run_local(small_config(*settings), tmp_path / "eager.h5")
+    compiled = run_local(small_config(*settings, "runtime.compile=true"), tmp_path / "compiled.h5")
     for name in ("metrics/train_loss", "metrics/val_loss", "params/final"):
         np.testing.assert_allclose(compiled[name], eager[name], rtol=1e-9, atol=1e-12)
     with h5py.File(tmp_path / "compiled.h5") as run:
         assert run.attrs["compiled"] and run["time"].attrs["compile_seconds"] > 0
+        assert run["time"].attrs["compiled_part"] == part
+        # The compiled round holds its mix: no time is counted apart as the combination's.
+        assert (run["time/comm"][1:] == 0).all() == (part == "round")
     with h5py.File(tmp_path / "eager.h5") as run:
         assert not run.attrs["compiled"] and "compile_seconds" not in run["time"].attrs
 

@@ -236,10 +236,7 @@ class Diffusion(MetaLearning):
         exchange = self.context.exchange
         models = self.training.launch_models
         if self.route is None or not self.plan_.schedule.static:
-            sources, destinations, weights = self.plan_.edges_at(t)
-            # A collective call on MPI when the rank-level support changes (every rank alike).
-            self.route = exchange.route(sources, destinations)
-            self.weights = self.route.weights(weights, models)
+            self._route(t, models)
         with timer:
             pending = exchange.start_mix(models, self.route, self.weights)
         # While the rows travel, the next adapt step's tasks are drawn (ATC: round t + 1's).
@@ -248,17 +245,23 @@ class Diffusion(MetaLearning):
             self.training.launch_models = pending.wait()
         return torch.as_tensor(self.route.sends_per_agent * self.model_bytes)
 
+    def _route(self, t: int, models: torch.Tensor) -> None:
+        """The route and weights of round t's matrix. A collective call on MPI when the
+        rank-level support changes (every rank alike)."""
+        sources, destinations, weights = self.plan_.edges_at(t)
+        self.route = self.context.exchange.route(sources, destinations)
+        self.weights = self.route.weights(weights, models)
+
     def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
         """A static graph within one process: the mix is an index and a segment sum
-        (`exchange.indexed_mix`, which a CUDA graph captures), its route built once."""
+        (`exchange.indexed_mix`, which a CUDA graph captures and torch.compile traces), its
+        route built here, before any capture or compilation."""
         if self.context.exchange.size != 1 or not self.plan_.schedule.static:
             return None
+        if self.route is None:
+            self._route(1, self.training.launch_models)
 
         def combine(models: torch.Tensor) -> torch.Tensor:
-            if self.route is None:  # the first call, run eagerly before any capture
-                sources, destinations, weights = self.plan_.edges_at(1)
-                self.route = self.context.exchange.route(sources, destinations)
-                self.weights = self.route.weights(weights, models)
             route = self.route
             with torch.no_grad():
                 return indexed_mix(models, route.slots, route.targets, self.weights, len(models))
