@@ -10,6 +10,7 @@ the agreement of all ranks on signals.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import platform
 import sys
@@ -324,6 +325,7 @@ class Engine:
         self.algorithm: Algorithm = plan.algorithm(context, plan.algorithm_plan, initial)
         self.graphed = self._graphed_rounds()
         self.compiled_rounds: CompiledRounds | None = None
+        self.compiled_part = ""  # what runtime.compile compiled (`_compile`)
         self.compiled = self._compile(context) if plan.compile else None
         # Each agent's own validation tasks [local agents, tasks, ...], or None: every agent is
         # scored on the shared validation tasks (and weights).
@@ -363,17 +365,28 @@ class Engine:
         return GraphedRounds(device_round, self.device, fallback=setting == "auto")
 
     def _compile(self, context: Context) -> CompiledStep:
-        """runtime.compile: on the CPU the whole round where the algorithm has it as device
-        work (`device_round`: task draws, meta-gradients, the outer step and the mix, one
-        compiled program run once a round, `CompiledRounds`); else the training step's
-        meta-gradients, whose shapes never change, so each compiles once."""
+        """runtime.compile, the largest part that compiles to one program of fixed shapes
+        (`compiled_part`). On the CPU: the whole round where the algorithm has it as device
+        work (`device_round`: task draws, meta-gradients, the outer step and the mix;
+        `CompiledRounds`), else its local training where it offers that (`compile_training`:
+        the round's exchange stays eager); elsewhere, and on a GPU, the training step's
+        meta-gradients."""
         fallback = self.config.runtime.compile == "auto"
-        whole = self.graphed is None and self.device.type == "cpu" and self.task.draws_by_counter
-        device_round = self.algorithm.device_round() if whole else None
+        cpu = self.graphed is None and self.device.type == "cpu"
+        device_round = None
+        if cpu and self.task.draws_by_counter:
+            device_round = self.algorithm.device_round()
         if device_round is not None:
+            self.compiled_part = "round"
             self.compiled_rounds = CompiledRounds(device_round, self.device, fallback)
             return self.compiled_rounds.step
-        compiled = CompiledStep(context.meta_gradients, self.device, fallback)
+        compiler = functools.partial(CompiledStep, device=self.device, fallback=fallback)
+        training = self.algorithm.compile_training(compiler) if cpu else None
+        if training is not None:
+            self.compiled_part = "training"
+            return training
+        self.compiled_part = "meta_gradients"
+        compiled = compiler(context.meta_gradients)
         if self.graphed is not None:
             compiled.within_captured_rounds()
         context.meta_gradients = compiled
@@ -764,7 +777,9 @@ class Engine:
             else "runtime.compile = true"
         )
         progress.exclude(self.compiled.seconds)
-        part = "round" if self.compiled_rounds is not None else "step's meta-gradients"
+        part = {"round": "round", "training": "local training"}.get(
+            self.compiled_part, "step's meta-gradients"
+        )
         progress.say(
             f"dmeta: compiled the training {part} in {self.compiled.seconds:.1f} s ({reason})"
         )
@@ -871,7 +886,7 @@ class Engine:
             # where a rank's compilation failed and it ran eagerly.
             times = self.exchange.allgather_object(self.compiled.seconds)
             seconds = math.nan if None in times else max(times)
-            part = "round" if self.compiled_rounds is not None else "meta_gradients"
+            part = self.compiled_part
             self.writer.set_attributes("time", compile_seconds=seconds, compiled_part=part)
         # All ranks synchronise here (whatever their devices): "replayed" where every rank
         # that tried to capture its rounds succeeded.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -194,6 +195,29 @@ def test_mpi_run_equals_local_run(comm, strategy, dtype) -> None:
                 atol=1e-9,
                 err_msg=name,
             )
+
+    _verdict(comm, check)
+
+
+def test_a_compiled_run_under_mpi_gives_the_eager_run(comm) -> None:
+    """runtime.compile on ranks that exchange rows compiles each rank's local training (task
+    draws, meta-gradients, Adam) and leaves the exchange and the mix eager: the in-process
+    eager run, to rounding, and the run file says what was compiled."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size != 2:
+        pytest.skip("each rank compiles its own program (slow): two ranks test the layout")
+    folder = Path(comm.bcast(tempfile.mkdtemp() if rank == 0 else None))
+    config = _diffusion_config("runtime.dtype=float64", "runtime.compile=true")
+    execute(plan_run(config, size, rank, rank, size), comm, folder / "mpi.h5", show_progress=False)
+    comm.Barrier()
+
+    def check() -> None:
+        eager = run_local(_diffusion_config("runtime.dtype=float64"), folder / "eager.h5")
+        compiled = read_datasets(folder / "mpi.h5")
+        with h5py.File(folder / "mpi.h5") as run:
+            assert run["time"].attrs["compiled_part"] == "training"
+        for name in ("metrics/train_loss", "metrics/val_loss", "params/final"):
+            np.testing.assert_allclose(compiled[name], eager[name], rtol=1e-9, atol=1e-12)
 
     _verdict(comm, check)
 

@@ -158,6 +158,13 @@ class Algorithm(ABC):
         cannot be that: rows sent between ranks, a graph that changes, shapes that vary."""
         return None
 
+    def compile_training(self, compiler: Callable[[Callable], Any]) -> Any | None:
+        """Where a round's local training (task draws, meta-gradients, outer steps) can run
+        as one compiled program of fixed shapes, wrap it with `compiler` (the engine's
+        torch.compile) and return what `compiler` made; None (the default) where it cannot:
+        the engine then compiles the meta-gradients alone (`Context.meta_gradients`)."""
+        return None
+
     def centroid_weights(self) -> torch.Tensor | None:
         """p_k of this rank's agents in the network centroid w_c = sum_k p_k w_k: the Perron
         vector of A when A is not doubly stochastic (Dif-MAML, eq. (18)); None for 1/K."""

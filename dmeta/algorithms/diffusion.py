@@ -99,6 +99,9 @@ class LocalTraining:
         self.launch_models = initial_models.detach().clone()
         self.optimizer_state = self.optimizer.init_state(self.launch_models)
         self._prefetched: tuple[int, TaskBatch] | None = None
+        self._compiled: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None
+        self._compiled = None
+        self._counter = torch.zeros((), dtype=torch.int64, device=context.device)
 
     def rows(self) -> dict[str, torch.Tensor]:
         return {"launch_models": self.launch_models} | {
@@ -120,9 +123,33 @@ class LocalTraining:
         epochs = epochs or self.context.config.learner.local_steps
         return epochs * self.context.task.steps_per_epoch()
 
-    def adapt(self, t: int, epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def compile(self, compiler: Callable[[Callable], Any]) -> Any | None:
+        """Run `adapt` of an integer round through `compiler` (torch.compile) from now on: the
+        task draws, meta-gradients and outer steps of a round as one program, t a counter
+        tensor, the state updated in place. Returns what `compiler` made; None (nothing
+        compiled) where the task family draws with host work."""
+        if not self.context.task.draws_by_counter:
+            return None
+        self._compiled = compiler(self._adapt_in_place)
+        return self._compiled
+
+    def _adapt_in_place(self, t: torch.Tensor, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`adapt`, the new launch models copied into the old ones' memory."""
+        models = self.launch_models
+        try:
+            result = self.adapt(t, epochs)
+            models.copy_(self.launch_models)
+        finally:
+            self.launch_models = models
+        return result
+
+    def adapt(self, t: int | torch.Tensor, epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. (6a) tau times, tau = `steps(epochs)`; returns (loss sum over the steps, last
-        meta-gradient norm)."""
+        meta-gradient norm). An integer round runs the compiled program where `compile` made
+        one; a tensor round (a counter) runs eagerly or is being traced."""
+        if self._compiled is not None and not isinstance(t, torch.Tensor):
+            self._counter.fill_(t)
+            return self._compiled(self._counter, epochs)
         context = self.context
         steps = self.steps(epochs)
         loss_sum = torch.zeros(len(context.agents), dtype=torch.float64, device=context.device)
@@ -150,8 +177,9 @@ class LocalTraining:
         return tasks
 
     def prefetch(self, t: int) -> None:
-        """Draw round t's first tasks now: work for the CPU while rows travel between ranks."""
-        if t > self.context.config.iterations:
+        """Draw round t's first tasks now: work for the CPU while rows travel between ranks
+        (not where the draws are part of a compiled program)."""
+        if t > self.context.config.iterations or self._compiled is not None:
             return
         draw = task_draw(t, self.steps(), 0)
         self._prefetched = (draw, self._tasks(draw))
@@ -177,6 +205,9 @@ class MetaLearning(Algorithm):
 
     def models(self) -> torch.Tensor:
         return self.training.launch_models
+
+    def compile_training(self, compiler: Callable[[Callable], Any]) -> Any | None:
+        return self.training.compile(compiler)
 
     def rounds_in_place(
         self, combine: Callable[[torch.Tensor], torch.Tensor]
