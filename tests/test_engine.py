@@ -12,7 +12,10 @@ from conftest import dense_matrix, run_local, small_config
 
 from dmeta import rng
 from dmeta.config import Config, config_digest, config_from_json
+from dmeta.engine import Engine
 from dmeta.errors import DmetaError
+from dmeta.exchange import LocalExchange
+from dmeta.runner import plan_run
 
 
 def test_local_run_is_reproducible(tmp_path) -> None:
@@ -221,6 +224,27 @@ def test_a_diverging_run_stops_with_a_clear_error(tmp_path) -> None:
     with pytest.raises(DmetaError, match="diverged by iteration .* lower optimizer.lr"):
         run_local(config, tmp_path / "r.h5")
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_compiled_local_training_runs_the_eager_rounds(tmp_path) -> None:
+    """`compile_training` routes integer rounds through the compiled program with t as a
+    counter tensor (here an identity compiler: the dispatch without torch.compile's cost):
+    the eager rounds' numbers, and the launch models from before a round are left as they
+    were (L2C keeps them to form its updates)."""
+
+    def algorithm(name: str):
+        config = small_config("runtime.dtype=float64", "strategy=l2c")
+        return Engine(plan_run(config, 1, 0, 0, 1), LocalExchange(7), tmp_path / name).algorithm
+
+    eager, compiled = algorithm("eager.h5"), algorithm("compiled.h5")
+    assert compiled.compile_training(lambda program: program) is not None
+    for t in range(1, 4):
+        before = compiled.training.launch_models
+        kept = before.clone()
+        expected, report = eager.round(t), compiled.round(t)
+        assert torch.equal(before, kept)
+        torch.testing.assert_close(report.loss_sum, expected.loss_sum, rtol=0, atol=0)
+    torch.testing.assert_close(compiled.models(), eager.models(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

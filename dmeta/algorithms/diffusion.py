@@ -126,22 +126,13 @@ class LocalTraining:
     def compile(self, compiler: Callable[[Callable], Any]) -> Any | None:
         """Run `adapt` of an integer round through `compiler` (torch.compile) from now on: the
         task draws, meta-gradients and outer steps of a round as one program, t a counter
-        tensor, the state updated in place. Returns what `compiler` made; None (nothing
-        compiled) where the task family draws with host work."""
+        tensor. The new launch models are a new tensor, as in an eager round (callers may hold
+        the old ones). Returns what `compiler` made; None (nothing compiled) where the task
+        family draws with host work."""
         if not self.context.task.draws_by_counter:
             return None
-        self._compiled = compiler(self._adapt_in_place)
+        self._compiled = compiler(self.adapt)
         return self._compiled
-
-    def _adapt_in_place(self, t: torch.Tensor, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`adapt`, the new launch models copied into the old ones' memory."""
-        models = self.launch_models
-        try:
-            result = self.adapt(t, epochs)
-            models.copy_(self.launch_models)
-        finally:
-            self.launch_models = models
-        return result
 
     def adapt(self, t: int | torch.Tensor, epochs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. (6a) tau times, tau = `steps(epochs)`; returns (loss sum over the steps, last
