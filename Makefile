@@ -151,6 +151,12 @@ bench: $(STAMP)
 	  l2l=$$(DMETA_PYTHON=$(BIN)/python bash benchmarks/install_learn2learn.sh | head -n 1) \
 	    && $(BIN)/python benchmarks/peers.py --learn2learn "$$l2l"; \
 	else $(BIN)/python benchmarks/peers.py; fi
+	@if [ -n "$(OFFICIAL)" ]; then \
+	  $(PYTHON) -m venv $(RUNS)/tensorflow \
+	    && $(RUNS)/tensorflow/bin/pip install --quiet tensorflow-cpu tf_keras networkx matplotlib \
+	    && $(BIN)/python benchmarks/official.py --tensorflow $(RUNS)/tensorflow/bin/python \
+	      --checkout "$(OFFICIAL)"; \
+	else $(BIN)/python benchmarks/official.py; fi
 	$(BIN)/python benchmarks/bench_fig1b.py --out-dir $(RUNS)/bench_fig1b
 
 clean:
