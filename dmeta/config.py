@@ -475,13 +475,15 @@ class RuntimeConfig:
     # Compile with torch.compile (true or false), or "auto": compile when the run has at least
     # `compile_after` iterations and its algorithm calls the step with the same shapes every
     # round (the diffusion family; strategies that sample clients or wake agents would recompile
-    # for each new count). On the CPU, where the round is device work alone (ATC, CTA,
-    # centralized, non-cooperative on one rank, a static graph, tasks drawn by counter), the
-    # whole round is compiled: task draws, meta-gradients, the outer step and the mix (/time/comm
-    # reads 0 then); elsewhere the training step's meta-gradients. The run file's /time
-    # attribute `compiled_part` says which. The first iteration pays the compilation (10-20 s
-    # for the sine network on 2 CPU cores, cold cache); it pays off after a few thousand
-    # iterations (BENCHMARKS.md).
+    # for each new count). On the CPU, where the round is device work alone (ATC, CTA and
+    # centralized on one rank with a static graph, non-cooperative on any; tasks drawn by
+    # counter), the whole round is compiled: task draws, meta-gradients, the outer step and the
+    # mix (/time/comm reads 0 then); where rows travel between ranks or the graph changes, the
+    # local training (draws, meta-gradients, outer steps; the exchange stays eager); elsewhere,
+    # and on a GPU, the training step's meta-gradients. The run file's /time attribute
+    # `compiled_part` says which. The first iteration pays the compilation (10-35 s for the
+    # sine network on 2 CPU cores, cold cache; more with more outer steps a round, which the
+    # program unrolls: 80 s at 8); it pays off after a few thousand iterations (BENCHMARKS.md).
     compile: Literal["auto", "true", "false"] = "auto"
     compile_after: int = 5000
     # On a GPU, capture a whole training round (task draws, meta-gradients, outer step,

@@ -9,6 +9,7 @@ the agreement of all ranks on signals.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import math
@@ -16,6 +17,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +161,42 @@ class Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def _quiet_inductor() -> Iterator[None]:
+    """Hide the DeprecationWarning of torch's inductor, which uses its own deprecated
+    torch.jit API when it is imported (by torch.compile or by a compiled step's first call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
+        )
+        yield
+
+
 class CompiledStep:
     """A training step under torch.compile that remembers how long its first call took: the
     compilation (plus one step). On a GPU the compiled step is also captured as a CUDA graph
     and replayed ("reduce-overhead"): a small network's step is otherwise hundreds of kernel
     launches. Where whole rounds are captured (`within_captured_rounds`) it is compiled
-    alone and captured with them."""
+    alone and captured with them.
 
-    def __init__(self, step: Any, device: torch.device, fallback: bool) -> None:
+    `name` says what it is in messages. `whole`: the step changes state (a round, a local
+    training), so it compiles as one program or not at all (fullgraph): pieces of it between
+    graph breaks must not have run when a later piece fails and the fallback runs it eagerly
+    again. Shapes are static (`dynamic=False`): a fixed-shape step compiles once per run, and
+    torch's guess that numbers which differ between runs in one process (a seed) are dynamic
+    made inductor emit code that does not compile."""
+
+    def __init__(
+        self,
+        step: Any,
+        device: torch.device,
+        fallback: bool,
+        name: str = "training step's meta-gradients",
+        whole: bool = False,
+    ) -> None:
         self.eager = step
+        self.name = name
+        self.whole = whole
         self._compile("reduce-overhead" if device.type == "cuda" else None)
         # runtime.compile = auto: a compilation that fails (no working compiler toolchain)
         # leaves the run eager, with a warning; an explicit true lets the failure through.
@@ -176,12 +205,8 @@ class CompiledStep:
         self.seconds: float | None = None
 
     def _compile(self, mode: str | None) -> None:
-        with warnings.catch_warnings():
-            # torch's inductor, imported here, uses its own deprecated torch.jit API.
-            warnings.filterwarnings(
-                "ignore", "`torch.jit.script_method` is deprecated", DeprecationWarning
-            )
-            self.step = torch.compile(self.eager, mode=mode)
+        with _quiet_inductor():
+            self.step = torch.compile(self.eager, mode=mode, fullgraph=self.whole, dynamic=False)
 
     def within_captured_rounds(self) -> None:
         """Compile without a CUDA graph of its own (before the first call): the step runs
@@ -193,13 +218,14 @@ class CompiledStep:
             return self.step(*args)
         began = time.perf_counter()
         try:
-            result = self.step(*args)
+            with _quiet_inductor():  # the first call compiles
+                result = self.step(*args)
         except Exception as error:
             if not self.fallback:
                 raise
             first_line = (str(error).strip().splitlines() or [""])[0][:200]
             warnings.warn(
-                f"compiling the training step failed ({type(error).__name__}: {first_line}); "
+                f"compiling the {self.name} failed ({type(error).__name__}: {first_line}); "
                 "runtime.compile = auto runs it eagerly (set runtime.compile=false to skip "
                 "the attempt)",
                 stacklevel=2,
@@ -219,7 +245,7 @@ class CompiledRounds:
 
     def __init__(self, device_round: Any, device: torch.device, fallback: bool) -> None:
         self.counter = torch.zeros((), dtype=torch.int64, device=device)
-        self.step = CompiledStep(device_round, device, fallback)
+        self.step = CompiledStep(device_round, device, fallback, "training round", whole=True)
 
     def __call__(self, t: int) -> RoundReport:
         if not 0 <= t < 2**48:  # the counter's range in a Philox block (dmeta.rng)
@@ -380,13 +406,16 @@ class Engine:
             self.compiled_part = "round"
             self.compiled_rounds = CompiledRounds(device_round, self.device, fallback)
             return self.compiled_rounds.step
-        compiler = functools.partial(CompiledStep, device=self.device, fallback=fallback)
+        compiler = functools.partial(
+            CompiledStep, device=self.device, fallback=fallback, name="local training",
+            whole=True,
+        )  # fmt: skip
         training = self.algorithm.compile_training(compiler) if cpu else None
         if training is not None:
             self.compiled_part = "training"
             return training
         self.compiled_part = "meta_gradients"
-        compiled = compiler(context.meta_gradients)
+        compiled = CompiledStep(context.meta_gradients, self.device, fallback)
         if self.graphed is not None:
             compiled.within_captured_rounds()
         context.meta_gradients = compiled
@@ -777,11 +806,8 @@ class Engine:
             else "runtime.compile = true"
         )
         progress.exclude(self.compiled.seconds)
-        part = {"round": "round", "training": "local training"}.get(
-            self.compiled_part, "step's meta-gradients"
-        )
         progress.say(
-            f"dmeta: compiled the training {part} in {self.compiled.seconds:.1f} s ({reason})"
+            f"dmeta: compiled the {self.compiled.name} in {self.compiled.seconds:.1f} s ({reason})"
         )
 
     def _report_capture(self, progress: Progress) -> None:

@@ -348,23 +348,30 @@ def test_stationarity_sets_differ_between_runs_of_a_sweep() -> None:
     assert 0 <= config_digest(base) < 2**47
 
 
-def test_runtime_compile_auto_runs_eagerly_when_compiling_fails(tmp_path, monkeypatch) -> None:
-    """A toolchain that cannot compile leaves an auto run eager, with a warning, and the
-    numbers of the eager run; an explicit runtime.compile=true lets the failure through."""
+@pytest.mark.parametrize(
+    ("strategy", "part"), [("atc", "training round"), ("l2c", "local training")]
+)
+def test_runtime_compile_auto_runs_eagerly_when_compiling_fails(
+    tmp_path, monkeypatch, strategy, part
+) -> None:
+    """A toolchain that cannot compile leaves an auto run eager, with a warning naming what
+    failed to compile, and the numbers of the eager run; an explicit runtime.compile=true lets
+    the failure through."""
 
-    def broken(step, mode=None):
+    def broken(step, **options):
         def call(*args):
             raise RuntimeError("no working C++ compiler\nmore details")
 
         return call
 
-    eager = run_local(small_config("runtime.dtype=float64"), tmp_path / "eager.h5")
+    settings = ("runtime.dtype=float64", f"strategy={strategy}")
+    eager = run_local(small_config(*settings), tmp_path / "eager.h5")
     monkeypatch.setattr(torch, "compile", broken)
-    auto = small_config("runtime.dtype=float64", "runtime.compile_after=1")
-    with pytest.warns(UserWarning, match="compiling the training step failed .*no working C"):
+    auto = small_config(*settings, "runtime.compile_after=1")
+    with pytest.warns(UserWarning, match=f"compiling the {part} failed .*no working C"):
         data = run_local(auto, tmp_path / "auto.h5")
     np.testing.assert_array_equal(data["params/final"], eager["params/final"])
     with h5py.File(tmp_path / "auto.h5") as run:
         assert np.isnan(run["time"].attrs["compile_seconds"])
     with pytest.raises(RuntimeError, match="no working C"):
-        run_local(small_config("runtime.compile=true"), tmp_path / "true.h5")
+        run_local(small_config(*settings, "runtime.compile=true"), tmp_path / "true.h5")

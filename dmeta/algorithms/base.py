@@ -151,11 +151,12 @@ class Algorithm(ABC):
         """The launch models to evaluate and store: [local agents, P]."""
 
     def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
-        """`round` as device work alone, for capture in a CUDA graph (`dmeta.cudagraph`): a
-        call takes t as a 0-d int64 tensor on the device, updates the state in the tensors that
-        `state_rows` gives (so that a replay reads and writes the same memory), and neither
-        reads a value back to the host nor communicates. None (the default) where a round
-        cannot be that: rows sent between ranks, a graph that changes, shapes that vary."""
+        """`round` as device work alone, for capture in a CUDA graph (`dmeta.cudagraph`) or
+        compilation as one program on the CPU (`engine.CompiledRounds`): a call takes t as a
+        0-d int64 tensor on the device, updates the state in the tensors that `state_rows`
+        gives (so that a replay reads and writes the same memory), and neither reads a value
+        back to the host nor communicates. None (the default) where a round cannot be that:
+        rows sent between ranks, a graph that changes, shapes that vary."""
         return None
 
     def compile_training(self, compiler: Callable[[Callable], Any]) -> Any | None:
