@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -55,3 +56,22 @@ def dmeta_run(script: str, job: Path, out: Path, settings: list[str], ranks: int
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
         raise SystemExit(f"{script}: {' '.join(command)} failed:\n{result.stderr.strip()}")
+
+
+def print_speedups(samples: dict[str, list[float]], per_task: float, digits: int = 1) -> None:
+    """The peers' table: min / median / max ms per agent-task of each implementation's
+    interleaved timings (seconds times `per_task`), and the speed-up of "dmeta eager" and
+    "dmeta compiled" (those present) over each, by medians."""
+    medians = {name: float(np.median(values)) for name, values in samples.items()}
+    ours = [name for name in ("dmeta eager", "dmeta compiled") if name in samples]
+    rows = []
+    for name, values in samples.items():
+        low, mid, high = (per_task * v for v in (min(values), medians[name], max(values)))
+        ratios = [
+            f"{medians[name] / medians[o]:.{digits}f}x" if name not in ours else "-" for o in ours
+        ]
+        rows.append([name, f"{low:.4f}", f"{mid:.4f}", f"{high:.4f}", *ratios])
+    print_table(
+        ["implementation", "min ms/agent-task", "median", "max", *(f"{o} speed-up" for o in ours)],
+        rows,
+    )

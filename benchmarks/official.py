@@ -28,8 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import h5py
-import numpy as np
-from common import command_line, dmeta_run, machine, print_table
+from common import command_line, dmeta_run, machine, print_speedups
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "sine_diffusion.toml"
@@ -109,18 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             for name, timer in timers.items():
                 samples.setdefault(name, []).append(timer())
-    per_task = 1e3 / (AGENTS * TASKS)
-    medians = {name: float(np.median(values)) for name, values in samples.items()}
-    ours = [name for name in ("dmeta eager", "dmeta compiled") if name in timers]
-    rows = []
-    for name, values in samples.items():
-        low, mid, high = (per_task * v for v in (min(values), medians[name], max(values)))
-        ratios = [f"{medians[name] / medians[o]:.0f}x" if name not in ours else "-" for o in ours]
-        rows.append([name, f"{low:.4f}", f"{mid:.4f}", f"{high:.4f}", *ratios])
-    print_table(
-        ["implementation", "min ms/agent-task", "median", "max", *(f"{o} speed-up" for o in ours)],
-        rows,
-    )
+    print_speedups(samples, 1e3 / (AGENTS * TASKS), digits=0)
     return 0
 
 

@@ -38,7 +38,7 @@ import bench_sine
 import numpy as np
 import torch
 from bench_sine import reference_modules
-from common import command_line, machine, print_table
+from common import command_line, machine, print_speedups
 from reference_loop import ReferenceDifMAML
 from torch.func import functional_call, grad, vmap
 
@@ -209,18 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for name, timer in timers.items():
             samples[name].append(timer())
-    per_task = 1e3 / (args.agents * tasks[0].shape[1])
-    medians = {name: float(np.median(values)) for name, values in samples.items()}
-    ours = [name for name in ("dmeta eager", "dmeta compiled") if name in timers]
-    rows = []
-    for name, values in samples.items():
-        low, mid, high = (per_task * v for v in (min(values), medians[name], max(values)))
-        ratios = [f"{medians[name] / medians[o]:.1f}x" if name not in ours else "-" for o in ours]
-        rows.append([name, f"{low:.4f}", f"{mid:.4f}", f"{high:.4f}", *ratios])
-    print_table(
-        ["implementation", "min ms/agent-task", "median", "max", *(f"{o} speed-up" for o in ours)],
-        rows,
-    )
+    print_speedups(samples, 1e3 / (args.agents * tasks[0].shape[1]))
     return 0
 
 
