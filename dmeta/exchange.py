@@ -100,6 +100,21 @@ class Route:
     send_counts: list[int] = field(default_factory=list)
     receive_counts: list[int] = field(default_factory=list)
     sends_per_agent: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    _element_counts: dict[int, tuple[tuple[list[int], list[int]], ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def element_counts(self, width: int) -> tuple[tuple[list[int], list[int]], ...]:
+        """MPI's (counts, displacements) of the rows sent and of those received, in elements
+        of rows `width` wide: built once per width, not every exchange."""
+        if width not in self._element_counts:
+            sent = [rows * width for rows in self.send_counts]
+            received = [rows * width for rows in self.receive_counts]
+            self._element_counts[width] = (
+                (sent, _displacements(sent)),
+                (received, _displacements(received)),
+            )
+        return self._element_counts[width]
 
     def weights(self, weights: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The weights of this rank's incoming edges, from global per-edge `weights`."""
@@ -391,13 +406,9 @@ class MPIExchange:
             send = _host(send)
             tail = (len(table) - count, width)
             received = np.empty(tail, send.dtype) if host_copy else table[count:].numpy()
-        send_counts = [rows_sent * width for rows_sent in route.send_counts]
-        receive_counts = [rows_received * width for rows_received in route.receive_counts]
+        sent, arriving = route.element_counts(width)
         # Ranks synchronise with their graph neighbours when the request is waited for.
-        request = self._graph_comm.Ineighbor_alltoallv(
-            [send, (send_counts, _displacements(send_counts))],
-            [received, (receive_counts, _displacements(receive_counts))],
-        )
+        request = self._graph_comm.Ineighbor_alltoallv([send, sent], [received, arriving])
         in_flight = (request, send)  # the send buffer must live until the request completes
 
         def wait() -> torch.Tensor:
