@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from dmeta import rng
 from dmeta.algorithms.base import RoundReport
 
 # Eager rounds before the capture (torch's documentation asks for a few, on a side stream).
@@ -47,9 +48,7 @@ class GraphedRounds:
         self.capture_seconds: float | None = None
 
     def __call__(self, t: int) -> RoundReport:
-        if not 0 <= t < 2**48:  # the counter's range in a Philox block (dmeta.rng)
-            raise ValueError(f"round {t} must lie in [0, 2^48)")
-        self.counter.fill_(t)
+        rng.set_counter(self.counter, t)
         if self.graph is None and not self.failed:
             if self.eager_rounds < WARMUP_ROUNDS:
                 return self._warm_up()

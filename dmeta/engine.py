@@ -248,9 +248,7 @@ class CompiledRounds:
         self.step = CompiledStep(device_round, device, fallback, "training round", whole=True)
 
     def __call__(self, t: int) -> RoundReport:
-        if not 0 <= t < 2**48:  # the counter's range in a Philox block (dmeta.rng)
-            raise ValueError(f"round {t} must lie in [0, 2^48)")
-        self.counter.fill_(t)
+        rng.set_counter(self.counter, t)
         return self.step(self.counter)
 
 

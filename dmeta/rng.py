@@ -172,6 +172,14 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
+def set_counter(counter: torch.Tensor, t: int) -> None:
+    """Write round t into `counter`, the 0-d tensor that a replayed or compiled round reads as
+    its iteration (`blocks`), once t is checked against the iteration's range [0, 2^48)."""
+    if not 0 <= t < 2**48:
+        raise ValueError(f"round {t} must lie in [0, 2^48)")
+    counter.fill_(t)
+
+
 def _check_ranges(
     seed: int, agents: torch.Tensor, stream: int, iteration: Word, count: int
 ) -> None:

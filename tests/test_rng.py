@@ -232,3 +232,14 @@ def test_substreams_are_distinct_from_every_stream() -> None:
     assert len(set(derived) | set(streams)) == len(derived) + len(streams)
     with pytest.raises(ValueError, match="substream"):
         rng.substream(256, 1)
+
+
+def test_a_round_counter_holds_only_rounds_of_the_iteration_range() -> None:
+    """Replayed and compiled rounds read t from a counter tensor: it takes [0, 2^48) only."""
+    counter = torch.zeros((), dtype=torch.int64)
+    rng.set_counter(counter, 2**48 - 1)
+    assert int(counter) == 2**48 - 1
+    for t in (-1, 2**48):
+        with pytest.raises(ValueError, match=rf"round {t} must lie in \[0, 2\^48\)"):
+            rng.set_counter(counter, t)
+    assert int(counter) == 2**48 - 1

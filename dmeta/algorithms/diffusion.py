@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from dmeta import topology
+from dmeta import rng, topology
 from dmeta.algorithms.base import (
     Algorithm,
     CommTimer,
@@ -101,7 +101,6 @@ class LocalTraining:
         self._prefetched: tuple[int, TaskBatch] | None = None
         self._compiled: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None
         self._compiled = None
-        self._counter = torch.zeros((), dtype=torch.int64, device=context.device)
 
     def rows(self) -> dict[str, torch.Tensor]:
         return {"launch_models": self.launch_models} | {
@@ -131,6 +130,7 @@ class LocalTraining:
         family draws with host work."""
         if not self.context.task.draws_by_counter:
             return None
+        self._counter = torch.zeros((), dtype=torch.int64, device=self.context.device)
         self._compiled = compiler(self.adapt)
         return self._compiled
 
@@ -139,7 +139,7 @@ class LocalTraining:
         meta-gradient norm). An integer round runs the compiled program where `compile` made
         one; a tensor round (a counter) runs eagerly or is being traced."""
         if self._compiled is not None and not isinstance(t, torch.Tensor):
-            self._counter.fill_(t)
+            rng.set_counter(self._counter, t)
             return self._compiled(self._counter, epochs)
         context = self.context
         steps = self.steps(epochs)
