@@ -229,7 +229,13 @@ def read_leaf(paths: list[Path], words: int = 25) -> ClientData:
             before[0].extend(x)
             before[1].extend(y)
     names = sorted(users)
-    sample_x, sample_y = next((x[0], y[0]) for x, y in users.values() if x)
+    first = next(((x[0], y[0]) for x, y in users.values() if x), None)
+    if first is None:
+        raise DmetaError(
+            f"the LEAF files {[str(p) for p in paths]} hold no samples: num_samples is 0 for "
+            f"each of their {len(users)} users"
+        )
+    sample_x, sample_y = first
     if isinstance(sample_x, str) and isinstance(sample_y, str) and len(sample_y) == 1:
         return _leaf_characters(users, names)
     if isinstance(sample_x, list) and len(sample_x) > 4 and isinstance(sample_x[4], str):

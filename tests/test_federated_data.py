@@ -317,6 +317,10 @@ def test_the_leaf_reader_reads_shakespeare_windows(tmp_path) -> None:
         ),
         ('{"users": ["a"], "num_samples": [1], "user_data": {}}', "user 'a' has no x and y"),
         (
+            '{"users": ["a"], "num_samples": [0], "user_data": {"a": {"x": [], "y": []}}}',
+            "hold no samples: num_samples is 0 for each of their 1 users",
+        ),
+        (
             '{"users": ["a"], "num_samples": [2], '
             '"user_data": {"a": {"x": [["1", "d", "q", "a", "hi"]], "y": [1]}}}',
             "user 'a' has 1 x and 1 y but num_samples says 2",
