@@ -238,11 +238,14 @@ class FederatedConfig:
     use). FedMeta (Chen et al., Algorithm 1) averages the clients' meta-gradients of the learner;
     FedAvg averages the models after `local_epochs` epochs of SGD steps of size `client_lr` on
     each client's loss, and its server step takes the average delta server - average as its
-    gradient, so server_optimizer = "sgd" with server_lr = 1 is plain FedAvg (McMahan et al.).
+    gradient, so server_optimizer = "average" (SGD with step 1) is plain FedAvg (McMahan et
+    al.) and "adam" FedAdam. `auto`: "average" for fedavg, "adam" (the paper's implementation)
+    for fedmeta and persafl, which return meta-gradients and refuse "average".
     """
 
     clients_per_round: int = 10
-    server_optimizer: Literal["adam", "sgd"] = "adam"
+    server_optimizer: Literal["auto", "adam", "sgd", "average"] = "auto"
+    # The server's Adam or SGD step (unread by "average").
     server_lr: float = 0.001
     client_lr: float = 0.01
     # FedAvg's client epochs (steps_per_epoch steps each, as learner.local_steps).

@@ -96,8 +96,7 @@ def test_fedavg_with_every_client_and_one_step_equals_the_centralized_strategy(t
         "strategy=fedavg",
         "federated.clients_per_round=7",
         "federated.client_lr=0.05",
-        "federated.server_optimizer=sgd",
-        "federated.server_lr=1",
+        # The default server of fedavg (server_optimizer = auto) averages: plain FedAvg.
         # FedAvg(Meta): validation adapts the server model, as it adapts centralized's models.
         "federated.finetune_at_test=true",
     )
@@ -162,6 +161,7 @@ def test_federated_strategies_learn_linear_representations(tmp_path, strategy) -
         ("federated.clients_per_round=0", "clients_per_round = 0 must lie in [1, agents = 7]"),
         ("federated.clients_per_round=8", "clients_per_round = 8 must lie in [1, agents = 7]"),
         ("federated.server_lr=0", "federated.server_lr = 0.0 must be positive"),
+        ("federated.server_optimizer=average", "'average' is FedAvg's server (the clients'"),
         ("federated.client_lr=-1", "federated.client_lr = -1.0 must be positive"),
         ("federated.local_epochs=0", "federated.local_epochs = 0 must be at least 1"),
         ("federated.batch_size=-1", "federated.batch_size = -1 must be 0 (a client's data as"),

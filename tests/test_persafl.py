@@ -185,6 +185,7 @@ def test_a_stopped_persafl_run_resumes_to_the_same_file(tmp_path) -> None:
         ("asynchrony.speed_shape=0", "asynchrony.speed_shape = 0.0 must be positive"),
         ("asynchrony.speed_distribution=weibull", "is not one of 'constant', 'exponential'"),
         ("federated.server_lr=0", "federated.server_lr = 0.0 must be positive"),
+        ("federated.server_optimizer=average", "strategy = 'persafl' returns meta-gradients"),
         ("learner.local_steps=2", "set learner.local_steps = 1"),
         ("federated.batch_size=4", "strategy = 'persafl' does not read it, set it to 0"),
     ],

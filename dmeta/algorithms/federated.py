@@ -98,6 +98,30 @@ def client_durations(seed: int, num_clients: int, settings: AsynchronyConfig) ->
     return np.array([duration(u, v) for u, v in units], dtype=np.float64)
 
 
+def server_optimizer(config: Config, averages_models: bool) -> OptimizerConfig:
+    """The server's optimizer (Algorithm 1, line 9) from `federated.server_optimizer`: `auto`
+    is `average` for FedAvg (McMahan et al.'s server, the clients' weighted average model) and
+    Adam for the meta-gradient strategies (the paper's implementation); `average` is SGD with
+    step 1 on FedAvg's average change (server_lr unread), meaningless on meta-gradients.
+    Adam's betas and eps come from [optimizer]."""
+    settings = config.federated
+    name = settings.server_optimizer
+    if name == "auto":
+        name = "average" if averages_models else "adam"
+    if name == "average" and not averages_models:
+        raise DmetaError(
+            f"federated.server_optimizer = 'average' is FedAvg's server (the clients' weighted "
+            f"average model); strategy = {config.strategy!r} returns meta-gradients: use "
+            "'adam' or 'sgd' with federated.server_lr"
+        )
+    optimizer = config.optimizer
+    if name == "average":
+        return OptimizerConfig("sgd", 1.0, optimizer.beta1, optimizer.beta2, optimizer.eps)
+    return OptimizerConfig(
+        name, settings.server_lr, optimizer.beta1, optimizer.beta2, optimizer.eps
+    )
+
+
 @dataclass
 class FederatedPlan:
     """The checked server settings."""
@@ -111,6 +135,9 @@ class Federated(Algorithm):
 
     config_sections = ("federated", "asynchrony")
     shared_model = True
+    # Whether a client returns a model change (FedAvg), which the server may average, or a
+    # meta-gradient (`server_optimizer`).
+    averages_models = False
 
     series = {
         "time/virtual": (
@@ -143,6 +170,7 @@ class Federated(Algorithm):
         for key in ("server_lr", "client_lr"):
             if not getattr(settings, key) > 0:
                 raise DmetaError(f"federated.{key} = {getattr(settings, key)} must be positive")
+        server_optimizer(config, cls.averages_models)  # refuses 'average' on meta-gradients
         if not settings.finetune_lr >= 0:
             raise DmetaError(
                 f"federated.finetune_lr = {settings.finetune_lr} must be positive, or 0 for "
@@ -180,15 +208,7 @@ class Federated(Algorithm):
         self.context = context
         self.plan_ = plan
         config = context.config
-        settings = config.federated
-        server = OptimizerConfig(
-            settings.server_optimizer,
-            settings.server_lr,
-            config.optimizer.beta1,
-            config.optimizer.beta2,
-            config.optimizer.eps,
-        )
-        self.optimizer = build_optimizer(server)
+        self.optimizer = build_optimizer(server_optimizer(config, self.averages_models))
         # Algorithm 1, line 3: theta starts as client 0's launch model, drawn on every rank.
         self.server = initial_models[:1].clone()
         self.optimizer_state = self.optimizer.init_state(self.server)
@@ -333,6 +353,8 @@ class FedAvg(Federated):
     """Clients return their change theta - w_u after `local_epochs` epochs of SGD on the plain
     loss (in mini-batches with `federated.batch_size`); the server steps with the weighted
     average change, theta minus the clients' weighted average model."""
+
+    averages_models = True
 
     @classmethod
     def plan(cls, config: Config, layout: AgentLayout) -> FederatedPlan:

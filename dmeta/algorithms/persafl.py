@@ -45,7 +45,7 @@ import torch
 
 from dmeta import rng
 from dmeta.algorithms.base import CommTimer, Context, RoundReport, TopologyRecord
-from dmeta.algorithms.federated import FederatedPlan, FedMeta
+from dmeta.algorithms.federated import FederatedPlan, FedMeta, server_optimizer
 from dmeta.config import AsynchronyConfig, Config
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
@@ -166,6 +166,7 @@ class PersAFL(FedMeta):
             )
         if not config.federated.server_lr > 0:
             raise DmetaError(f"federated.server_lr = {config.federated.server_lr} must be positive")
+        server_optimizer(config, cls.averages_models)  # refuses 'average' on meta-gradients
         if config.learner.local_steps != 1:
             raise DmetaError(
                 "strategy = 'persafl' takes one server step per round: set learner.local_steps = 1"
