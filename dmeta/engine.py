@@ -339,7 +339,7 @@ class Engine:
         )
         context = Context(
             config, self.task, self.learner, exchange, self.agents, self.device, dtype,
-            self.learner.meta_gradients,
+            self.learner.meta_gradients, model.frozen_size,
         )  # fmt: skip
         # A shared model starts as agent 0's launch model, which every rank draws alike.
         starting = self.agents[:1] * 0 if plan.algorithm.shared_model else self.agents

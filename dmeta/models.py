@@ -70,6 +70,9 @@ class FlatModel:
         self.slots = tuple(slots)
         self.sizes = [slot.size for slot in slots]
         self.num_parameters = offset
+        # Parameters that no step moves (a frozen embedding: the module's `frozen_parameters`).
+        frozen = set(getattr(module, "frozen_parameters", ()))
+        self.frozen_size = sum(slot.size for slot in slots if slot.name in frozen)
 
     def head_mask(self) -> torch.Tensor:
         """[M] ones on the last layer's parameters (the head that ANIL adapts), zeros elsewhere."""
@@ -268,6 +271,7 @@ class WordLSTM(CharLSTM):
     ) -> None:
         super().__init__(vocabulary, embedding, hidden, layers, outputs)
         self.frozen_embedding = frozen_embedding
+        self.frozen_parameters = ("embedding.weight",) if frozen_embedding else ()
 
     def forward(self, words: torch.Tensor) -> torch.Tensor:
         """Logits [batch, outputs] of word sequences [batch, steps] (indices, 0 padding)."""

@@ -810,6 +810,12 @@ def test_frozen_glove_embeddings_take_no_step(tmp_path, strategy, frozen) -> Non
     rest = np.ones(len(before), dtype=bool)
     rest[table] = False
     assert not np.array_equal(after[rest], before[rest])
+    # A frozen embedding (and Meta-SGD's step sizes of it) is not sent: the clients hold it.
+    copies = 2 if "learner.name=metasgd" in strategy else 1
+    sent = copies * (model.num_parameters - (slot.size if frozen else 0)) * 8  # float64
+    per_round = config.federated.clients_per_round * sent
+    assert data["comm/bytes_up"][1:].tolist() == [per_round] * 2
+    assert data["comm/bytes_down"][1:].tolist() == [per_round] * 2
 
 
 def test_freezing_embeddings_without_glove_gives_one_line(tmp_path) -> None:

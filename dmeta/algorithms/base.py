@@ -49,6 +49,8 @@ class Context:
     dtype: torch.dtype
     # The learner's meta-gradients of the training step, possibly compiled.
     meta_gradients: Any = None
+    # Parameters of the model that no step moves (a frozen embedding), per model row.
+    frozen_parameters: int = 0
 
 
 @dataclass

@@ -299,8 +299,8 @@ class Federated(Algorithm):
     ) -> RoundReport:
         """The round's report: the server's mean client loss and gradient norm for every agent,
         and each sampled client's row down and row up as its bytes."""
-        # The server sends theta (with Meta-SGD's step sizes) and gets a row of that shape back.
-        row_bytes = self.server[0].numel() * self.server.element_size()
+        # The server sends theta and gets a row of that shape back.
+        row_bytes = self.row_bytes()
         sent = self.plan_.clients_per_round * row_bytes
         self.unlogged_bytes += torch.tensor([sent, sent], dtype=torch.float64)
         device = self.context.device
@@ -313,6 +313,14 @@ class Federated(Algorithm):
             comm_bytes=local.to(torch.float64) * 2 * row_bytes,
             comm_seconds=seconds,
         )
+
+    def row_bytes(self) -> int:
+        """Bytes of the server row that travels to or from a client: theta with Meta-SGD's step
+        sizes, less what no step moves (a frozen embedding and its step sizes), which the
+        clients hold (LEAF counts trainable variables alone)."""
+        copies = 2 if self.context.learner.learned_inner_lr else 1
+        frozen = self.context.frozen_parameters * copies
+        return (self.server.shape[1] - frozen) * self.server.element_size()
 
     def steps_per_round(self) -> int:
         """Client steps whose losses a round reports."""

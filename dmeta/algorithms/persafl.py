@@ -295,7 +295,7 @@ class PersAFL(FedMeta):
         """The round's report: the buffer's weighted mean loss and the server's step direction
         for every agent, and each client's rows up and down since the previous round."""
         context = self.context
-        row_bytes = self.server[0].numel() * self.server.element_size()
+        row_bytes = self.row_bytes()
         moves = [len(flush.uploads), len(flush.downloads)]
         self.unlogged_bytes += torch.tensor(moves, dtype=F64) * row_bytes
         first, count = int(context.agents[0]), len(context.agents)
