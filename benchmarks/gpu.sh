@@ -23,7 +23,8 @@
 #   7. the full Fig. 1b, 3 strategies x 10,000 iterations (benchmarks/bench_fig1b.py);
 #   8. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
 # Everything goes to FILE (default runs/gpu.txt) and the terminal as each step ends: 5.6 minutes
-# on an H200 (2026-11-27). The steps' limits add up to 13 minutes, so under a shorter limit the
+# on an H200 (2026-11-27; step 8 has had three repeats since, about 1.5 minutes more). The
+# steps' limits add up to 14.5 minutes, so under a shorter limit the
 # last steps are the ones cut. --no-install uses PYTHON as it is (a venv with dmeta); --quick
 # runs steps 1-4 at their smallest settings, without K = 40's eager rounds (the test runs
 # `--device cpu --no-install --quick`).
@@ -84,7 +85,8 @@ else
     COMPILED=(--agents 40 --iterations 300 --set runtime.compile=true)
     SCALE=(--agents 100000 --iterations 10)
     FIG1B=(--out-dir "$(mktemp -d)" --set runtime.device="$DEVICE" --set runtime.compile=false)
-    RANKS=(--agents 2560 --ranks 1 8 --iterations 12 --repeats 1)
+    # Three interleaved repeats: one repeat of each gave 4.55x on 2026-11-27 (target 5x).
+    RANKS=(--agents 2560 --ranks 1 8 --iterations 20 --repeats 3)
 fi
 
 # One step: its command, under a time limit; a failure is written down and the next step runs.
@@ -110,6 +112,6 @@ mkdir -p "$(dirname "$OUT")"
     [ "$QUICK" = 1 ] || step 60 benchmarks/bench_agents.py --device "$DEVICE" "${PLAIN[@]}"
     [ "$QUICK" = 1 ] || step 90 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
     [ "$QUICK" = 1 ] || step 120 benchmarks/bench_fig1b.py "${FIG1B[@]}"
-    [ "$QUICK" = 1 ] || step 90 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
+    [ "$QUICK" = 1 ] || step 180 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
 } | tee "$OUT"
 echo "gpu.sh: written to $OUT"
