@@ -14,10 +14,10 @@ FedAvg: the client runs `federated.local_epochs` epochs of SGD steps of size `cl
 its plain loss (the learner with no inner step on the task's `training_data`: the query sets'
 loss, or all of a client's data for federated data) and returns its change g_u = theta - w_u;
 the server steps with sum_u n_u (theta - w_u) / sum_u n_u = theta - the weighted average model,
-so SGD with server_lr = 1 sets theta to the weighted average (McMahan et al.'s FedAvg) and Adam
-gives FedAdam. Averaging the changes, not the models, keeps a parameter that no client moved
-(a frozen embedding) at exactly 0, where Adam would scale the rounding of an average of equal
-models up to a full step. An epoch is the task
+so `server_optimizer = "average"` (fedavg's default: SGD with step 1) sets theta to the weighted
+average (McMahan et al.'s FedAvg) and Adam gives FedAdam. Averaging the changes, not the
+models, keeps a parameter that no client moved (a frozen embedding) at exactly 0, where Adam
+would scale the rounding of an average of equal models up to a full step. An epoch is the task
 family's `steps_per_epoch` steps; on federated data `federated.batch_size` B > 0 makes it a pass
 over the client's data in mini-batches of B (McMahan et al., Algorithm 1, ClientUpdate: "for
 each local epoch i from 1 to E, for batch b in B: w <- w - eta grad l(w; b)"), so a client
