@@ -4,12 +4,14 @@ target accuracy, with the ratio to FedAvg's.
 
 Usage (from the repository root):
 
-    python analysis/fedmeta.py RUN.h5 [RUN.h5 ...] [--target ACC] [--out FIG.png]
+    python analysis/fedmeta.py RUN.h5 [RUN.h5 ...] [--target ACC] [--reference RUN.h5]
+                               [--out FIG.png]
 
 A run's bytes are the cumulative sum of /comm/bytes_up + /comm/bytes_down; its accuracy is
 /centroid/val_accuracy (the server model on the validation clients). The target is --target,
-or FedAvg's final validation accuracy (the first fedavg run without fine-tuning, else any
-fedavg run): the paper's "reaches FedAvg's accuracy with less communication". The table also
+or FedAvg's final validation accuracy: the paper's "reaches FedAvg's accuracy with less
+communication". FedAvg is --reference RUN.h5, else the first fedavg run without fine-tuning
+or mini-batches, else without fine-tuning, else any fedavg run. The table also
 gives each run's rounds, the round at which it reaches the target (the first logged row at or
 above it), the example-weighted test accuracy (/final/test_accuracy's network_mean and
 network_ci95) and its difference to FedAvg's, client by client on the same test clients, with
@@ -37,6 +39,7 @@ class FederatedRun:
     path: str
     label: str
     is_fedavg: bool
+    reference_rank: int  # `reference_rank`: the lowest fedavg run is FedAvg by default
     rounds: np.ndarray
     accuracy: np.ndarray
     cumulative_bytes: np.ndarray
@@ -49,9 +52,25 @@ class FederatedRun:
     test_clients: np.ndarray
 
 
+def averages_models(federated: dict) -> bool:
+    """Whether a fedavg server averages the clients' models (FedAvg) rather than stepping Adam
+    or SGD with another step on their average change (FedAdam, ...)."""
+    server = federated.get("server_optimizer", "auto")
+    return server in ("auto", "average") or (server == "sgd" and federated["server_lr"] == 1)
+
+
+def reference_rank(federated: dict) -> int:
+    """How a fedavg run ranks as the reference: 0 without fine-tuning or mini-batches, 1 with
+    mini-batches, 2 with fine-tuning (FedAvg(Meta))."""
+    if federated.get("finetune_at_test"):
+        return 2
+    return 1 if federated.get("batch_size") else 0
+
+
 def label_of(config: dict) -> str:
     """FedMeta (learner), FedAvg or FedAvg(Meta) (with its fine-tuning steps x step size; with
-    its clients' mini-batch size where federated.batch_size > 0), with the support fraction."""
+    its clients' mini-batch size where federated.batch_size > 0; with the server's optimizer
+    and step where it does not average the models), with the support fraction."""
     federated = config["federated"]
     if config["strategy"] == "fedavg":
         name = "FedAvg"
@@ -63,6 +82,8 @@ def label_of(config: dict) -> str:
             name = f"FedAvg(Meta) (fine-tune {steps} x {lr})"
         if federated.get("batch_size"):  # 0 or absent (older run files): full batch
             name += f" (mini-batches of {federated['batch_size']})"
+        if not averages_models(federated):
+            name += f" (server {federated['server_optimizer']} {federated['server_lr']})"
     else:
         name = f"FedMeta ({config['learner']['name']})"
     return f"{name}, p = {federated.get('support_fraction')}"
@@ -87,6 +108,7 @@ def read_run(path: str) -> FederatedRun:
                 path,
                 label_of(config),
                 config["strategy"] == "fedavg",
+                reference_rank(config["federated"]),
                 file["time/iteration"][()],
                 file["centroid/val_accuracy"][()],
                 np.cumsum(sent),
@@ -107,15 +129,14 @@ def bytes_to_reach(run: FederatedRun, target: float) -> float:
 
 
 def reference_run(runs: list[FederatedRun]) -> FederatedRun | None:
-    """The FedAvg run the others are measured against: plain FedAvg's if present."""
+    """The FedAvg run the others are measured against: the first fedavg run of the lowest
+    `reference_rank` (None without one)."""
     fedavg = [run for run in runs if run.is_fedavg]
-    plain = [run for run in fedavg if run.label.startswith("FedAvg,")]
-    return (plain or fedavg or [None])[0]
+    return min(fedavg, key=lambda run: run.reference_rank, default=None)
 
 
-def default_target(runs: list[FederatedRun]) -> float:
-    """FedAvg's final validation accuracy: plain FedAvg's if present."""
-    reference = reference_run(runs)
+def default_target(reference: FederatedRun | None) -> float:
+    """FedAvg's final validation accuracy (of `reference`, `reference_run`'s by default)."""
     if reference is None:
         raise RunFileError("no fedavg run to take the target from; give --target")
     return float(reference.accuracy[-1])
@@ -146,10 +167,9 @@ def round_to_reach(run: FederatedRun, target: float) -> float:
     return float(run.rounds[reached[0]]) if len(reached) else np.nan
 
 
-def table(runs: list[FederatedRun], target: float) -> list[str]:
+def table(runs: list[FederatedRun], target: float, fedavg: FederatedRun | None) -> list[str]:
     """One line per run: rounds, final accuracies, bytes (and the round) to the target and the
-    ratio of FedAvg's bytes to the run's."""
-    fedavg = reference_run(runs)
+    ratio of FedAvg's bytes (the run `fedavg`'s) to the run's."""
     reference = bytes_to_reach(fedavg, target) if fedavg is not None else np.nan
     rows = []
     for run in runs:
@@ -198,15 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--target", type=float, default=None)
+    parser.add_argument("--reference", default=None, help="the FedAvg run to measure against")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
         runs = [read_run(path) for path in expand_paths(args.runs)]
-        target = default_target(runs) if args.target is None else args.target
+        reference = reference_run(runs)
+        if args.reference is not None:
+            reference = read_run(args.reference)
+            if not reference.is_fedavg:
+                raise RunFileError(f"--reference {args.reference} is not a fedavg run")
+            runs = [run for run in runs if run.path != reference.path] + [reference]
+        target = default_target(reference) if args.target is None else args.target
     except RunFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    print("\n".join(table(runs, target)))
+    print("\n".join(table(runs, target, reference)))
     if args.out:
         plot(runs, target, args.out)
         print(f"figure: {args.out}")

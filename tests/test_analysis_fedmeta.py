@@ -49,7 +49,7 @@ def test_bytes_to_fedavgs_final_accuracy_and_the_ratio(tmp_path, capsys) -> None
     fedavg = write_federated_run(tmp_path / "fedavg.h5", "fedavg", [0.1, 0.3, 0.5, 0.6], 100)
     meta = write_federated_run(tmp_path / "fedmeta.h5", "fedmeta", [0.2, 0.6, 0.7, 0.8], 100)
     runs = [fedmeta.read_run(str(fedavg)), fedmeta.read_run(str(meta))]
-    assert fedmeta.default_target(runs) == 0.6
+    assert fedmeta.default_target(fedmeta.reference_run(runs)) == 0.6
     # Cumulative bytes 200, 400, 600, 800: FedAvg reaches 0.6 in row 3, FedMeta in row 1.
     assert fedmeta.bytes_to_reach(runs[0], 0.6) == 800
     assert fedmeta.bytes_to_reach(runs[1], 0.6) == 400
@@ -102,3 +102,32 @@ def test_labels_tell_the_methods_and_fedavg_meta_fine_tuning_apart() -> None:
     assert fedmeta.label_of(tuned) == "FedAvg(Meta) (fine-tune 5 x 0.01), p = 0.2"
     batches = fedavg | {"federated": federated | {"batch_size": 10}}
     assert fedmeta.label_of(batches) == "FedAvg (mini-batches of 10), p = 0.2"
+
+
+def test_fedadam_is_labelled_by_its_server(tmp_path) -> None:
+    federated = {"support_fraction": 0.2, "server_optimizer": "adam", "server_lr": 0.01}
+    fedadam = {"strategy": "fedavg", "learner": {"name": "maml"}, "federated": federated}
+    assert fedmeta.label_of(fedadam) == "FedAvg (server adam 0.01), p = 0.2"
+    for server, lr in (("average", 0.001), ("auto", 0.001), ("sgd", 1.0)):
+        plain = fedadam | {"federated": federated | {"server_optimizer": server, "server_lr": lr}}
+        assert fedmeta.label_of(plain) == "FedAvg, p = 0.2"
+
+
+def test_the_reference_is_full_batch_fedavg_or_the_run_asked_for(tmp_path, capsys) -> None:
+    tuned = write_federated_run(tmp_path / "a.h5", "fedavg", [0.1, 0.5], 100)
+    batches = write_federated_run(tmp_path / "b.h5", "fedavg", [0.1, 0.7], 100)
+    full = write_federated_run(tmp_path / "c.h5", "fedavg", [0.1, 0.6], 100)
+    for path, key in ((tuned, "finetune_at_test"), (batches, "batch_size")):
+        with h5py.File(path, "r+") as file:
+            config = json.loads(file.attrs["config"])
+            config["federated"][key] = 10 if key == "batch_size" else True
+            file.attrs["config"] = json.dumps(config)
+    runs = [fedmeta.read_run(str(path)) for path in (tuned, batches, full)]
+    assert fedmeta.reference_run(runs).path == str(full)
+    assert fedmeta.reference_run(runs[:2]).path == str(batches)
+    assert fedmeta.main([str(tuned), str(full), "--reference", str(batches)]) == 0
+    printed = capsys.readouterr().out
+    assert "bytes to 0.7000" in printed  # the reference's final validation accuracy
+    meta = write_federated_run(tmp_path / "m.h5", "fedmeta", [0.5], 1)
+    assert fedmeta.main([str(full), "--reference", str(meta)]) == 2
+    assert "is not a fedavg run" in capsys.readouterr().err
