@@ -199,7 +199,10 @@ def plot(runs: list[FederatedRun], target: float, out: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4))
+    # The legend goes below the panels (two runs a line), where it hides no curve.
+    legend_lines = (len(runs) + 1) // 2
+    legend_height = 0.3 * legend_lines + 0.2
+    figure = Figure(figsize=(10, 4 + legend_height))
     rounds, sent = figure.subplots(1, 2)
     for run in runs:
         rounds.plot(run.rounds, run.accuracy, label=run.label)
@@ -208,8 +211,9 @@ def plot(runs: list[FederatedRun], target: float, out: str) -> None:
         axis.axhline(target, color="grey", linestyle=":")
         axis.set_xlabel(name)
         axis.set_ylabel("validation-client accuracy")
-    rounds.legend()
-    figure.tight_layout()
+    figure.legend(*rounds.get_legend_handles_labels(), loc="lower center", ncol=2,
+                  fontsize="small", frameon=False)  # fmt: skip
+    figure.tight_layout(rect=(0, legend_height / (4 + legend_height), 1, 1))
     FigureCanvasAgg(figure).print_figure(out)
 
 
