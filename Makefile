@@ -112,14 +112,20 @@ $(FASHION_MNIST)/t10k-labels-idx1-ubyte.gz:
 	  exit 1; \
 	fi
 
-# FedMeta and FedAvg on federated Shakespeare (each (play, role) a client; see README).
+# FedMeta, FedAdam and plain FedAvg (the server averages; LEAF's mini-batches of 10) on
+# federated Shakespeare (each (play, role) a client; see README), measured against plain FedAvg.
+FEDAVG_PLAIN := --set strategy=fedavg --set federated.server_optimizer=average \
+  --set federated.batch_size=10 --set federated.local_epochs=1
 fedmeta: $(SHAKESPEARE)
 	@for s in fedmeta fedavg; do \
 	  $(BIN)/dmeta run jobs/fedmeta_shakespeare.toml --set strategy=$$s \
 	    --set 'federated.paths=[$(SHAKESPEARE)]' --out $(RUNS)/fedmeta_shakespeare_$$s.h5 \
 	    || exit 1; \
 	done
-	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_*.h5
+	$(BIN)/dmeta run jobs/fedmeta_shakespeare.toml $(FEDAVG_PLAIN) \
+	  --set 'federated.paths=[$(SHAKESPEARE)]' --out $(RUNS)/fedmeta_shakespeare_plain_fedavg.h5
+	$(BIN)/python analysis/fedmeta.py $(RUNS)/fedmeta_shakespeare_fedmeta.h5 \
+	  $(RUNS)/fedmeta_shakespeare_fedavg.h5 --reference $(RUNS)/fedmeta_shakespeare_plain_fedavg.h5
 
 # FedMeta's claim on Shakespeare sized for one CPU core (README): FedMeta (MAML, Meta-SGD),
 # FedAvg and FedAvg(Meta), one run at a time on one thread (about an hour; README: two at a time).
