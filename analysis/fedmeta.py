@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [read_run(path) for path in expand_paths(args.runs)]
-        reference = reference_run(runs)
-        if args.reference is not None:
+        if args.reference is None:
+            reference = reference_run(runs)
+        else:
             reference = read_run(args.reference)
             if not reference.is_fedavg:
                 raise RunFileError(f"--reference {args.reference} is not a fedavg run")

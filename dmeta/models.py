@@ -271,7 +271,11 @@ class WordLSTM(CharLSTM):
     ) -> None:
         super().__init__(vocabulary, embedding, hidden, layers, outputs)
         self.frozen_embedding = frozen_embedding
-        self.frozen_parameters = ("embedding.weight",) if frozen_embedding else ()
+
+    @property
+    def frozen_parameters(self) -> tuple[str, ...]:
+        """The parameters that no step moves (`FlatModel.frozen_size`): a frozen embedding."""
+        return ("embedding.weight",) if self.frozen_embedding else ()
 
     def forward(self, words: torch.Tensor) -> torch.Tensor:
         """Logits [batch, outputs] of word sequences [batch, steps] (indices, 0 padding)."""

@@ -114,12 +114,9 @@ def server_optimizer(config: Config, averages_models: bool) -> OptimizerConfig:
             f"average model); strategy = {config.strategy!r} returns meta-gradients: use "
             "'adam' or 'sgd' with federated.server_lr"
         )
+    name, lr = ("sgd", 1.0) if name == "average" else (name, settings.server_lr)
     optimizer = config.optimizer
-    if name == "average":
-        return OptimizerConfig("sgd", 1.0, optimizer.beta1, optimizer.beta2, optimizer.eps)
-    return OptimizerConfig(
-        name, settings.server_lr, optimizer.beta1, optimizer.beta2, optimizer.eps
-    )
+    return OptimizerConfig(name, lr, optimizer.beta1, optimizer.beta2, optimizer.eps)
 
 
 @dataclass
