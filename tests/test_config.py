@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 import torch
 
 from dmeta.config import Config, config_from_json, load_config
 from dmeta.errors import DmetaError
 from dmeta.runner import resolve_agents_at_once
+from dmeta.sweep import load_sweep
+
+JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.toml"))
 
 
 def test_defaults_match_the_paper_sine_experiment() -> None:
@@ -91,3 +97,13 @@ def test_an_integer_or_auto_key() -> None:
     assert resolve_agents_at_once("auto", torch.device("cpu")) == 64
     assert resolve_agents_at_once("auto", torch.device("cuda")) == 0
     assert resolve_agents_at_once(8, torch.device("cuda")) == 8
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_job_and_sweep_file_loads(path: Path, tmp_path) -> None:
+    """A job file's keys and values pass the config's checks; a sweep file's every member."""
+    if "base" in tomllib.loads(path.read_text()):
+        _, runs = load_sweep(path, tmp_path, [])
+        assert runs
+    else:
+        assert isinstance(load_config(path), Config)
