@@ -479,25 +479,27 @@ class RuntimeConfig:
     # `compile_after` iterations and its algorithm calls the step with the same shapes every
     # round (the diffusion family; strategies that sample clients or wake agents would recompile
     # for each new count). On the CPU, where the round is device work alone (ATC, CTA and
-    # centralized on one rank with a static graph, non-cooperative on any; tasks drawn by
-    # counter), the whole round is compiled: task draws, meta-gradients, the outer step and the
-    # mix (/time/comm reads 0 then); where rows travel between ranks or the graph changes, the
-    # local training (draws, meta-gradients, outer steps; the exchange stays eager); elsewhere,
-    # and on a GPU, the training step's meta-gradients. The run file's /time attribute
-    # `compiled_part` says which. The first iteration pays the compilation (10-35 s for the
-    # sine network on 2 CPU cores, cold cache; more with more outer steps a round, which the
-    # program unrolls: 80 s at 8); it pays off after a few thousand iterations (BENCHMARKS.md).
+    # centralized on one rank with a static graph, non-cooperative on any, FedMeta and
+    # full-batch FedAvg on one rank; tasks drawn by counter), the whole round is compiled: task
+    # draws, meta-gradients, the outer step and the mix (/time/comm reads 0 then); where rows
+    # travel between ranks or the graph changes, the local training (draws, meta-gradients,
+    # outer steps; the exchange stays eager); elsewhere, and on a GPU, the training step's
+    # meta-gradients. The run file's /time attribute `compiled_part` says which. The first
+    # iteration pays the compilation (10-35 s for the sine network on 2 CPU cores, cold cache;
+    # more with more outer steps a round, which the program unrolls: 80 s at 8); it pays off
+    # after a few thousand iterations (BENCHMARKS.md).
     compile: Literal["auto", "true", "false"] = "auto"
     compile_after: int = 5000
     # On a GPU, capture a whole training round (task draws, meta-gradients, outer step,
     # combination) once as a CUDA graph and replay it (dmeta/cudagraph.py): a small network's
     # round is otherwise hundreds of kernel launches. "auto": where the device is CUDA and the
     # strategy's round can be captured (the diffusion family and the baselines on one rank, a
-    # static graph), falling back to eager rounds with a warning if the capture fails; "true"
-    # insists. Logging and evaluation stay outside the graph; /time/comm reads 0 then. The
-    # replayed combination adds each agent's neighbours in no fixed order on the GPU (an index
-    # and a segment sum): such runs repeat to rounding, not to the bit ("false" where bits
-    # matter); the task family must draw by tensor operations (TaskFamily.draws_by_counter).
+    # static graph; FedMeta and full-batch FedAvg on one rank), falling back to eager rounds
+    # with a warning if the capture fails; "true" insists. Logging and evaluation stay outside
+    # the graph; /time/comm reads 0 then. The replayed combination adds each agent's
+    # neighbours in no fixed order on the GPU (an index and a segment sum): such runs repeat
+    # to rounding, not to the bit ("false" where bits matter); the task family must draw by
+    # tensor operations (TaskFamily.draws_by_counter).
     cuda_graph: Literal["auto", "true", "false"] = "auto"
     # The meta-gradients and evaluations take this many of a rank's agents at a time (0: all
     # at once). Each agent's row is computed alone either way: chunks bound the memory of the

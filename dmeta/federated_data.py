@@ -438,6 +438,10 @@ class FederatedDataTask(TaskFamily):
     """
 
     scores = {"accuracy": masked_accuracy}
+    # A client's split is fixed: `sample` and `training_data` index device tables and read
+    # no iteration, so a round can be captured (FedAvg's `minibatches`, which reads its step
+    # count back, has no captured round).
+    draws_by_counter = True
     final_evaluation = True
     final_per_task = True
     series = {
@@ -494,6 +498,9 @@ class FederatedDataTask(TaskFamily):
         self.x = torch.as_tensor(data.x, device=device)
         self.y = torch.as_tensor(data.y, device=device)
         self.text = None if data.text is None else torch.as_tensor(data.text, device=device)
+        self.training_examples = torch.as_tensor(
+            self.splits["train"].examples, dtype=torch.float64, device=device
+        )
         self.tables = {
             name: (
                 torch.as_tensor(part.support, device=device),
@@ -573,8 +580,7 @@ class FederatedDataTask(TaskFamily):
 
     def example_counts(self, agents: torch.Tensor, tasks: TaskBatch) -> torch.Tensor:
         """n_u: the training clients' kept examples (App. A.2: weights proportional to them)."""
-        counts = torch.as_tensor(self.splits["train"].examples, device=agents.device)
-        return counts[agents].to(torch.float64)
+        return self.training_examples[agents]
 
     def _query_weights(self, split: str) -> torch.Tensor:
         query = self.splits[split].examples - (self.splits[split].support >= 0).sum(axis=1)

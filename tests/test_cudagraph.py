@@ -8,7 +8,7 @@ import dataclasses
 import h5py
 import pytest
 import torch
-from conftest import small_config
+from conftest import LEAF_SIZES, federated_config, small_config, write_leaf
 
 from dmeta import rng
 from dmeta.cudagraph import WARMUP_ROUNDS, GraphedRounds
@@ -19,6 +19,14 @@ from dmeta.runner import plan_run
 from dmeta.tasks import SineTask
 
 STRATEGIES = ["atc", "cta", "centralized", "noncooperative"]
+# FedMeta and FedAvg on one rank: the server's rounds (sine tasks unless "leaf": federated data).
+FEDERATED = {
+    "fedmeta": ("strategy=fedmeta",),
+    "metasgd": ("strategy=fedmeta", "learner.name=metasgd"),
+    "fedavg": ("strategy=fedavg", "federated.local_epochs=2", "federated.client_lr=0.05"),
+    "fedmeta-leaf": ("leaf", "strategy=fedmeta"),
+    "fedavg-leaf": ("leaf", "strategy=fedavg", "federated.server_optimizer=adam"),
+}
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -54,6 +62,68 @@ def test_device_rounds_are_the_rounds_in_place(tmp_path, strategy, optimizer) ->
     torch.testing.assert_close(_state(graphable), _state(eager), rtol=1e-12, atol=1e-14)
     after = {name: rows.data_ptr() for name, rows in graphable.algorithm.state_rows().items()}
     assert after == memory
+
+
+def _federated_engine(tmp_path, device: str, overrides: tuple[str, ...]) -> Engine:
+    tmp_path.mkdir(exist_ok=True)
+    rest = [o for o in overrides if o != "leaf"]
+    common = ("runtime.dtype=float64", f"runtime.device={device}", "runtime.cuda_graph=false")
+    if "leaf" in overrides:
+        leaf = write_leaf(tmp_path / "leaf.json", LEAF_SIZES)
+        config = federated_config(leaf, *common, *rest)
+    else:
+        config = small_config("federated.clients_per_round=3", *common, *rest)
+    exchange = LocalExchange(config.agents, torch.device(device))
+    return Engine(plan_run(config, 1, 0, 0, 1), exchange, tmp_path / f"{device}.h5")
+
+
+def _server_state(engine: Engine) -> dict[str, torch.Tensor]:
+    algorithm = engine.algorithm
+    shared = algorithm.state_shared()
+    return {name: value.cpu() for name, value in (shared | algorithm.state_rows()).items()}
+
+
+@pytest.mark.parametrize("overrides", FEDERATED.values(), ids=FEDERATED.keys())
+def test_federated_device_rounds_are_the_rounds_in_place(tmp_path, overrides) -> None:
+    """FedMeta's and FedAvg's rounds 1-4 through `device_round` (t a tensor, the sample drawn
+    on the device): the reports, server model, optimizer state, participations, clock and
+    bytes of `round`, to the bit, and the server's state stays in the same tensors."""
+    eager = _federated_engine(tmp_path / "a", "cpu", overrides)
+    graphable = _federated_engine(tmp_path / "b", "cpu", overrides)
+    step = graphable.algorithm.device_round()
+    memory = {name: value.data_ptr() for name, value in _live_state(graphable).items()}
+    for t in range(1, 5):
+        expected, report = eager.algorithm.round(t), step(torch.tensor(t))
+        for field in ("loss_sum", "gradient_norm", "comm_bytes"):
+            assert torch.equal(getattr(report, field), getattr(expected, field)), field
+        assert report.steps == expected.steps
+    expected, state = _server_state(eager), _server_state(graphable)
+    assert expected.keys() == state.keys()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
+    assert state["participations"].sum() == 4 * graphable.config.federated.clients_per_round
+    assert {name: value.data_ptr() for name, value in _live_state(graphable).items()} == memory
+
+
+def _live_state(engine: Engine) -> dict[str, torch.Tensor]:
+    """The tensors a replayed federated round reads and writes."""
+    algorithm = engine.algorithm
+    optimizer = {f"optimizer/{k}": v for k, v in algorithm.optimizer_state.items()}
+    return {"server": algorithm.server, **optimizer, **algorithm.state_rows()}
+
+
+def test_federated_rounds_that_vary_have_no_device_round(tmp_path, monkeypatch) -> None:
+    """FedAvg's mini-batch epochs (a step count read back), PersA-FL's host schedule and a
+    server on several ranks (an all-reduce) run plain rounds."""
+    leaf = ("leaf", "strategy=fedavg", "federated.batch_size=3")
+    assert _federated_engine(tmp_path / "a", "cpu", leaf).algorithm.device_round() is None
+    persafl = _federated_engine(
+        tmp_path / "b", "cpu", ("strategy=persafl", "asynchrony.concurrency=3")
+    )
+    assert persafl.algorithm.device_round() is None
+    fedmeta = _federated_engine(tmp_path / "c", "cpu", ("strategy=fedmeta",)).algorithm
+    assert fedmeta.device_round() is not None
+    monkeypatch.setattr(fedmeta.context.exchange, "size", 2)
+    assert fedmeta.device_round() is None
 
 
 def test_rounds_that_cannot_be_captured_say_so(tmp_path) -> None:
@@ -132,3 +202,20 @@ def test_a_cuda_run_replays_its_rounds(tmp_path) -> None:
         assert cuda["time"].attrs["cuda_graph"] == "replayed"
         final = "params/final"
         torch.testing.assert_close(cuda[final][()], cpu[final][()], rtol=1e-10, atol=1e-12)
+
+
+@CUDA
+@pytest.mark.parametrize("overrides", FEDERATED.values(), ids=FEDERATED.keys())
+def test_replayed_federated_rounds_are_the_eager_rounds(tmp_path, overrides) -> None:
+    """Six FedMeta or FedAvg rounds of a captured graph against the same rounds eagerly on the
+    GPU: the counter moves the client sample; the server's state agrees."""
+    eager = _federated_engine(tmp_path / "a", "cuda", overrides)
+    graphed = _federated_engine(tmp_path / "b", "cuda", overrides)
+    rounds = GraphedRounds(graphed.algorithm.device_round(), graphed.device, fallback=False)
+    for t in range(1, 7):
+        expected, report = eager.algorithm.round(t), rounds(t)
+        torch.testing.assert_close(report.loss_sum, expected.loss_sum, rtol=1e-12, atol=0)
+    assert rounds.graph is not None and rounds.eager_rounds == WARMUP_ROUNDS
+    expected, state = _server_state(eager), _server_state(graphed)
+    for name in expected:
+        torch.testing.assert_close(state[name], expected[name], rtol=1e-11, atol=1e-13)

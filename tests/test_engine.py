@@ -252,12 +252,14 @@ def test_compiled_local_training_runs_the_eager_rounds(tmp_path) -> None:
     [
         ([], "round"),
         (["graph.schedule=link_failures"], "training"),
-        (["strategy=fedmeta", "federated.clients_per_round=7"], "meta_gradients"),
+        (["strategy=fedmeta", "federated.clients_per_round=3"], "round"),
+        (["strategy=persafl", "asynchrony.concurrency=3"], "meta_gradients"),
     ],
 )
 def test_a_compiled_training_step_gives_the_eager_run(tmp_path, overrides, part) -> None:
     """runtime.compile=true compiles the whole round where it is device work alone (a static
-    graph in one process: task draws by counter, meta-gradients, Adam, the mix), else the
+    graph in one process: task draws by counter, meta-gradients, Adam, the mix; FedMeta's
+    server round: the client sample, meta-gradients, the server's Adam), else the
     local training where the algorithm offers it (a graph that changes each round: the mix
     stays eager), else the training meta-gradients; numbers stay to rounding either way."""
     settings = ("runtime.dtype=float64", "graph.rule=metropolis", *overrides)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,11 +64,16 @@ from dmeta.tasks import TaskBatch
 
 
 def sample_clients(
-    seed: int, round_: int, num_clients: int, count: int, device: torch.device | None = None
+    seed: int,
+    round_: int | torch.Tensor,
+    num_clients: int,
+    count: int,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """U_t of Algorithm 1, line 5: `count` of clients 0..num_clients-1 without replacement,
     ascending. The clients with the `count` smallest of num_clients uniform keys drawn under the
-    key agent 0 at iteration `round_` (stream STREAM_CLIENTS): a function of (seed, round) only."""
+    key agent 0 at iteration `round_` (stream STREAM_CLIENTS): a function of (seed, round) only.
+    `round_` may be the 0-d counter tensor of a replayed round (`rng.blocks`)."""
     key = torch.zeros(1, dtype=torch.int64, device=device)
     keys = rng.uniform(seed, key, rng.STREAM_CLIENTS, round_, (num_clients,), dtype=torch.float64)
     chosen = torch.argsort(keys[0], stable=True)[:count]
@@ -212,10 +217,15 @@ class Federated(Algorithm):
         self.participations = torch.zeros(
             len(context.agents), dtype=torch.int64, device=context.device
         )
-        # Bytes (up, down) since the previous logged row.
-        self.unlogged_bytes = torch.zeros(2, dtype=torch.float64)
+        # Bytes (up, down) since the previous logged row and the virtual clock: device
+        # tensors, which a replayed round (`device_round`) advances.
+        device = context.device
+        self.unlogged_bytes = torch.zeros(2, dtype=torch.float64, device=device)
         self.durations = client_durations(config.seed, config.agents, config.asynchrony)
-        self.virtual_time = torch.zeros(1, dtype=torch.float64)
+        self.client_durations = torch.as_tensor(self.durations, device=device)
+        self.virtual_time = torch.zeros(1, dtype=torch.float64, device=device)
+        sent = plan.clients_per_round * self.row_bytes()
+        self.round_bytes = torch.tensor([sent, sent], dtype=torch.float64, device=device)
 
     def state_rows(self) -> dict[str, torch.Tensor]:
         return {"participations": self.participations}
@@ -228,8 +238,8 @@ class Federated(Algorithm):
     def load_state(self, rows: dict[str, torch.Tensor], shared: dict[str, torch.Tensor]) -> None:
         self.participations = rows["participations"].clone()
         self.server = shared["server_model"][None].clone()
-        self.unlogged_bytes = shared["unlogged_bytes"].cpu().clone()
-        self.virtual_time = shared["virtual_time"].cpu().clone()
+        self.unlogged_bytes = shared["unlogged_bytes"].clone()
+        self.virtual_time = shared["virtual_time"].clone()
         prefix = "server_optimizer/"
         self.optimizer_state = {
             name[len(prefix) :]: value.clone()
@@ -262,34 +272,69 @@ class Federated(Algorithm):
         """Algorithm 1, lines 5-9: sample, let this rank's sampled clients compute, reduce once,
         step the server optimizer."""
         context = self.context
-        sampled = sample_clients(
-            context.config.seed, t, self.plan_.num_clients, self.plan_.clients_per_round,
-            context.device,
-        )  # fmt: skip
-        # The server waits for the slowest sampled client (the synchronous virtual clock).
-        self.virtual_time += float(self.durations[sampled.cpu().numpy()].max())
+        sampled = self._sample(t)
         local = torch.isin(context.agents, sampled)
-        rows = torch.nonzero(local).flatten()
-        self.participations[rows] += 1
-        size = self.server.shape[1]
-        if len(rows):
-            launch = self.server.expand(len(rows), -1)
-            returned, losses, counts = self.client_updates(t, context.agents[rows], launch)
-            weights = counts.to(returned.dtype)
-            weighted_loss = weights @ losses.to(weights.dtype)
-            sums = torch.cat([weights @ returned, weights.sum()[None], weighted_loss[None]])
-        else:
-            sums = self.server.new_zeros(size + 2)
+        sums = self._client_sums(t, torch.nonzero(local).flatten())
         timer = CommTimer(context.device)
         with timer, torch.no_grad():
             # All ranks synchronise here: one all-reduce of the ranks' weighted sums.
             total = context.exchange.allreduce_sum(sums.detach())
-        # The server's gradient: the clients' weighted average update (line 9).
+        gradient, loss = self._server_step(total)
+        return self._report(local, loss, gradient, timer.seconds)
+
+    def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
+        """`round` on one rank, as device work alone: the rank holds every client (agent k is
+        row k) and its own sums are the all-reduce's; the server model and its optimizer's
+        state are updated in their own memory (a replay's)."""
+        if self.context.exchange.size != 1:
+            return None
+
+        def device_round(t: torch.Tensor) -> RoundReport:
+            server, state = self.server, self.optimizer_state
+            try:
+                sampled = self._sample(t)
+                local = torch.isin(self.context.agents, sampled)
+                gradient, loss = self._server_step(self._client_sums(t, sampled).detach())
+                server.copy_(self.server)
+                for name, value in self.optimizer_state.items():
+                    state[name].copy_(value)
+            finally:  # also after a failed capture, which ran nothing
+                self.server, self.optimizer_state = server, state
+            return self._report(local, loss, gradient, 0.0)
+
+        return device_round
+
+    def _sample(self, t: int | torch.Tensor) -> torch.Tensor:
+        """U_t (line 5); the synchronous virtual clock waits for its slowest client."""
+        plan = self.plan_
+        device = self.context.device
+        sampled = sample_clients(
+            self.context.config.seed, t, plan.num_clients, plan.clients_per_round, device
+        )
+        self.virtual_time += self.client_durations[sampled].max()
+        return sampled
+
+    def _client_sums(self, t: int | torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[P + 2]: this rank's sampled clients (local `rows`) compute (lines 6-8); the sum of
+        their returned rows weighted by n_u, the sum of n_u, and of n_u times their loss."""
+        self.participations[rows] += 1
+        if not len(rows):
+            return self.server.new_zeros(self.server.shape[1] + 2)
+        launch = self.server.expand(len(rows), -1)
+        returned, losses, counts = self.client_updates(t, self.context.agents[rows], launch)
+        weights = counts.to(returned.dtype)
+        weighted_loss = weights @ losses.to(weights.dtype)
+        return torch.cat([weights @ returned, weights.sum()[None], weighted_loss[None]])
+
+    def _server_step(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Line 9: the server's optimizer steps with the clients' weighted average update.
+        Returns that average and the clients' weighted mean loss."""
+        size = self.server.shape[1]
         gradient, count, loss = total[:size] / total[size], total[size], total[size + 1]
         self.server, self.optimizer_state = self.optimizer.step(
             self.server, gradient[None], self.optimizer_state
         )
-        return self._report(local, loss / count, gradient, timer.seconds)
+        return gradient, loss / count
 
     def _report(
         self, local: torch.Tensor, loss: torch.Tensor, gradient: torch.Tensor, seconds: float
@@ -297,17 +342,13 @@ class Federated(Algorithm):
         """The round's report: the server's mean client loss and gradient norm for every agent,
         and each sampled client's row down and row up as its bytes."""
         # The server sends theta and gets a row of that shape back.
-        row_bytes = self.row_bytes()
-        sent = self.plan_.clients_per_round * row_bytes
-        self.unlogged_bytes += torch.tensor([sent, sent], dtype=torch.float64)
-        device = self.context.device
-        steps = self.steps_per_round()  # the clients' losses are summed over their steps
-        ones = torch.ones(len(local), dtype=torch.float64, device=device)
+        self.unlogged_bytes += self.round_bytes
+        ones = torch.ones(len(local), dtype=torch.float64, device=self.context.device)
         return RoundReport(
-            loss_sum=ones * float(loss),
-            steps=steps,
-            gradient_norm=ones * float(torch.linalg.vector_norm(gradient)),
-            comm_bytes=local.to(torch.float64) * 2 * row_bytes,
+            loss_sum=ones * loss,
+            steps=self.steps_per_round(),  # the clients' losses are summed over their steps
+            gradient_norm=ones * torch.linalg.vector_norm(gradient),
+            comm_bytes=local.to(torch.float64) * 2 * self.row_bytes(),
             comm_seconds=seconds,
         )
 
@@ -399,6 +440,13 @@ class FedAvg(Federated):
         if batch_size:  # an epoch of mini-batches reports its mean batch loss as one step
             loss_sum /= torch.ceil(counts / batch_size)
         return launch - models, loss_sum, counts
+
+    def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
+        """As FedMeta's, but None with mini-batches: an epoch takes as many steps as the
+        sampled clients' largest data set needs, a number read back each round."""
+        if self.context.config.federated.batch_size:
+            return None
+        return super().device_round()
 
     def _batches(self, t: int, clients: torch.Tensor) -> Iterator[TaskBatch]:
         """A round's batches: `steps_per_round` draws of the task's `training_data`, or with

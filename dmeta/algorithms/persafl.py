@@ -262,13 +262,14 @@ class PersAFL(FedMeta):
         with timer, torch.no_grad():
             # All ranks synchronise here: one all-reduce of the ranks' weighted sums.
             total = context.exchange.allreduce_sum(sums.detach())
-        average, weight, loss = total[:size] / total[size], total[size], total[size + 1]
-        self.server, self.optimizer_state = self.optimizer.step(
-            self.server, average[None], self.optimizer_state
-        )
+        average, loss = self._server_step(total)
         self.versions[self.schedule.version % len(self.versions)] = self.server[0]
         self.virtual_time.fill_(flush.time)
-        return self._flush_report(flush, loss / weight, average, timer.seconds)
+        return self._flush_report(flush, loss, average, timer.seconds)
+
+    def device_round(self) -> None:
+        """None: the schedule is host work, and a round's updates vary in number."""
+        return None
 
     def _weighted_sums(self, updates: list[Update]) -> torch.Tensor:
         """[sum_i w_i g_i, sum_i w_i, sum_i w_i loss_i] over this rank's `updates`,
@@ -297,7 +298,7 @@ class PersAFL(FedMeta):
         context = self.context
         row_bytes = self.row_bytes()
         moves = [len(flush.uploads), len(flush.downloads)]
-        self.unlogged_bytes += torch.tensor(moves, dtype=F64) * row_bytes
+        self.unlogged_bytes += torch.tensor(moves, dtype=F64, device=context.device) * row_bytes
         first, count = int(context.agents[0]), len(context.agents)
         clients = np.asarray(flush.uploads + flush.downloads, dtype=np.int64) - first
         mine = clients[(clients >= 0) & (clients < count)]
