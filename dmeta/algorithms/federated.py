@@ -169,10 +169,9 @@ class Federated(Algorithm):
                 f"federated.clients_per_round = {settings.clients_per_round} must lie in "
                 f"[1, agents = {config.agents}]"
             )
-        for key in ("server_lr", "client_lr"):
-            if not getattr(settings, key) > 0:
-                raise DmetaError(f"federated.{key} = {getattr(settings, key)} must be positive")
-        server_optimizer(config, cls.averages_models)  # refuses 'average' on meta-gradients
+        if not settings.client_lr > 0:
+            raise DmetaError(f"federated.client_lr = {settings.client_lr} must be positive")
+        cls.check_server(config)
         if not settings.finetune_lr >= 0:
             raise DmetaError(
                 f"federated.finetune_lr = {settings.finetune_lr} must be positive, or 0 for "
@@ -199,12 +198,21 @@ class Federated(Algorithm):
                 "federated data into mini-batches: it needs strategy = 'fedavg' with problem "
                 "= 'federated' (set it to 0; problem = 'noniid' has noniid.batch_size)"
             )
+        return FederatedPlan(config.agents, settings.clients_per_round)
+
+    @classmethod
+    def check_server(cls, config: Config) -> None:
+        """DmetaError unless the server's settings hold: a positive server_lr, a server
+        optimizer that fits what the clients return, one server step a round."""
+        if not config.federated.server_lr > 0:
+            raise DmetaError(f"federated.server_lr = {config.federated.server_lr} must be positive")
+        server_optimizer(config, cls.averages_models)  # refuses 'average' on meta-gradients
         if config.learner.local_steps != 1:
+            epochs = " (FedAvg's client epochs are federated.local_epochs)"
             raise DmetaError(
                 f"strategy = {config.strategy!r} takes one server step per round: set "
-                "learner.local_steps = 1 (FedAvg's client epochs are federated.local_epochs)"
+                f"learner.local_steps = 1{epochs if cls.averages_models else ''}"
             )
-        return FederatedPlan(config.agents, settings.clients_per_round)
 
     def __init__(self, context: Context, plan: FederatedPlan, initial_models: torch.Tensor) -> None:
         self.context = context

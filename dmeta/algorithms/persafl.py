@@ -45,7 +45,7 @@ import torch
 
 from dmeta import rng
 from dmeta.algorithms.base import CommTimer, Context, RoundReport, TopologyRecord
-from dmeta.algorithms.federated import FederatedPlan, FedMeta, server_optimizer
+from dmeta.algorithms.federated import FederatedPlan, FedMeta
 from dmeta.config import AsynchronyConfig, Config
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
@@ -164,13 +164,7 @@ class PersAFL(FedMeta):
                 f"asynchrony.concurrency = {settings.concurrency} must lie in [1, agents = "
                 f"{config.agents}]: a client trains one job at a time"
             )
-        if not config.federated.server_lr > 0:
-            raise DmetaError(f"federated.server_lr = {config.federated.server_lr} must be positive")
-        server_optimizer(config, cls.averages_models)  # refuses 'average' on meta-gradients
-        if config.learner.local_steps != 1:
-            raise DmetaError(
-                "strategy = 'persafl' takes one server step per round: set learner.local_steps = 1"
-            )
+        cls.check_server(config)
         if config.federated.batch_size:
             raise DmetaError(
                 f"federated.batch_size = {config.federated.batch_size} cuts FedAvg's client "
