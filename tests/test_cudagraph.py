@@ -22,6 +22,9 @@ STRATEGIES = ["atc", "cta", "centralized", "noncooperative"]
 # FedMeta and FedAvg on one rank: the server's rounds (sine tasks unless "leaf": federated data).
 FEDERATED = {
     "fedmeta": ("strategy=fedmeta",),
+    # Enough sampled clients that an isin not told both sides are unique would sort with a
+    # unique() that syncs with the host (torch's switch: 10 K^0.145 = 17 at K = 40).
+    "fedmeta-many": ("strategy=fedmeta", "agents=40", "federated.clients_per_round=30"),
     "metasgd": ("strategy=fedmeta", "learner.name=metasgd"),
     "fedavg": ("strategy=fedavg", "federated.local_epochs=2", "federated.client_lr=0.05"),
     "fedmeta-leaf": ("leaf", "strategy=fedmeta"),
@@ -109,6 +112,20 @@ def _live_state(engine: Engine) -> dict[str, torch.Tensor]:
     algorithm = engine.algorithm
     optimizer = {f"optimizer/{k}": v for k, v in algorithm.optimizer_state.items()}
     return {"server": algorithm.server, **optimizer, **algorithm.state_rows()}
+
+
+@pytest.mark.parametrize("strategy", ["atc", "centralized"])
+def test_diffusion_device_rounds_on_federated_data_are_the_rounds(tmp_path, strategy) -> None:
+    """Federated data draws nothing (each client's split is fixed), so the diffusion family's
+    rounds on it are device work too: rounds 1-3 through `device_round` are those of `round`."""
+    overrides = ("leaf", f"strategy={strategy}", "graph.rule=metropolis")
+    eager = _federated_engine(tmp_path / "a", "cpu", overrides)
+    graphable = _federated_engine(tmp_path / "b", "cpu", overrides)
+    step = graphable.algorithm.device_round()
+    for t in range(1, 4):
+        expected, report = eager.algorithm.round(t), step(torch.tensor(t))
+        torch.testing.assert_close(report.loss_sum, expected.loss_sum, rtol=1e-13, atol=0)
+    torch.testing.assert_close(_state(graphable), _state(eager), rtol=1e-12, atol=1e-14)
 
 
 def test_federated_rounds_that_vary_have_no_device_round(tmp_path, monkeypatch) -> None:
