@@ -19,6 +19,8 @@ each is reported as it ends, its output kept in `<run file>.log`. Every run is c
 the first one starts (its config, graph, data and rank layout: `check_members`), so a bad value
 fails the sweep at once with one line. A member whose run file is already complete is skipped
 with a message (`--rerun` runs it again), so a sweep run again continues where it stopped.
+SIGTERM or SIGUSR1 to the sweep is passed on to its running members, which write their
+checkpoints and stop (`run_sweep`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -38,6 +42,9 @@ from dmeta.checkpoint import checkpoint_path
 from dmeta.config import Config, flatten, load_config, read_toml
 from dmeta.errors import DmetaError
 from dmeta.output import partial_path
+
+# Signals that ask the running members to write their checkpoints and stop.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
@@ -203,37 +210,70 @@ def sweep_status(runs: list[SweepRun]) -> list[tuple[SweepRun, str]]:
 
 def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launcher: str) -> int:
     """Run every member, `parallel` at a time, reporting each as it ends (its output goes to
-    `<run file>.log`) and a summary line; returns the number that failed."""
+    `<run file>.log` as it runs) and a summary line; returns the number that failed.
+
+    SIGTERM or SIGUSR1 to the sweep (a batch system's time limit, `kill`) is passed on to the
+    running members, which write their checkpoints and stop; no further member starts, and a
+    DmetaError says so once they have: the same sweep run again continues them."""
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // (parallel * ranks))
     prefix = _launch_prefix(ranks, launcher)
     started = time.perf_counter()
+    running: dict[int, subprocess.Popen] = {}
+    stopping = threading.Event()
 
-    def one(run: SweepRun) -> tuple[SweepRun, int, float, str]:
+    def forward(signum: int, frame: object) -> None:
+        stopping.set()
+        for process in list(running.values()):
+            process.send_signal(signum)
+
+    def one(run: SweepRun) -> tuple[SweepRun, int | None, float, str]:
+        if stopping.is_set():
+            return run, None, 0.0, "not started"
         began = time.perf_counter()
-        command = run_command(base, run, prefix, threads)
-        result = subprocess.run(command, capture_output=True, text=True)
         log = run.out.with_name(run.out.name + ".log")
-        log.write_text(result.stdout + result.stderr)
-        return run, result.returncode, time.perf_counter() - began, result.stderr
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as stream:
+            process = subprocess.Popen(
+                run_command(base, run, prefix, threads), stdout=stream, stderr=subprocess.STDOUT
+            )
+            running[id(run)] = process
+            if stopping.is_set():  # the signal came between the check above and the start
+                process.send_signal(signal.SIGTERM)
+            code = process.wait()
+            del running[id(run)]
+        lines = log.read_text().strip().splitlines()
+        return run, code, time.perf_counter() - began, lines[-1] if lines else f"exit {code}"
 
-    failed = 0
+    handlers = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    failed = stopped = 0
     todo = [run for run in runs if not run.done]
     for number, run in enumerate(runs, start=1):
         if run.done:
             print(skip_message(number, len(runs), run))
     numbers = {id(run): number for number, run in enumerate(runs, start=1)}
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for future in as_completed([pool.submit(one, run) for run in todo]):
-            run, code, seconds, stderr = future.result()
-            number = numbers[id(run)]
-            if code == 0:
-                print(f"run {number}/{len(runs)} {run.label}: {seconds:.1f} s -> {run.out}")
-            else:
-                failed += 1
-                last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {code}"
-                print(f"run {number}/{len(runs)} {run.label}: FAILED ({last})", file=sys.stderr)
-            sys.stdout.flush()
+    try:
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            for future in as_completed([pool.submit(one, run) for run in todo]):
+                run, code, seconds, last = future.result()
+                head = f"run {numbers[id(run)]}/{len(runs)} {run.label}:"
+                if code == 0:
+                    print(f"{head} {seconds:.1f} s -> {run.out}")
+                elif stopping.is_set():
+                    stopped += 1
+                    print(f"{head} stopped ({last})", file=sys.stderr)
+                else:
+                    failed += 1
+                    print(f"{head} FAILED ({last})", file=sys.stderr)
+                sys.stdout.flush()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if stopping.is_set():
+        raise DmetaError(
+            f"stopped by a signal: {stopped} of {len(todo)} runs stopped or not started "
+            "(those that ran wrote a checkpoint); run the same sweep again to continue them"
+        )
     print(
         f"sweep: {len(todo) - failed} runs done, {failed} failed, {len(runs) - len(todo)} "
         f"skipped (complete) in {time.perf_counter() - started:.0f} s"

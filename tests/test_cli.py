@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import SMALL, read_datasets, run_local, small_config
+
+from dmeta.checkpoint import checkpoint_path
 
 BIN = Path(sys.executable).parent
 JOB = Path(__file__).parent.parent / "jobs" / "sine_quick.toml"
@@ -161,6 +165,35 @@ def test_sweep_runs_each_variation_into_its_own_file(tmp_path) -> None:
     assert f"-> {first}" in result.stdout and f"-> {second}" in result.stdout
     assert read_datasets(first)["time/iteration"][-1] == 4
     assert read_datasets(second)["time/iteration"][-1] == 8
+
+
+def test_sigterm_to_a_sweep_stops_its_runs_with_checkpoints(tmp_path) -> None:
+    """SIGTERM to `dmeta sweep` reaches the running members, which write their checkpoints;
+    the third member never starts, each member's output is in its log, one error line says
+    what happened, and the same sweep run again continues them."""
+    sweep = write_sweep(tmp_path, "seed = [1, 2, 3]")
+    out = tmp_path / "o"
+    command = [str(BIN / "dmeta"), "sweep", str(sweep), "--set", "iterations=100000"]
+    command += ["--set", "model.hidden=[8]", "--parallel", "2", "--out-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = [out / f"seed={seed}.h5.partial" for seed in (1, 2)]
+    deadline = time.monotonic() + 90
+    # A member's run file appears once it is planned, its signal handlers set.
+    while not all(path.exists() for path in partial):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=90)
+    assert process.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("dmeta: error:")]
+    assert len(errors) == 1 and "stopped by a signal: 3 of 3 runs" in errors[0], stderr
+    assert "Traceback" not in stderr
+    for seed in (1, 2):
+        assert checkpoint_path(out / f"seed={seed}.h5").exists()
+        assert "written; run the same command again" in (out / f"seed={seed}.h5.log").read_text()
+    assert not (out / "seed=3.h5.log").exists()
+    status = dmeta("sweep", str(sweep), "--out-dir", str(out), "--status")
+    assert status.stdout.count("resumable") == 2 and "missing" in status.stdout
 
 
 @pytest.mark.parametrize(
