@@ -124,6 +124,13 @@ def server_optimizer(config: Config, averages_models: bool) -> OptimizerConfig:
     return OptimizerConfig(name, lr, optimizer.beta1, optimizer.beta2, optimizer.eps)
 
 
+def weighted_sums(rows: torch.Tensor, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[P + 2]: sum_u w_u rows_u, sum_u w_u and sum_u w_u losses_u, what a rank contributes to
+    the server's all-reduce (`Federated._server_step` reads it back)."""
+    weighted_loss = weights @ losses.to(weights.dtype)
+    return torch.cat([weights @ rows, weights.sum()[None], weighted_loss[None]])
+
+
 @dataclass
 class FederatedPlan:
     """The checked server settings."""
@@ -229,11 +236,9 @@ class Federated(Algorithm):
         # tensors, which a replayed round (`device_round`) advances.
         device = context.device
         self.unlogged_bytes = torch.zeros(2, dtype=torch.float64, device=device)
-        self.durations = client_durations(config.seed, config.agents, config.asynchrony)
-        self.client_durations = torch.as_tensor(self.durations, device=device)
+        durations = client_durations(config.seed, config.agents, config.asynchrony)
+        self.durations = torch.as_tensor(durations, device=device)  # d_k of every client
         self.virtual_time = torch.zeros(1, dtype=torch.float64, device=device)
-        sent = plan.clients_per_round * self.row_bytes()
-        self.round_bytes = torch.tensor([sent, sent], dtype=torch.float64, device=device)
 
     def state_rows(self) -> dict[str, torch.Tensor]:
         return {"participations": self.participations}
@@ -319,7 +324,7 @@ class Federated(Algorithm):
         sampled = sample_clients(
             self.context.config.seed, t, plan.num_clients, plan.clients_per_round, device
         )
-        self.virtual_time += self.client_durations[sampled].max()
+        self.virtual_time += self.durations[sampled].max()
         return sampled
 
     def _sampled_here(self, sampled: torch.Tensor) -> torch.Tensor:
@@ -336,9 +341,7 @@ class Federated(Algorithm):
             return self.server.new_zeros(self.server.shape[1] + 2)
         launch = self.server.expand(len(rows), -1)
         returned, losses, counts = self.client_updates(t, self.context.agents[rows], launch)
-        weights = counts.to(returned.dtype)
-        weighted_loss = weights @ losses.to(weights.dtype)
-        return torch.cat([weights @ returned, weights.sum()[None], weighted_loss[None]])
+        return weighted_sums(returned, losses, counts.to(returned.dtype))
 
     def _server_step(self, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Line 9: the server's optimizer steps with the clients' weighted average update.
@@ -356,13 +359,14 @@ class Federated(Algorithm):
         """The round's report: the server's mean client loss and gradient norm for every agent,
         and each sampled client's row down and row up as its bytes."""
         # The server sends theta and gets a row of that shape back.
-        self.unlogged_bytes += self.round_bytes
+        row_bytes = self.row_bytes()
+        self.unlogged_bytes += self.plan_.clients_per_round * row_bytes
         ones = torch.ones(len(local), dtype=torch.float64, device=self.context.device)
         return RoundReport(
             loss_sum=ones * loss,
             steps=self.steps_per_round(),  # the clients' losses are summed over their steps
             gradient_norm=ones * torch.linalg.vector_norm(gradient),
-            comm_bytes=local.to(torch.float64) * 2 * self.row_bytes(),
+            comm_bytes=local.to(torch.float64) * 2 * row_bytes,
             comm_seconds=seconds,
         )
 

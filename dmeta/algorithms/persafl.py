@@ -45,7 +45,7 @@ import torch
 
 from dmeta import rng
 from dmeta.algorithms.base import CommTimer, Context, RoundReport, TopologyRecord
-from dmeta.algorithms.federated import FederatedPlan, FedMeta
+from dmeta.algorithms.federated import FederatedPlan, FedMeta, weighted_sums
 from dmeta.config import AsynchronyConfig, Config
 from dmeta.errors import DmetaError
 from dmeta.exchange import AgentLayout
@@ -213,10 +213,15 @@ class PersAFL(FedMeta):
 
     def __init__(self, context: Context, plan: PersAFLPlan, initial_models: torch.Tensor) -> None:
         super().__init__(context, plan, initial_models)
-        self.schedule = Schedule(context.config.seed, self.durations, plan.settings)
+        self.schedule = self._new_schedule()
         # Server versions v - max_staleness .. v, version u in row u mod (max_staleness + 1).
         depth = plan.settings.max_staleness + 1
         self.versions = self.server.expand(depth, -1).clone()
+
+    def _new_schedule(self) -> Schedule:
+        """The schedule at time 0, from the seed and the clients' durations (host work)."""
+        durations = self.durations.cpu().numpy()
+        return Schedule(self.context.config.seed, durations, self.plan_.settings)
 
     def state_shared(self) -> dict[str, torch.Tensor]:
         version = torch.tensor([self.schedule.version], dtype=torch.int64)
@@ -226,7 +231,7 @@ class PersAFL(FedMeta):
         """The saved models and optimizer; the schedule replayed to the saved version."""
         super().load_state(rows, shared)
         self.versions = shared["server_versions"].clone()
-        self.schedule = Schedule(self.context.config.seed, self.durations, self.plan_.settings)
+        self.schedule = self._new_schedule()
         for _ in range(int(shared["version"][0])):
             self.schedule.step()
 
@@ -280,9 +285,7 @@ class PersAFL(FedMeta):
         launch = self.versions[[u.version % len(self.versions) for u in ordered]]
         gradients, losses, counts = self.meta_updates(clients, launch, tasks)
         staleness = torch.as_tensor([u.staleness for u in ordered], device=counts.device)
-        weights = counts.to(gradients.dtype) / (1 + staleness)
-        weighted_loss = weights @ losses.to(weights.dtype)
-        return torch.cat([weights @ gradients, weights.sum()[None], weighted_loss[None]])
+        return weighted_sums(gradients, losses, counts.to(gradients.dtype) / (1 + staleness))
 
     def _flush_report(
         self, flush: Flush, loss: torch.Tensor, gradient: torch.Tensor, seconds: float
