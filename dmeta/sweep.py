@@ -208,6 +208,40 @@ def sweep_status(runs: list[SweepRun]) -> list[tuple[SweepRun, str]]:
     return states
 
 
+class _Members:
+    """Members' `dmeta run` subprocesses, each writing its output into `<run file>.log` as it
+    runs, and the signal handler that passes SIGTERM or SIGUSR1 on to the running ones."""
+
+    def __init__(self, base: Path, prefix: list[str], threads: int) -> None:
+        self.base, self.prefix, self.threads = base, prefix, threads
+        self.running: dict[int, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+
+    def forward(self, signum: int, frame: object) -> None:
+        """Signal handler: stop every running member; start no more."""
+        self.stopping.set()
+        for process in list(self.running.values()):
+            process.send_signal(signum)
+
+    def run(self, run: SweepRun) -> tuple[SweepRun, int | None, float, str]:
+        """Run one member: (run, exit status or None if not started, seconds, last line)."""
+        if self.stopping.is_set():
+            return run, None, 0.0, "not started"
+        began = time.perf_counter()
+        log = run.out.with_name(run.out.name + ".log")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as stream:
+            command = run_command(self.base, run, self.prefix, self.threads)
+            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+            self.running[id(run)] = process
+            if self.stopping.is_set():  # the signal came between the check above and the start
+                process.send_signal(signal.SIGTERM)
+            code = process.wait()
+            del self.running[id(run)]
+        lines = log.read_text().strip().splitlines()
+        return run, code, time.perf_counter() - began, lines[-1] if lines else f"exit {code}"
+
+
 def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launcher: str) -> int:
     """Run every member, `parallel` at a time, reporting each as it ends (its output goes to
     `<run file>.log` as it runs) and a summary line; returns the number that failed.
@@ -217,35 +251,9 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
     DmetaError says so once they have: the same sweep run again continues them."""
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // (parallel * ranks))
-    prefix = _launch_prefix(ranks, launcher)
+    members = _Members(base, _launch_prefix(ranks, launcher), threads)
     started = time.perf_counter()
-    running: dict[int, subprocess.Popen] = {}
-    stopping = threading.Event()
-
-    def forward(signum: int, frame: object) -> None:
-        stopping.set()
-        for process in list(running.values()):
-            process.send_signal(signum)
-
-    def one(run: SweepRun) -> tuple[SweepRun, int | None, float, str]:
-        if stopping.is_set():
-            return run, None, 0.0, "not started"
-        began = time.perf_counter()
-        log = run.out.with_name(run.out.name + ".log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as stream:
-            process = subprocess.Popen(
-                run_command(base, run, prefix, threads), stdout=stream, stderr=subprocess.STDOUT
-            )
-            running[id(run)] = process
-            if stopping.is_set():  # the signal came between the check above and the start
-                process.send_signal(signal.SIGTERM)
-            code = process.wait()
-            del running[id(run)]
-        lines = log.read_text().strip().splitlines()
-        return run, code, time.perf_counter() - began, lines[-1] if lines else f"exit {code}"
-
-    handlers = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    handlers = {signum: signal.signal(signum, members.forward) for signum in STOP_SIGNALS}
     failed = stopped = 0
     todo = [run for run in runs if not run.done]
     for number, run in enumerate(runs, start=1):
@@ -254,12 +262,12 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
     numbers = {id(run): number for number, run in enumerate(runs, start=1)}
     try:
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            for future in as_completed([pool.submit(one, run) for run in todo]):
+            for future in as_completed([pool.submit(members.run, run) for run in todo]):
                 run, code, seconds, last = future.result()
                 head = f"run {numbers[id(run)]}/{len(runs)} {run.label}:"
                 if code == 0:
                     print(f"{head} {seconds:.1f} s -> {run.out}")
-                elif stopping.is_set():
+                elif members.stopping.is_set():
                     stopped += 1
                     print(f"{head} stopped ({last})", file=sys.stderr)
                 else:
@@ -269,7 +277,7 @@ def run_sweep(base: Path, runs: list[SweepRun], ranks: int, parallel: int, launc
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    if stopping.is_set():
+    if members.stopping.is_set():
         raise DmetaError(
             f"stopped by a signal: {stopped} of {len(todo)} runs stopped or not started "
             "(those that ran wrote a checkpoint); run the same sweep again to continue them"
