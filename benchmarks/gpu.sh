@@ -29,7 +29,7 @@
 #      logged row take on DEVICE and whether the rounds were replayed.
 # Everything goes to FILE (default runs/gpu.txt) and the terminal as each step ends: 5.6 minutes
 # on an H200 (2026-11-27; step 8 has had three repeats since, about 1.5 minutes more). The
-# steps' limits add up to 14.5 minutes, so under a shorter limit the
+# steps' limits add up to 14.3 minutes (18.7 with --shakespeare), so under a shorter limit the
 # last steps are the ones cut. --no-install uses PYTHON as it is (a venv with dmeta); --quick
 # runs steps 1-4 at their smallest settings, without K = 40's eager rounds (the test runs
 # `--device cpu --no-install --quick`).
