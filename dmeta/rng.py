@@ -172,11 +172,17 @@ def philox4x32_10(
     return c0, c1, c2, c3
 
 
+def _check_iteration(name: str, t: int) -> None:
+    """ValueError unless t fits the counter's 48 bits of iteration (word 2 and the low half of
+    word 3): [0, 2^48)."""
+    if not 0 <= t < 2**48:
+        raise ValueError(f"{name} must lie in [0, 2^48)")
+
+
 def set_counter(counter: torch.Tensor, t: int) -> None:
     """Write round t into `counter`, the 0-d tensor that a replayed or compiled round reads as
-    its iteration (`blocks`), once t is checked against the iteration's range [0, 2^48)."""
-    if not 0 <= t < 2**48:
-        raise ValueError(f"round {t} must lie in [0, 2^48)")
+    its iteration (`blocks`), once t is checked against the iteration's range."""
+    _check_iteration(f"round {t}", t)
     counter.fill_(t)
 
 
@@ -194,8 +200,8 @@ def _check_ranges(
         raise ValueError(f"seed = {seed} must lie in [0, 2^64)")
     if not 0 <= stream < 2**16:
         raise ValueError(f"stream = {stream} must lie in [0, 2^16)")
-    if isinstance(iteration, int) and not 0 <= iteration < 2**48:
-        raise ValueError(f"iteration = {iteration} must lie in [0, 2^48)")
+    if isinstance(iteration, int):
+        _check_iteration(f"iteration = {iteration}", iteration)
     if count > 2**32:
         raise ValueError(f"one draw holds {count} numbers per agent; draw at most 2^32 at once")
     if agents.dtype.is_floating_point or agents.dtype.is_complex or agents.dtype == torch.bool:
