@@ -10,7 +10,8 @@ Usage (from the repository root):
 A run's bytes are the cumulative sum of /comm/bytes_up + /comm/bytes_down; its accuracy is
 /centroid/val_accuracy (the server model on the validation clients). The target is --target,
 or FedAvg's final validation accuracy: the paper's "reaches FedAvg's accuracy with less
-communication". FedAvg is --reference RUN.h5, else the first fedavg run without fine-tuning
+communication". FedAvg is --reference RUN.h5 (a file, or a pattern that matches one: a sweep's
+member), else the first fedavg run without fine-tuning
 or mini-batches, else without fine-tuning, else any fedavg run. The table also
 gives each run's rounds, the round at which it reaches the target (the first logged row at or
 above it), the example-weighted test accuracy (/final/test_accuracy's network_mean and
@@ -222,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--target", type=float, default=None)
-    parser.add_argument("--reference", default=None, help="the FedAvg run to measure against")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="the FedAvg run to measure against (a file or a glob pattern that matches one)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     try:
@@ -230,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.reference is None:
             reference = reference_run(runs)
         else:
-            reference = read_run(args.reference)
+            matches = expand_paths([args.reference])
+            if len(matches) != 1:
+                raise RunFileError(
+                    f"--reference {args.reference} matches {len(matches)} files: name one run"
+                )
+            reference = read_run(matches[0])
             if not reference.is_fedavg:
                 raise RunFileError(f"--reference {args.reference} is not a fedavg run")
             runs = [run for run in runs if run.path != reference.path] + [reference]

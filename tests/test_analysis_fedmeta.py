@@ -131,3 +131,8 @@ def test_the_reference_is_full_batch_fedavg_or_the_run_asked_for(tmp_path, capsy
     meta = write_federated_run(tmp_path / "m.h5", "fedmeta", [0.5], 1)
     assert fedmeta.main([str(full), "--reference", str(meta)]) == 2
     assert "is not a fedavg run" in capsys.readouterr().err
+    # A pattern names the reference where it matches one file (a sweep's member).
+    assert fedmeta.main([str(tuned), str(full), "--reference", str(tmp_path / "b*.h5")]) == 0
+    assert "bytes to 0.7000" in capsys.readouterr().out
+    assert fedmeta.main([str(full), "--reference", str(tmp_path / "[ab].h5")]) == 2
+    assert "matches 2 files: name one run" in capsys.readouterr().err
