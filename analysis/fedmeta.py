@@ -16,7 +16,9 @@ or mini-batches, else without fine-tuning, else any fedavg run. The table also
 gives each run's rounds, the round at which it reaches the target (the first logged row at or
 above it), the example-weighted test accuracy (/final/test_accuracy's network_mean and
 network_ci95) and its difference to FedAvg's, client by client on the same test clients, with
-a 95% interval (paired: tighter than comparing the two runs' intervals).
+a 95% interval (paired: tighter than comparing the two runs' intervals; only between runs of
+one support fraction, whose query sets are the same). Runs of several support fractions also
+get the paper's Table 2 layout: test accuracy, a line per method, a column per fraction.
 Reads HDF5 only: no torch, no mpi4py.
 """
 
@@ -39,6 +41,8 @@ class FederatedRun:
 
     path: str
     label: str
+    method: str  # the label without the support fraction
+    support_fraction: float
     is_fedavg: bool
     reference_rank: int  # `reference_rank`: the lowest fedavg run is FedAvg by default
     rounds: np.ndarray
@@ -69,9 +73,14 @@ def reference_rank(federated: dict) -> int:
 
 
 def label_of(config: dict) -> str:
+    """The method (`method_of`) with the support fraction."""
+    return f"{method_of(config)}, p = {config['federated'].get('support_fraction')}"
+
+
+def method_of(config: dict) -> str:
     """FedMeta (learner), FedAvg or FedAvg(Meta) (with its fine-tuning steps x step size; with
     its clients' mini-batch size where federated.batch_size > 0; with the server's optimizer
-    and step where it does not average the models), with the support fraction."""
+    and step where it does not average the models)."""
     federated = config["federated"]
     if config["strategy"] == "fedavg":
         name = "FedAvg"
@@ -87,7 +96,7 @@ def label_of(config: dict) -> str:
             name += f" (server {federated['server_optimizer']} {federated['server_lr']})"
     else:
         name = f"FedMeta ({config['learner']['name']})"
-    return f"{name}, p = {federated.get('support_fraction')}"
+    return name
 
 
 def read_run(path: str) -> FederatedRun:
@@ -108,6 +117,8 @@ def read_run(path: str) -> FederatedRun:
             return FederatedRun(
                 path,
                 label_of(config),
+                method_of(config),
+                float(config["federated"]["support_fraction"]),
                 config["strategy"] == "fedavg",
                 reference_rank(config["federated"]),
                 file["time/iteration"][()],
@@ -147,11 +158,13 @@ def paired_difference(run: FederatedRun, reference: FederatedRun | None) -> tupl
     """The run's test accuracy minus the reference's, client by client on the same test
     clients, query-example weighted, with the normal 95% half-width of that weighted mean (the
     clients as sampled units: the interval of /final/test_accuracy, on the differences).
-    (NaN, NaN) unless both runs scored the same test clients."""
+    (NaN, NaN) unless both runs scored the same test clients on the same query sets (the same
+    support fraction)."""
     if (
         reference is None
         or len(run.test_clients) < 2
         or not np.array_equal(run.test_clients, reference.test_clients)
+        or run.support_fraction != reference.support_fraction
     ):
         return np.nan, np.nan
     difference = run.test_values - reference.test_values
@@ -193,6 +206,25 @@ def table(runs: list[FederatedRun], target: float, fedavg: FederatedRun | None) 
         f"bytes to {target:.4f}", "at round", "FedAvg/run",
     ]  # fmt: skip
     return table_lines(header, rows)
+
+
+def support_table(runs: list[FederatedRun]) -> list[str]:
+    """The paper's Table 2 layout: a line per method, a column per support fraction, the test
+    accuracy with its 95% interval (the last run of a method and fraction; "-" where none)."""
+    fractions = sorted({run.support_fraction for run in runs})
+    methods = list(dict.fromkeys(run.method for run in runs))
+    cells = {(run.method, run.support_fraction): run for run in runs}
+    rows = [
+        [method]
+        + [
+            f"{cells[method, p].test_mean:.4f} +- {cells[method, p].test_ci95:.4f}"
+            if (method, p) in cells
+            else "-"
+            for p in fractions
+        ]
+        for method in methods
+    ]
+    return table_lines(["test acc (95%)", *(f"p = {p:g}" for p in fractions)], rows)
 
 
 def plot(runs: list[FederatedRun], target: float, out: str) -> None:
@@ -249,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     print("\n".join(table(runs, target, reference)))
+    if len({run.support_fraction for run in runs}) > 1:
+        print("\n" + "\n".join(support_table(runs)))
     if args.out:
         plot(runs, target, args.out)
         print(f"figure: {args.out}")

@@ -21,6 +21,7 @@ def write_federated_run(
     accuracy: list[float],
     row_bytes: float,
     test: tuple[float, ...] = (0.4, 0.6, 0.5),
+    support_fraction: float = 0.2,
 ):
     """A run file with the datasets the analysis reads: rows every 10 rounds, `row_bytes`
     each way per row, test clients 3, 5, 8 with 2, 1, 1 query examples and accuracies `test`
@@ -28,7 +29,7 @@ def write_federated_run(
     config = {
         "strategy": strategy,
         "learner": {"name": "maml"},
-        "federated": {"support_fraction": 0.2, "finetune_at_test": False},
+        "federated": {"support_fraction": support_fraction, "finetune_at_test": False},
     }
     with h5py.File(path, "w") as file:
         file.attrs["config"] = json.dumps(config)
@@ -136,3 +137,26 @@ def test_the_reference_is_full_batch_fedavg_or_the_run_asked_for(tmp_path, capsy
     assert "bytes to 0.7000" in capsys.readouterr().out
     assert fedmeta.main([str(full), "--reference", str(tmp_path / "[ab].h5")]) == 2
     assert "matches 2 files: name one run" in capsys.readouterr().err
+
+
+def test_runs_of_several_support_fractions_in_table_2s_layout(tmp_path, capsys) -> None:
+    """A column per support fraction; no paired difference between runs of two fractions
+    (the same test clients, but other query sets)."""
+    for p in (0.2, 0.5):
+        for strategy in ("fedavg", "fedmeta"):
+            write_federated_run(
+                tmp_path / f"{strategy}{p}.h5", strategy, [0.1, 0.6], 100, support_fraction=p
+            )
+    runs = [fedmeta.read_run(str(path)) for path in sorted(tmp_path.glob("*.h5"))]
+    by_name = {Path(run.path).stem: run for run in runs}
+    assert by_name["fedmeta0.5"].method == "FedMeta (maml)"
+    assert by_name["fedmeta0.5"].label == "FedMeta (maml), p = 0.5"
+    same = fedmeta.paired_difference(by_name["fedmeta0.5"], by_name["fedavg0.5"])
+    assert same == (0.0, 0.0)
+    assert np.isnan(fedmeta.paired_difference(by_name["fedmeta0.5"], by_name["fedavg0.2"])[0])
+    lines = fedmeta.support_table(runs[:3])  # fedavg 0.2 and 0.5, fedmeta 0.2
+    assert lines[0].split() == ["test", "acc", "(95%)", "p", "=", "0.2", "p", "=", "0.5"]
+    assert lines[2].split() == ["FedAvg", "0.5000", "+-", "0.1000", "0.5000", "+-", "0.1000"]
+    assert lines[3].split() == ["FedMeta", "(maml)", "0.5000", "+-", "0.1000", "-"]
+    assert fedmeta.main([str(tmp_path / "*.h5")]) == 0
+    assert "p = 0.5" in capsys.readouterr().out.split("test acc (95%)")[-1]
