@@ -2,7 +2,7 @@
 # The GPU checks and tables (issue 18) in one call, written to one file.
 #
 #   benchmarks/gpu.sh [--device cuda] [--python PYTHON] [--wheels DIR] [--out FILE]
-#                     [--no-install] [--quick] [--shakespeare DIR]
+#                     [--no-install] [--quick] [--shakespeare DIR] [--steps LIST]
 #
 # For a machine with a GPU and a Python that holds torch, numpy, scipy, h5py and networkx but
 # nothing of dmeta's: it makes a throwaway venv whose .pth files name that Python's
@@ -26,10 +26,13 @@
 #      the paper-size FedMeta job (jobs/fedmeta_shakespeare.toml, issue 15) in chunks of 10
 #      clients, rows at 0, 4 and 8: rounds 1-2 eager, 3 captured, from 4 replayed
 #      (runtime.cuda_graph; eager, a round took 5.0 s on an H200), the seconds a round and a
-#      logged row take on DEVICE and whether the rounds were replayed.
+#      logged row take on DEVICE and whether the rounds were replayed;
+#  10. with --shakespeare DIR: the same for plain FedAvg with LEAF's mini-batches of 10 (one
+#      epoch, about 20 client steps a round; eager, a round took 18.5 s on an H200), 6 rounds.
+# --steps 1,9,10 runs those steps alone (default: all).
 # Everything goes to FILE (default runs/gpu.txt) and the terminal as each step ends: 5.6 minutes
 # on an H200 (2026-11-27; step 8 has had three repeats since, about 1.5 minutes more). The
-# steps' limits add up to 14.3 minutes (18.7 with --shakespeare), so under a shorter limit the
+# steps' limits add up to 14.3 minutes (22.0 with --shakespeare), so under a shorter limit the
 # last steps are the ones cut. --no-install uses PYTHON as it is (a venv with dmeta); --quick
 # runs steps 1-4 at their smallest settings, without K = 40's eager rounds (the test runs
 # `--device cpu --no-install --quick`).
@@ -42,6 +45,7 @@ OUT=runs/gpu.txt
 INSTALL=1
 QUICK=0
 SHAKESPEARE=
+STEPS=all
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
@@ -51,6 +55,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --quick) QUICK=1; shift ;;
         --shakespeare) SHAKESPEARE=$2; shift 2 ;;
+        --steps) STEPS=$2; shift 2 ;;
         *) echo "gpu.sh: unknown option '$1' (the options are at the top of $0)" >&2; exit 2 ;;
     esac
 done
@@ -96,13 +101,30 @@ else
     RANKS=(--agents 2560 --ranks 1 8 --iterations 20 --repeats 3)
 fi
 
-# One step: its command, under a time limit; a failure is written down and the next step runs.
+# Whether step N is wanted (--steps).
+want() { [ "$STEPS" = all ] || [[ ",$STEPS," == *",$1,"* ]]; }
+
+# Step N: its command, under a time limit; a failure is written down and the next step runs.
 step() {
-    local limit=$1
-    shift
+    local number=$1 limit=$2
+    shift 2
+    want "$number" || return 0
     echo
     echo "## $*"
     timeout --signal=KILL "$limit" "$PYTHON" "$@" 2>&1 || echo "# step failed with status $?"
+}
+
+# Step N: ROUNDS rounds of the paper-size Shakespeare job (rows every EVERY) and its clocks.
+shakespeare() {
+    local number=$1 limit=$2 name=$3 rounds=$4 every=$5
+    shift 5
+    local run
+    run=$(mktemp -d)/$name.h5
+    step "$number" "$limit" -m dmeta.cli run jobs/fedmeta_shakespeare.toml \
+        --set runtime.device="$DEVICE" --set "federated.paths=[$SHAKESPEARE]" \
+        --set iterations="$rounds" --set log_every="$every" "$@" --out "$run"
+    step "$number" 20 -c 'import sys, h5py; t = h5py.File(sys.argv[1])["time"]
+print("#", sys.argv[2], "rows", t["iteration"][()].tolist(), "compute s", t["compute"][()].round(2).tolist(), "log s", t["log"][()].round(2).tolist(), "cuda_graph", t.attrs.get("cuda_graph"))' "$run" "$name"
 }
 
 mkdir -p "$(dirname "$OUT")"
@@ -110,24 +132,21 @@ mkdir -p "$(dirname "$OUT")"
     echo "# gpu.sh on $(hostname), $(date -u +%Y-%m-%dT%H:%M:%SZ): device $DEVICE"
     "$PYTHON" -c 'import torch; print("# torch", torch.__version__, "cuda", torch.version.cuda,
         torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
-    step 60 -m pytest -q -p no:cacheprovider tests/test_cudagraph.py
-    step 100 benchmarks/device_check.py --device "$DEVICE" "${CHECK[@]}"
-    step 120 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
+    step 1 60 -m pytest -q -p no:cacheprovider tests/test_cudagraph.py
+    step 2 100 benchmarks/device_check.py --device "$DEVICE" "${CHECK[@]}"
+    step 3 120 benchmarks/bench_agents.py --device "$DEVICE" "${AGENTS[@]}"
     # --quick leaves out the steps that rerun a script of the steps before (the test's budget).
-    [ "$QUICK" = 1 ] || step 40 benchmarks/bench_agents.py --device "$DEVICE" "${EAGER[@]}"
-    step 90 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
-    [ "$QUICK" = 1 ] || step 60 benchmarks/bench_agents.py --device "$DEVICE" "${PLAIN[@]}"
-    [ "$QUICK" = 1 ] || step 90 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
-    [ "$QUICK" = 1 ] || step 120 benchmarks/bench_fig1b.py "${FIG1B[@]}"
-    [ "$QUICK" = 1 ] || step 180 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
+    [ "$QUICK" = 1 ] || step 3 40 benchmarks/bench_agents.py --device "$DEVICE" "${EAGER[@]}"
+    step 4 90 benchmarks/bench_scale.py --device "$DEVICE" "${SCALE[@]}"
+    [ "$QUICK" = 1 ] || step 5 60 benchmarks/bench_agents.py --device "$DEVICE" "${PLAIN[@]}"
+    [ "$QUICK" = 1 ] || step 6 90 benchmarks/bench_agents.py --device "$DEVICE" "${COMPILED[@]}"
+    [ "$QUICK" = 1 ] || step 7 120 benchmarks/bench_fig1b.py "${FIG1B[@]}"
+    [ "$QUICK" = 1 ] || step 8 180 benchmarks/bench_ranks.py --set runtime.device=cpu "${RANKS[@]}"
     if [ -n "$SHAKESPEARE" ]; then
-        RUN=$(mktemp -d)/fedmeta_shakespeare.h5
-        step 240 -m dmeta.cli run jobs/fedmeta_shakespeare.toml --set runtime.device="$DEVICE" \
-            --set "federated.paths=[$SHAKESPEARE]" --set iterations=8 --set log_every=4 \
-            --set runtime.agents_at_once=10 \
-            --out "$RUN"
-        step 20 -c 'import sys, h5py; t = h5py.File(sys.argv[1])["time"]
-print("# fedmeta_shakespeare rows", t["iteration"][()].tolist(), "compute s", t["compute"][()].round(2).tolist(), "log s", t["log"][()].round(2).tolist(), "cuda_graph", t.attrs.get("cuda_graph"))' "$RUN"
+        shakespeare 9 240 fedmeta 8 4
+        shakespeare 10 180 fedavg_batches 6 3 --set strategy=fedavg \
+            --set federated.server_optimizer=average --set federated.batch_size=10 \
+            --set federated.local_epochs=1
     fi
 } | tee "$OUT"
 echo "gpu.sh: written to $OUT"

@@ -439,8 +439,8 @@ class FederatedDataTask(TaskFamily):
 
     scores = {"accuracy": masked_accuracy}
     # A client's split is fixed: `sample` and `training_data` index device tables and read
-    # no iteration, so a round can be captured (FedAvg's `minibatches`, which reads its step
-    # count back, has no captured round).
+    # no iteration, so a round can be captured (FedAvg's `minibatches` then take the largest
+    # client's count of batches, with no read-back).
     draws_by_counter = True
     final_evaluation = True
     final_per_task = True
@@ -552,7 +552,7 @@ class FederatedDataTask(TaskFamily):
         return torch.as_tensor(rows, device=self.device)
 
     def minibatches(
-        self, agents: torch.Tensor, iteration: int, batch_size: int
+        self, agents: torch.Tensor, iteration: int | torch.Tensor, batch_size: int
     ) -> Iterator[TaskBatch]:
         """One local epoch of FedAvg's mini-batch SGD (McMahan et al., Algorithm 1) for the
         training clients `agents`: client u's n_u examples (support then query) in the random
@@ -561,7 +561,12 @@ class FederatedDataTask(TaskFamily):
         once, [agents, 1, batch_size, ...] with support set = query set = the batch, for b = 0
         up to the most any client of `agents` needs; a client's batches after its last are
         padding alone (label IGNORE). The order of position j depends on (seed, u, iteration,
-        n_u) only: the same on any rank layout."""
+        n_u) only: the same on any rank layout.
+
+        `iteration` as a 0-d tensor (a round replayed from a CUDA graph or compiled, whose
+        shapes are fixed and which cannot read the sampled clients' sizes back): as many
+        batches as the largest training client needs; the extra ones are padding for every
+        client, steps that move no model."""
         rows = self.training_rows[agents]
         counts = (rows >= 0).sum(dim=1, keepdim=True)
         width = rows.shape[1]
@@ -571,7 +576,8 @@ class FederatedDataTask(TaskFamily):
         # The client's positions 0..n_u-1 first, in their drawn order, then its padding.
         last = torch.argsort((order >= counts).to(torch.uint8), dim=1, stable=True)
         shuffled = torch.gather(rows, 1, torch.gather(order, 1, last))
-        steps = -(-int(counts.max()) // batch_size)
+        most = width if isinstance(iteration, torch.Tensor) else int(counts.max())
+        steps = -(-most // batch_size)
         shuffled = F.pad(shuffled, (0, max(0, steps * batch_size - width)), value=-1)
         for step in range(steps):
             batch = shuffled[:, None, step * batch_size : (step + 1) * batch_size]

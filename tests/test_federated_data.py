@@ -271,6 +271,17 @@ def test_fedavg_batches_are_the_same_for_any_group_of_clients(leaf, tmp_path) ->
     # Another epoch draws another order.
     again = next(task.minibatches(torch.arange(9), 6, 4))
     assert not torch.equal(again.query_x, together[0].query_x)
+    # A device round's epoch (the round as a tensor: no sizes read back) takes the batches of
+    # the largest training client whoever is sampled; the extra ones are padding alone.
+    small = torch.tensor([3, 8])  # 8 examples each: 2 batches of 4, where the largest needs 4
+    eager, fixed = (
+        list(task.minibatches(small, 5, 4)),
+        list(task.minibatches(small, torch.tensor(5), 4)),
+    )
+    assert len(eager) == 2 and len(fixed) == len(together) == 4
+    for a, b in zip(eager, fixed, strict=False):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all((batch.query_y == fd.IGNORE).all() for batch in fixed[2:])
 
 
 def test_the_leaf_reader_joins_a_users_files_and_infers_images(tmp_path) -> None:

@@ -459,13 +459,6 @@ class FedAvg(Federated):
             loss_sum /= torch.ceil(counts / batch_size)
         return launch - models, loss_sum, counts
 
-    def device_round(self) -> Callable[[torch.Tensor], RoundReport] | None:
-        """As FedMeta's, but None with mini-batches: an epoch takes as many steps as the
-        sampled clients' largest data set needs, a number read back each round."""
-        if self.context.config.federated.batch_size:
-            return None
-        return super().device_round()
-
     def _batches(self, t: int, clients: torch.Tensor) -> Iterator[TaskBatch]:
         """A round's batches: `steps_per_round` draws of the task's `training_data`, or with
         federated.batch_size = B > 0 (federated data) each of the `local_epochs` epochs'
