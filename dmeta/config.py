@@ -480,7 +480,7 @@ class RuntimeConfig:
     # round (the diffusion family; strategies that sample clients or wake agents would recompile
     # for each new count). On the CPU, where the round is device work alone (ATC, CTA and
     # centralized on one rank with a static graph, non-cooperative on any, FedMeta and
-    # full-batch FedAvg on one rank; tasks drawn by counter), the whole round is compiled: task
+    # FedAvg on one rank; tasks drawn by counter), the whole round is compiled: task
     # draws, meta-gradients, the outer step and the mix (/time/comm reads 0 then); where rows
     # travel between ranks or the graph changes, the local training (draws, meta-gradients,
     # outer steps; the exchange stays eager); elsewhere, and on a GPU, the training step's
@@ -494,7 +494,7 @@ class RuntimeConfig:
     # combination) once as a CUDA graph and replay it (dmeta/cudagraph.py): a small network's
     # round is otherwise hundreds of kernel launches. "auto": where the device is CUDA and the
     # strategy's round can be captured (the diffusion family and the baselines on one rank, a
-    # static graph; FedMeta and full-batch FedAvg on one rank), falling back to eager rounds
+    # static graph; FedMeta and FedAvg on one rank), falling back to eager rounds
     # with a warning if the capture fails; "true" insists. Logging and evaluation stay outside
     # the graph; /time/comm reads 0 then. The replayed combination adds each agent's
     # neighbours in no fixed order on the GPU (an index and a segment sum): such runs repeat

@@ -37,7 +37,6 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -508,6 +507,13 @@ class FederatedDataTask(TaskFamily):
             )
             for name, part in self.splits.items()
         }
+        # [training clients, most examples]: each training client's examples, support then
+        # query, padded with -1 at the end (FedAvg's mini-batches; built here, not on first
+        # use, which may be inside a compiled round's trace).
+        train = self.splits["train"]
+        own = zip(train.support, train.query, strict=True)
+        rows = padded([np.concatenate([s[s >= 0], q[q >= 0]]) for s, q in own])
+        self.training_rows = torch.as_tensor(rows, device=device)
 
     def _inputs(self, rows: torch.Tensor) -> torch.Tensor:
         """The inputs of example rows (any shape; -1 padding reads row 0)."""
@@ -541,15 +547,6 @@ class FederatedDataTask(TaskFamily):
         rows = torch.cat([support[agents], query[agents]], dim=1)
         batch = self._batch(rows, rows)
         return TaskBatch(*(part[:, None] for part in batch))
-
-    @cached_property
-    def training_rows(self) -> torch.Tensor:
-        """[training clients, most examples]: each training client's examples, support then
-        query, padded with -1 at the end (built on first use: only mini-batches read it)."""
-        train = self.splits["train"]
-        own = zip(train.support, train.query, strict=True)
-        rows = padded([np.concatenate([s[s >= 0], q[q >= 0]]) for s, q in own])
-        return torch.as_tensor(rows, device=self.device)
 
     def minibatches(
         self, agents: torch.Tensor, iteration: int | torch.Tensor, batch_size: int

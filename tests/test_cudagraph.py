@@ -111,6 +111,26 @@ def test_federated_device_rounds_are_the_rounds_in_place(tmp_path, overrides) ->
     assert {name: value.data_ptr() for name, value in _live_state(graphable).items()} == memory
 
 
+def test_a_minibatch_fedavg_round_traces_whole(tmp_path) -> None:
+    """FedAvg's mini-batch round traces as one program (torch.compile's fullgraph, as
+    runtime.compile's `CompiledRounds`; the eager backend, which checks the trace without
+    inductor's minutes): the epoch's fixed count of batches reads nothing back and builds no
+    table inside the trace, and rounds 1-3 are `round`'s to the bit."""
+    overrides = FEDERATED["fedavg-leaf-batches"]
+    eager = _federated_engine(tmp_path / "a", "cpu", overrides)
+    graphable = _federated_engine(tmp_path / "b", "cpu", overrides)
+    traced = torch.compile(
+        graphable.algorithm.device_round(), backend="eager", fullgraph=True, dynamic=False
+    )
+    counter = torch.zeros((), dtype=torch.int64)
+    for t in range(1, 4):
+        rng.set_counter(counter, t)
+        expected, report = eager.algorithm.round(t), traced(counter)
+        assert torch.equal(report.loss_sum, expected.loss_sum)
+    expected, state = _server_state(eager), _server_state(graphable)
+    assert all(torch.equal(state[name], expected[name]) for name in expected)
+
+
 def _live_state(engine: Engine) -> dict[str, torch.Tensor]:
     """The tensors a replayed federated round reads and writes."""
     algorithm = engine.algorithm

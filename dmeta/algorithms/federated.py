@@ -464,8 +464,9 @@ class FedAvg(Federated):
         federated.batch_size = B > 0 (federated data) each of the `local_epochs` epochs'
         mini-batches, client u's ceil(n_u / B) batches in the order the task's `minibatches`
         draws for (round t, epoch). With mini-batches the clients step together, as many steps
-        as the largest needs; a client's later batches are padding alone, whose loss and
-        gradient are 0, so it stays where it is."""
+        as the largest sampled client needs (in a device round, t a tensor: the largest
+        training client); a client's later batches are padding alone, whose loss and gradient
+        are 0, so it stays where it is."""
         context = self.context
         settings = context.config.federated
         if settings.batch_size:
